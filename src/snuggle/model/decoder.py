@@ -1,0 +1,243 @@
+"""The decoder we own: Llama-style blocks (RMSNorm, RoPE, GQA attention through SDPA, SwiGLU MLP).
+
+Parameter names are Hugging Face's (`model.layers.0.self_attn.q_proj.weight`, ...), so loading and
+exporting HF checkpoints needs no renaming. Every weight is cast to the dtype of the activations at the
+point of use: frozen weights live in the model dtype (bf16) while trainable copies (LoRA factors,
+embeddings) may live in fp32, and the same module serves both.
+
+Packed rows carry `doc_ids` (B, T): tokens attend only to earlier tokens of the same document.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from snuggle.model.args import ModelArgs
+from snuggle.model.loss import cross_entropy_sum
+
+__all__ = ["Decoder", "Linear", "RMSNorm", "KVCache", "rope_inv_freq", "apply_rope", "attention_mask"]
+
+
+class Linear(nn.Linear):
+    """nn.Linear that casts its weight to the input's dtype (no-op when they already agree)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.weight.to(x.dtype), bias)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # statistics in fp32 whatever the activation dtype, as the reference implementations do
+        dtype = x.dtype
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight.to(dtype) * xf.to(dtype)
+
+
+def rope_inv_freq(args: ModelArgs, device: torch.device | None = None) -> torch.Tensor:
+    """Inverse frequencies (head_dim/2,) in fp32, with linear or llama3 scaling applied."""
+    d = args.head_dim
+    inv = 1.0 / (args.rope_theta ** (torch.arange(0, d, 2, device=device, dtype=torch.int64).float() / d))
+    sc = args.rope_scaling
+    if sc is None:
+        return inv
+    kind = sc.get("rope_type", sc.get("type"))
+    factor = float(sc["factor"])
+    if kind == "linear":
+        return inv / factor
+    # llama3: long wavelengths divided by `factor`, short ones kept, a smooth ramp in between
+    low, high = float(sc["low_freq_factor"]), float(sc["high_freq_factor"])
+    old_ctx = float(sc["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > old_ctx / low, inv / factor, inv)
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, position_ids: torch.Tensor, dtype: torch.dtype):
+    """cos, sin of shape (B, T, head_dim) for per-token positions (B, T); computed in fp32."""
+    freqs = position_ids[..., None].float() * inv_freq  # (B, T, D/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, D)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, H, T, D) by per-token angles; the half-split layout HF checkpoints use."""
+    cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, D)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def attention_mask(
+    doc_ids: torch.Tensor | None, T: int, window: int | None, device, past: int = 0
+) -> torch.Tensor | None:
+    """Boolean (B or 1, 1, T, past + T) mask, True = may attend; None when SDPA needs no explicit mask.
+
+    Queries sit at positions past..past+T-1 (past = tokens already in a KV cache). Block-diagonal
+    causal over documents, so packed documents never see each other; `window` limits each token to the
+    last `window` positions (Mistral's sliding window).
+    """
+    windowed = window is not None and window < past + T
+    if doc_ids is None and not windowed and (past == 0 or T == 1):
+        return None  # plain causal (past == 0) or one new token that sees the whole cache
+    if doc_ids is not None and past:
+        raise ValueError("packed documents (doc_ids) cannot be combined with a KV cache")
+    q = torch.arange(past, past + T, device=device)[:, None]
+    k = torch.arange(past + T, device=device)[None, :]
+    mask = k <= q  # (T, past + T)
+    if windowed:
+        mask = mask & (q - k < window)
+    mask = mask[None, None]  # (1, 1, T, past + T)
+    if doc_ids is not None:
+        mask = mask & (doc_ids[:, None, :, None] == doc_ids[:, None, None, :])  # (B, 1, T, T)
+    return mask
+
+
+@dataclass
+class KVCache:
+    """Keys and values of earlier positions, per layer, for incremental decoding."""
+
+    k: list[torch.Tensor | None] = field(default_factory=list)
+    v: list[torch.Tensor | None] = field(default_factory=list)
+
+    def length(self) -> int:
+        return 0 if not self.k or self.k[0] is None else self.k[0].shape[2]
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv, self.head_dim = args.num_heads, args.num_kv_heads, args.head_dim
+        h, d = args.hidden_size, args.head_dim
+        self.q_proj = Linear(h, self.n_heads * d, bias=args.attention_bias)
+        self.k_proj = Linear(h, self.n_kv * d, bias=args.attention_bias)
+        self.v_proj = Linear(h, self.n_kv * d, bias=args.attention_bias)
+        self.o_proj = Linear(self.n_heads * d, h, bias=False)
+        if args.qk_norm:
+            self.q_norm = RMSNorm(d, args.rms_norm_eps)
+            self.k_norm = RMSNorm(d, args.rms_norm_eps)
+        self.qk_norm = args.qk_norm
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        causal = mask is None
+        if cache is not None:
+            i = self.layer_idx
+            if cache.k[i] is not None:
+                k, v = torch.cat((cache.k[i], k), dim=2), torch.cat((cache.v[i], v), dim=2)
+                causal = False  # no mask here means one new token that sees every cached one
+            cache.k[i], cache.v[i] = k, v
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, C)
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        h, f = args.hidden_size, args.intermediate_size
+        self.gate_proj = Linear(h, f, bias=args.mlp_bias)
+        self.up_proj = Linear(h, f, bias=args.mlp_bias)
+        self.down_proj = Linear(f, h, bias=args.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.self_attn = Attention(args, layer_idx)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.mlp = MLP(args)
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(Block(args, i) for i in range(args.num_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+
+class Decoder(nn.Module):
+    """Causal LM. `forward` gives logits (B, T, V); `loss_sum` gives the summed token loss for training."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model = Backbone(args)
+        self.lm_head = Linear(args.hidden_size, args.vocab_size, bias=False)
+        if args.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        # activations run in this dtype; set by the loader (weights may be stored wider)
+        self.compute_dtype = torch.float32
+        # layer -> bool, set by the trainer: recompute that block in backward instead of storing it
+        self.checkpoint_layers: set[int] = set()
+
+    def tie_weights(self) -> None:
+        if self.args.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,  # (B, T)
+        position_ids: torch.Tensor | None = None,  # (B, T); restarts at each document when packed
+        doc_ids: torch.Tensor | None = None,  # (B, T); equal ids = same document
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        B, T = input_ids.shape
+        past = cache.length() if cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
+        if cache is not None and not cache.k:
+            cache.k, cache.v = [None] * self.args.num_layers, [None] * self.args.num_layers
+        emb = self.model.embed_tokens.weight
+        x = F.embedding(input_ids, emb).to(self.compute_dtype)  # (B, T, C)
+        inv_freq = rope_inv_freq(self.args, device=input_ids.device)
+        cos, sin = rope_cos_sin(inv_freq, position_ids, x.dtype)
+        mask = attention_mask(doc_ids, T, self.args.sliding_window, input_ids.device, past)
+        for i, layer in enumerate(self.model.layers):
+            if i in self.checkpoint_layers and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, cache)
+        return self.model.norm(x)  # (B, T, C)
+
+    def forward(self, input_ids, position_ids=None, doc_ids=None, cache: KVCache | None = None):
+        return self.lm_head(self.hidden_states(input_ids, position_ids, doc_ids, cache))  # (B, T, V)
+
+    def loss_sum(self, input_ids, labels, position_ids=None, doc_ids=None) -> torch.Tensor:
+        """Sum over valid tokens (labels != -100) of the next-token loss, fp32 scalar.
+
+        `labels` (B, T) are already aligned with `input_ids` (labels[t] is the target at position t),
+        as the packer produces them. The caller divides by the number of valid tokens of the whole
+        (accumulated, all-rank) batch, so accumulation and world size do not change the mean.
+        """
+        h = self.hidden_states(input_ids, position_ids, doc_ids)
+        return cross_entropy_sum(h, self.lm_head.weight, labels)
