@@ -1,0 +1,426 @@
+"""llama.cpp GGUF files: an HF-style config, HF-named torch tensors and the tokenizer, all read offline.
+
+`gguf.GGUFReader` memory-maps the file, so `iter_gguf_tensors` dequantizes one tensor at a time and a
+model built on the meta device is filled without the checkpoint ever being resident in float form.
+The reference for correctness is transformers' own GGUF loader (`modeling_gguf_pytorch_utils`): the same
+names, the same `(out_features, in_features)` layout and the same values.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType, GGUFReader, ReaderTensor
+from gguf.quants import dequantize
+
+from snuggle.errors import SnuggleError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+__all__ = [
+    "SUPPORTED_ARCHITECTURES",
+    "SUPPORTED_TENSOR_TYPES",
+    "iter_gguf_tensors",
+    "load_gguf_tokenizer",
+    "read_gguf_config",
+]
+
+# GGUF `general.architecture` -> (HF model_type, HF class). llama.cpp files Mistral, SmolLM and TinyLlama
+# under "llama": it runs them all as plain Llama (Mistral's sliding window included, which it ignores).
+SUPPORTED_ARCHITECTURES: dict[str, tuple[str, str]] = {
+    "llama": ("llama", "LlamaForCausalLM"),
+    "qwen2": ("qwen2", "Qwen2ForCausalLM"),
+    "qwen3": ("qwen3", "Qwen3ForCausalLM"),
+}
+
+_Q = GGMLQuantizationType
+# The float, legacy and K-quant types: what llama.cpp's usual presets (Q4_K_M, Q8_0, ...) write, all
+# dequantized by gguf-py. The IQ*/TQ*/MXFP families are left out on purpose: a clear error beats a path
+# nobody has checked against transformers.
+SUPPORTED_TENSOR_TYPES: frozenset[GGMLQuantizationType] = frozenset(
+    {_Q.F32, _Q.F16, _Q.BF16, _Q.Q4_0, _Q.Q4_1, _Q.Q5_0, _Q.Q5_1, _Q.Q8_0}
+    | {_Q.Q2_K, _Q.Q3_K, _Q.Q4_K, _Q.Q5_K, _Q.Q6_K}
+)
+
+_GGUF_MAGIC = b"GGUF"
+
+_TOP_LEVEL = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+# Per-block tensors (`blk.{i}.<key>`); o_proj and the MLP never carry a bias in the families we own, so a
+# file with one is refused below instead of silently dropping it.
+_BLOCK = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+_QK_NORM = {"attn_q_norm.weight", "attn_k_norm.weight"}
+_BLOCK_RE = re.compile(r"blk\.(\d+)\.(.+)")
+# Tensors that are not model weights: rope_freqs is folded into the config (rope_scaling), attn_rot_embd
+# is a precomputed rotary table some old converters stored.
+_NOT_WEIGHTS = re.compile(r"rope_freqs\.weight|blk\.\d+\.attn_rot_embd(\.weight)?")
+
+
+def read_gguf_config(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """An HF `config.json`-style dict for the model in the GGUF file at `path`."""
+    p, reader = _open(path)
+    return _config(p, reader)
+
+
+def iter_gguf_tensors(
+    path: str | os.PathLike[str], dtype: torch.dtype = torch.float32
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield `(hf_name, tensor)` for every weight, in torch layout, dequantized to `dtype` one at a time.
+
+    The file is opened and validated here (bad input raises now, not at the first `next`); the tensors are
+    read lazily from the memory map. Each yielded tensor is a fresh copy the caller may modify.
+    """
+    p, reader = _open(path)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise SnuggleError(f"{p}: GGUF tensors dequantize to a floating dtype, not {dtype!r}")
+    cfg = _config(p, reader)  # validates every tensor's name and type before the first one is read
+    return _iter_tensors(p, reader, cfg, dtype)
+
+
+def load_gguf_tokenizer(path: str | os.PathLike[str]) -> PreTrainedTokenizerBase:
+    """A transformers fast tokenizer built offline from the GGUF's tokenizer metadata, chat template kept."""
+    p = Path(path)
+    _check_magic(p)
+    from transformers import AutoTokenizer
+
+    try:
+        # local_files_only: the tokenizer comes entirely from the file's metadata, never from the hub.
+        return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name, local_files_only=True)
+    except Exception as e:  # transformers raises a zoo of types for bad or unsupported tokenizer metadata
+        raise SnuggleError(f"{p}: cannot build a tokenizer from the GGUF metadata ({_brief(e)})") from None
+
+
+# --- reading ----------------------------------------------------------------------------------------------
+
+
+def _brief(e: BaseException) -> str:
+    # Errors reach the user as one line: collapse whitespace and cap the length of foreign messages.
+    msg = " ".join(str(e).split())
+    return f"{type(e).__name__}: {msg[:200]}" if msg else type(e).__name__
+
+
+def _check_magic(p: Path) -> None:
+    if not p.is_file():
+        raise SnuggleError(f"{p}: no such GGUF file")
+    try:
+        with open(p, "rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        raise SnuggleError(f"{p}: cannot read GGUF file ({_brief(e)})") from None
+    if head != _GGUF_MAGIC:
+        raise SnuggleError(f"{p}: not a GGUF file (starts with {head!r}, expected {_GGUF_MAGIC!r})")
+
+
+class _Reader(GGUFReader):
+    """GGUFReader over a plain ndarray view of its memory map.
+
+    The reader slices `self.data` once per metadata item (~250k times for a 49k-token vocabulary), and every
+    slice of an `np.memmap` pays for memmap bookkeeping: parsing through a plain view is ~3x faster and holds
+    less than half the memory. The view still reads the same mapping lazily. If gguf-py ever stops storing
+    its map in `self.data`, this property goes unused and the reader merely parses at the old speed.
+    """
+
+    @property
+    def data(self) -> np.ndarray:
+        return self._plain
+
+    @data.setter
+    def data(self, value: np.ndarray) -> None:
+        self._plain = value.view(np.ndarray)
+
+
+def _open(path: str | os.PathLike[str]) -> tuple[Path, GGUFReader]:
+    p = Path(path)
+    _check_magic(p)
+    try:
+        reader = _Reader(p)
+    except Exception as e:  # a truncated/corrupt header surfaces as ValueError, IndexError, KeyError, ...
+        raise SnuggleError(f"{p}: truncated or corrupt GGUF file ({_brief(e)})") from None
+    if reader.byte_order != "I":
+        # gguf-py's dequantizers assume host byte order inside quant blocks.
+        raise SnuggleError(f"{p}: big-endian GGUF files are not supported")
+    return p, reader
+
+
+def _value(reader: GGUFReader, key: str, p: Path) -> Any:
+    field = reader.fields.get(key)
+    if field is None:
+        return None
+    try:
+        return field.contents()
+    except Exception as e:
+        raise SnuggleError(f"{p}: unreadable GGUF metadata {key} ({_brief(e)})") from None
+
+
+def _number(reader: GGUFReader, key: str, p: Path, kind: type, required: bool = True) -> Any:
+    v = _value(reader, key, p)
+    if v is None:
+        if required:
+            raise SnuggleError(f"{p}: GGUF metadata lacks {key}")
+        return None
+    if isinstance(v, list):
+        # Some converters store per-layer arrays; a uniform one is just the scalar.
+        if not v or any(x != v[0] for x in v):
+            raise SnuggleError(
+                f"{p}: per-layer {key} = {v[:8]}{'...' if len(v) > 8 else ''} is not supported"
+            )
+        v = v[0]
+    if isinstance(v, str | bool) or not isinstance(v, int | float):
+        raise SnuggleError(f"{p}: GGUF metadata {key} = {v!r} is not a number")
+    return kind(v)
+
+
+def _hf_name(name: str, arch: str, num_layers: int, p: Path) -> str | None:
+    """The HF parameter name for GGUF tensor `name`; None for tensors that are not weights."""
+    if name in _TOP_LEVEL:
+        return _TOP_LEVEL[name]
+    if _NOT_WEIGHTS.fullmatch(name):
+        return None
+    m = _BLOCK_RE.fullmatch(name)
+    if m and m.group(2) in _BLOCK and (arch == "qwen3" or m.group(2) not in _QK_NORM):
+        layer = int(m.group(1))
+        if layer >= num_layers:
+            raise SnuggleError(f"{p}: tensor {name} is beyond {arch}.block_count = {num_layers}")
+        return f"model.layers.{layer}.{_BLOCK[m.group(2)]}"
+    raise SnuggleError(f"{p}: unsupported tensor {name} for GGUF architecture {arch!r}")
+
+
+def _tensor_type(t: ReaderTensor, p: Path) -> GGMLQuantizationType:
+    kind = _Q(t.tensor_type)
+    if kind not in SUPPORTED_TENSOR_TYPES:
+        names = ", ".join(sorted(k.name for k in SUPPORTED_TENSOR_TYPES))
+        raise SnuggleError(f"{p}: tensor {t.name} has unsupported type {kind.name} (supported: {names})")
+    return kind
+
+
+def _config(p: Path, reader: GGUFReader) -> dict[str, Any]:
+    arch = _value(reader, "general.architecture", p)
+    if arch is None:
+        raise SnuggleError(f"{p}: GGUF metadata lacks general.architecture")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        supported = ", ".join(SUPPORTED_ARCHITECTURES)
+        raise SnuggleError(f"{p}: unsupported GGUF architecture {arch!r} (supported: {supported})")
+    model_type, hf_class = SUPPORTED_ARCHITECTURES[arch]
+    if _number(reader, f"{arch}.expert_count", p, int, required=False):
+        raise SnuggleError(f"{p}: mixture-of-experts GGUF files ({arch}.expert_count > 0) are not supported")
+
+    hidden = _number(reader, f"{arch}.embedding_length", p, int)
+    heads = _number(reader, f"{arch}.attention.head_count", p, int)
+    kv_heads = _number(reader, f"{arch}.attention.head_count_kv", p, int, required=False) or heads
+    num_layers = _number(reader, f"{arch}.block_count", p, int)
+    head_dim = _number(reader, f"{arch}.attention.key_length", p, int, required=False)
+    if head_dim is None:
+        if heads <= 0 or hidden % heads:
+            raise SnuggleError(
+                f"{p}: {arch}.embedding_length {hidden} is not a multiple of head_count {heads}"
+            )
+        head_dim = hidden // heads
+    value_dim = _number(reader, f"{arch}.attention.value_length", p, int, required=False)
+    rope_dim = _number(reader, f"{arch}.rope.dimension_count", p, int, required=False)
+    if value_dim not in (None, head_dim) or rope_dim not in (None, head_dim):
+        raise SnuggleError(
+            f"{p}: key_length {head_dim}, value_length {value_dim} and rope.dimension_count {rope_dim} "
+            "differ; only full rotary on equal key/value heads is supported"
+        )
+    rope_theta = _number(reader, f"{arch}.rope.freq_base", p, float, required=False) or 10000.0
+
+    tensors = {t.name: t for t in reader.tensors}
+    for t in reader.tensors:  # fail on an unknown tensor or type now, before any weight is built
+        _hf_name(t.name, arch, num_layers, p)
+        _tensor_type(t, p)
+    if "token_embd.weight" not in tensors:
+        raise SnuggleError(f"{p}: GGUF file has no token_embd.weight tensor")
+    embed_rows = int(tensors["token_embd.weight"].shape[-1])  # GGUF shapes list the fastest dim first
+    vocab = _number(reader, f"{arch}.vocab_size", p, int, required=False)
+    if vocab is None and "tokenizer.ggml.tokens" in reader.fields:
+        vocab = len(reader.fields["tokenizer.ggml.tokens"].data)  # counts without decoding 100k strings
+    if vocab is None:
+        vocab = embed_rows
+    if vocab != embed_rows:
+        raise SnuggleError(f"{p}: vocab size {vocab} does not match token_embd.weight's {embed_rows} rows")
+
+    return {
+        "model_type": model_type,
+        "architectures": [hf_class],
+        "hidden_size": hidden,
+        "intermediate_size": _number(reader, f"{arch}.feed_forward_length", p, int),
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": head_dim,
+        "rms_norm_eps": _number(reader, f"{arch}.attention.layer_norm_rms_epsilon", p, float),
+        "rope_theta": rope_theta,
+        "rope_scaling": _rope_scaling(
+            p, reader, arch, tensors.get("rope_freqs.weight"), head_dim, rope_theta
+        ),
+        "max_position_embeddings": _number(reader, f"{arch}.context_length", p, int),
+        "vocab_size": vocab,
+        "tie_word_embeddings": "output.weight" not in tensors,
+        "attention_bias": "blk.0.attn_q.bias" in tensors,
+        "bos_token_id": _number(reader, "tokenizer.ggml.bos_token_id", p, int, required=False),
+        "eos_token_id": _number(reader, "tokenizer.ggml.eos_token_id", p, int, required=False),
+        "pad_token_id": _number(reader, "tokenizer.ggml.padding_token_id", p, int, required=False),
+        "torch_dtype": _lossless_dtype(reader),
+    }
+
+
+def _lossless_dtype(reader: GGUFReader) -> str:
+    """The narrowest dtype that holds the matrices exactly, which is what `torch_dtype` means in a config.
+
+    Quantized blocks dequantize to f16-scale * int (+ f16-min) products computed in f32, which neither f16
+    nor bf16 represents exactly; 1-D tensors (norms, biases) are F32 in every llama.cpp file and say nothing.
+    """
+    kinds = {_Q(t.tensor_type) for t in reader.tensors if len(t.shape) >= 2}
+    if kinds == {_Q.F16}:
+        return "float16"
+    if kinds == {_Q.BF16}:
+        return "bfloat16"
+    return "float32"
+
+
+def _rope_scaling(
+    p: Path, reader: GGUFReader, arch: str, rope_freqs: ReaderTensor | None, head_dim: int, theta: float
+) -> dict[str, Any] | None:
+    prefix = f"{arch}.rope.scaling."
+    params = {k[len(prefix) :]: _value(reader, k, p) for k in reader.fields if k.startswith(prefix)}
+    kind = str(params.pop("type", "") or "").lower()
+    params.pop("finetuned", None)  # informational only
+
+    if kind == "llama3" or {"low_freq_factor", "high_freq_factor"} & params.keys():
+        needed = ("factor", "low_freq_factor", "high_freq_factor", "original_context_length")
+        missing = [prefix + k for k in needed if params.get(k) is None]
+        if missing:
+            raise SnuggleError(f"{p}: llama3 rope scaling lacks {', '.join(missing)}")
+        scaling = {
+            "rope_type": "llama3",
+            "factor": float(params["factor"]),
+            "low_freq_factor": float(params["low_freq_factor"]),
+            "high_freq_factor": float(params["high_freq_factor"]),
+            "original_max_position_embeddings": int(params["original_context_length"]),
+        }
+        if rope_freqs is not None:
+            _check_llama3_freqs(p, rope_freqs, scaling, head_dim, theta)
+        return scaling
+    if rope_freqs is not None:
+        # llama.cpp's converter bakes Llama 3.x scaling into this tensor and drops the parameters;
+        # transformers needs the parameters, and recovering them from the tensor is guesswork we do not do.
+        raise SnuggleError(
+            f"{p}: rope_freqs without parameters is unsupported (the file has a rope_freqs tensor but no "
+            f"{prefix}factor/low_freq_factor/high_freq_factor/original_context_length)"
+        )
+
+    factor = params.pop("factor", None)
+    if factor is None:
+        factor = _value(reader, f"{arch}.rope.scale_linear", p)  # the key's name before GGUF v3
+    orig = params.pop("original_context_length", None)
+    if kind == "" and factor not in (None, 0.0, 1.0):
+        kind = "linear"  # llama.cpp reads a bare factor as linear scaling
+    if kind in ("", "none") or (kind == "linear" and factor in (None, 0.0, 1.0)):
+        return None
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": float(factor)}
+    if kind == "yarn" and factor is not None:
+        yarn: dict[str, Any] = {"rope_type": "yarn", "factor": float(factor)}
+        if orig:
+            yarn["original_max_position_embeddings"] = int(orig)
+        for gguf_key, hf_key in (("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow")):
+            if params.get(gguf_key) is not None:
+                yarn[hf_key] = float(params.pop(gguf_key))
+        if params.get("attn_factor") in (None, 1.0):
+            params.pop("attn_factor", None)
+        if params:
+            # llama.cpp's attention-scale knobs have no exact transformers counterpart.
+            raise SnuggleError(f"{p}: unsupported yarn rope scaling parameters {sorted(params)}")
+        return yarn
+    raise SnuggleError(f"{p}: unsupported rope scaling type {kind!r} (supported: linear, yarn, llama3)")
+
+
+def _check_llama3_freqs(p: Path, t: ReaderTensor, s: dict[str, Any], head_dim: int, theta: float) -> None:
+    """Refuse a rope_freqs tensor that disagrees with the llama3 parameters next to it.
+
+    Recomputes the factors as convert_hf_to_gguf.py does (the formula is continuous at the band edges, so a
+    tolerance covers its float32 arithmetic).
+    """
+    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_ctx = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi * theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    with np.errstate(divide="ignore"):
+        mid = 1.0 / ((1.0 - smooth) / factor + smooth)
+    expected = np.where(wavelen < old_ctx / high, 1.0, np.where(wavelen > old_ctx / low, factor, mid))
+    actual = dequantize(t.data, _tensor_type(t, p)).astype(np.float64).reshape(-1)
+    if actual.shape != expected.shape or not np.allclose(actual, expected, rtol=1e-3, atol=1e-6):
+        raise SnuggleError(f"{p}: rope_freqs tensor does not match the llama3 rope scaling parameters {s}")
+
+
+# --- tensors ----------------------------------------------------------------------------------------------
+
+
+def _iter_tensors(
+    p: Path, reader: GGUFReader, cfg: dict[str, Any], dtype: torch.dtype
+) -> Iterator[tuple[str, torch.Tensor]]:
+    arch = next(a for a, (mt, _) in SUPPORTED_ARCHITECTURES.items() if mt == cfg["model_type"])
+    heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    for t in reader.tensors:
+        name = _hf_name(t.name, arch, cfg["num_hidden_layers"], p)
+        if name is None:
+            continue
+        w = _to_torch(t, dtype, p)
+        # llama.cpp's converter permutes llama-arch Q/K rows (weights and biases) so that its rotary can
+        # rotate adjacent pairs; transformers rotates the two halves of each head. Qwen files are unpermuted.
+        if arch == "llama" and ".q_proj." in name:
+            w = _unpermute(w, heads, t.name, p)
+        elif arch == "llama" and ".k_proj." in name:
+            w = _unpermute(w, kv_heads, t.name, p)
+        yield name, w
+
+
+def _to_torch(t: ReaderTensor, dtype: torch.dtype, p: Path) -> torch.Tensor:
+    kind = _tensor_type(t, p)
+    shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # GGUF lists dims fastest-first
+    try:
+        if kind in (_Q.F32, _Q.F16):
+            # np.array copies out of the read-only memory map: callers own what we yield.
+            w = torch.from_numpy(np.array(t.data))
+        elif kind == _Q.BF16:
+            # numpy has no bfloat16: reinterpret the raw bytes in torch rather than widen to f32 first.
+            w = torch.from_numpy(np.array(t.data).view(np.int16)).view(torch.bfloat16)
+        else:
+            w = torch.from_numpy(dequantize(t.data, kind))
+        return w.reshape(shape).to(dtype)
+    except (ValueError, RuntimeError) as e:
+        raise SnuggleError(f"{p}: cannot decode tensor {t.name} ({kind.name}, {_brief(e)})") from None
+
+
+def _unpermute(w: torch.Tensor, n_head: int, name: str, p: Path) -> torch.Tensor:
+    """Undo convert_hf_to_gguf.py's `permute`: per head, rows (2, d/2) were stored as (d/2, 2)."""
+    rows = w.shape[0]
+    if n_head <= 0 or rows % (2 * n_head):
+        raise SnuggleError(f"{p}: tensor {name} has {rows} rows, not a multiple of 2 x {n_head} heads")
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
