@@ -1,0 +1,280 @@
+"""Finding training files and reading documents out of them.
+
+Supported formats: `.txt` (one file = one document), `.jsonl` (one object per line), `.json` (a list of
+objects) and `.parquet` (a string column). Everything that can be streamed is streamed, so that a corpus
+larger than RAM can be tokenized: `.txt` in line-aligned pieces, `.jsonl` line by line, `.parquet` in
+record batches. Only `.json` is parsed whole, because the standard library cannot stream it.
+"""
+
+from __future__ import annotations
+
+import codecs
+import glob
+import json
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from snuggle.errors import SnuggleError
+
+__all__ = [
+    "SUFFIXES",
+    "iter_document_pieces",
+    "iter_documents",
+    "iter_text_pieces",
+    "resolve_files",
+]
+
+SUFFIXES: tuple[str, ...] = (".txt", ".jsonl", ".json", ".parquet")
+_GLOB_CHARS = frozenset("*?[")
+_PARQUET_BATCH_ROWS = 1024
+# Characters of whitespace-only text buffered while waiting to see whether a .txt document is empty.
+_MAX_BLANK_BUFFER = 1 << 24
+
+
+def _supported(path: Path) -> bool:
+    return path.suffix.lower() in SUFFIXES
+
+
+def _walk_dir(root: Path) -> list[Path]:
+    # Hidden files and folders (.git, .cache, a tokenization cache placed beside the corpus) are never
+    # training data, so they are skipped rather than reported.
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for name in filenames:
+            path = Path(dirpath, name)
+            if not name.startswith(".") and _supported(path):
+                found.append(path)
+    return found
+
+
+def _resolve_entry(entry: str) -> list[Path]:
+    expanded = os.path.expanduser(entry)
+    path = Path(expanded)
+    # A real path wins over glob syntax, so that a file literally named "a[1].txt" still works.
+    if path.is_file():
+        if not _supported(path):
+            expected = ", ".join(SUFFIXES)
+            raise SnuggleError(
+                f"unsupported training file type '{path.suffix}': {entry} (expected {expected})"
+            )
+        return [path]
+    if path.is_dir():
+        found = _walk_dir(path)
+        if not found:
+            raise SnuggleError(f"no training files ({', '.join(SUFFIXES)}) under directory '{entry}'")
+        return found
+    if not _GLOB_CHARS.intersection(expanded):
+        raise SnuggleError(f"training data path does not exist: '{entry}'")
+    found = []
+    for match in glob.glob(expanded, recursive=True):
+        m = Path(match)
+        if m.is_dir():
+            found.extend(_walk_dir(m))
+        elif m.is_file() and _supported(m):
+            found.append(m)
+    if not found:
+        raise SnuggleError(f"no training files match '{entry}'")
+    return found
+
+
+def resolve_files(spec: str | os.PathLike[str] | list[str | os.PathLike[str]]) -> list[Path]:
+    """Expand files, directories (recursive) and globs (`**` allowed) into a sorted, de-duplicated list.
+
+    Returned paths are absolute and symlink-resolved, so the list (and any cache key built from it) does
+    not depend on the working directory or on how the same file was reached.
+    """
+    entries = [spec] if isinstance(spec, str | os.PathLike) else list(spec)
+    if not entries:
+        raise SnuggleError("no training files given")
+    files: set[Path] = set()
+    for entry in entries:
+        files.update(p.resolve() for p in _resolve_entry(os.fspath(entry)))
+    return sorted(files)
+
+
+def _open_binary(path: Path):
+    try:
+        return open(path, "rb")
+    except OSError as e:
+        raise SnuggleError(f"{path}: cannot read training file: {e.strerror}") from None
+
+
+def iter_text_pieces(path: str | Path, piece_bytes: int = 1 << 20) -> Iterator[str]:
+    """Stream a UTF-8 text file as pieces of roughly `piece_bytes`, cut just after a newline.
+
+    Concatenating the pieces gives the file's text exactly (minus a leading BOM). Cutting at line
+    boundaries keeps tokenization of the pieces close to tokenization of the whole file; a line longer
+    than a piece is cut at a space, and only as a last resort mid-word.
+    """
+    if piece_bytes < 1:
+        raise ValueError(f"piece_bytes must be >= 1, got {piece_bytes}")
+    path = Path(path)
+    # utf-8-sig drops a BOM; the incremental decoder copes with a character split across two reads.
+    decoder = codecs.getincrementaldecoder("utf-8-sig")(errors="strict")
+    pending = ""
+    consumed = 0
+    with _open_binary(path) as f:
+        while True:
+            chunk = f.read(piece_bytes)
+            try:
+                pending += decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as e:
+                raise SnuggleError(
+                    f"{path}: invalid UTF-8 near byte {consumed + e.start}: {e.reason} "
+                    "(re-encode the file as UTF-8)"
+                ) from None
+            consumed += len(chunk)
+            if not chunk:
+                break
+            if len(pending) < piece_bytes:
+                continue
+            cut = pending.rfind("\n") + 1 or pending.rfind(" ") + 1 or len(pending)
+            yield pending[:cut]
+            pending = pending[cut:]
+    if pending:
+        yield pending
+
+
+def _txt_pieces(path: Path, piece_bytes: int) -> Iterator[tuple[bool, str]]:
+    # Whitespace-only text is held back until real text arrives, so that a blank file is skipped as an
+    # empty document while leading blank lines of a real document are kept verbatim.
+    blank: list[str] = []
+    blank_chars = 0
+    started = False
+    for piece in iter_text_pieces(path, piece_bytes):
+        if started:
+            yield False, piece
+        elif piece.strip():
+            started = True
+            yield True, "".join(blank) + piece
+            blank.clear()
+        else:
+            blank.append(piece)
+            blank_chars += len(piece)
+            if blank_chars > _MAX_BLANK_BUFFER:
+                blank = blank[-1:]  # bound RAM on pathological whitespace-only files
+                blank_chars = len(blank[0])
+
+
+def _jsonl_docs(path: Path, text_field: str) -> Iterator[str]:
+    with _open_binary(path) as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise SnuggleError(f"{path}:{lineno}: invalid UTF-8 at column {e.start + 1}") from None
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SnuggleError(f"{path}:{lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
+            yield _field(obj, text_field, f"{path}:{lineno}")
+
+
+def _field(obj: object, text_field: str, where: str) -> str:
+    if not isinstance(obj, dict):
+        got = type(obj).__name__
+        raise SnuggleError(f"{where}: expected a JSON object with field '{text_field}', got {got}")
+    if text_field not in obj:
+        keys = ", ".join(sorted(map(str, obj))[:8]) or "none"
+        raise SnuggleError(f"{where}: missing field '{text_field}' (fields present: {keys})")
+    text = obj[text_field]
+    if not isinstance(text, str):
+        raise SnuggleError(f"{where}: field '{text_field}' must be a string, got {type(text).__name__}")
+    return text
+
+
+def _json_docs(path: Path, text_field: str) -> Iterator[str]:
+    with _open_binary(path) as f:
+        raw = f.read()
+    try:
+        data = json.loads(raw.decode("utf-8-sig"))
+    except UnicodeDecodeError as e:
+        raise SnuggleError(f"{path}: invalid UTF-8 at byte {e.start}") from None
+    except json.JSONDecodeError as e:
+        hint = " (one object per line? name the file .jsonl)" if e.msg == "Extra data" else ""
+        raise SnuggleError(f"{path}:{e.lineno}: malformed JSON: {e.msg} (column {e.colno}){hint}") from None
+    if isinstance(data, dict):
+        lists = [k for k, v in data.items() if isinstance(v, list)]
+        if len(lists) != 1:
+            raise SnuggleError(
+                f"{path}: expected a list of objects, or an object holding exactly one list; "
+                f"found {len(lists)} list fields"
+            )
+        data = data[lists[0]]
+    if not isinstance(data, list):
+        raise SnuggleError(f"{path}: expected a list of objects with field '{text_field}'")
+    for i, obj in enumerate(data):
+        yield _field(obj, text_field, f"{path}: item {i}")
+
+
+def _parquet_docs(path: Path, text_field: str) -> Iterator[str]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        raise SnuggleError(f"{path}: not a readable parquet file: {e}") from None
+    schema = pf.schema_arrow
+    if text_field not in schema.names:
+        raise SnuggleError(f"{path}: no column '{text_field}' (columns: {', '.join(schema.names)})")
+    kind = schema.field(text_field).type
+    is_view = getattr(pa.types, "is_string_view", lambda _: False)  # pyarrow >= 16 only
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or is_view(kind)):
+        raise SnuggleError(f"{path}: column '{text_field}' must hold strings, got {kind}")
+    try:
+        for batch in pf.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=[text_field]):
+            # Nulls are treated like empty strings: skipped.
+            yield from (t for t in batch.column(0).to_pylist() if t is not None)
+    except pa.ArrowException as e:
+        raise SnuggleError(f"{path}: corrupt parquet data: {e}") from None
+
+
+_READERS = {".jsonl": _jsonl_docs, ".json": _json_docs, ".parquet": _parquet_docs}
+
+
+def iter_document_pieces(
+    files: str | Path | Iterable[str | Path], text_field: str = "text", piece_bytes: int = 1 << 20
+) -> Iterator[tuple[bool, str]]:
+    """Yield `(starts_document, text)`: every non-empty document as one or more consecutive pieces.
+
+    Only `.txt` documents are split (see `iter_text_pieces`); other formats yield one piece per document.
+    Raises `SnuggleError` at the end if no file held a non-empty document.
+    """
+    if isinstance(files, str | os.PathLike):
+        files = [files]  # one path, not a sequence of characters
+    files = [Path(f) for f in files]
+    any_doc = False
+    for path in files:
+        suffix = path.suffix.lower()
+        if suffix == ".txt":
+            for start, piece in _txt_pieces(path, piece_bytes):
+                any_doc = True
+                yield start, piece
+            continue
+        reader = _READERS.get(suffix)
+        if reader is None:
+            raise SnuggleError(f"unsupported training file type '{path.suffix}': {path}")
+        for text in reader(path, text_field):
+            if text.strip():
+                any_doc = True
+                yield True, text
+    if not any_doc:
+        names = ", ".join(str(p) for p in files[:3]) + (" ..." if len(files) > 3 else "")
+        raise SnuggleError(f"corpus is empty: no non-empty document in {len(files)} file(s) ({names})")
+
+
+def iter_documents(files: str | Path | Iterable[str | Path], text_field: str = "text") -> Iterator[str]:
+    """Yield every non-empty document as one string (a whole `.txt` file is one document)."""
+    parts: list[str] = []
+    for start, piece in iter_document_pieces(files, text_field):
+        if start and parts:
+            yield "".join(parts)
+            parts.clear()
+        parts.append(piece)
+    if parts:
+        yield "".join(parts)

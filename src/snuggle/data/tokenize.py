@@ -1,0 +1,243 @@
+"""Tokenizing a corpus once into an on-disk, memory-mapped token cache.
+
+Layout of one cache directory (named by the sha256 cache key):
+    tokens.u32      raw little-endian uint32 token ids, every document followed by EOS   (N,)
+    doc_starts.i64  raw int64 offset of each document's first token in tokens.u32       (D,)
+    meta.json       counts and ids; written last, so its presence marks a complete cache
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import secrets
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from snuggle.data.sources import iter_document_pieces
+from snuggle.errors import SnuggleError
+
+__all__ = ["FORMAT_VERSION", "TokenStream", "tokenize_corpus"]
+
+FORMAT_VERSION = 1
+TOKENS_FILE = "tokens.u32"
+STARTS_FILE = "doc_starts.i64"
+META_FILE = "meta.json"
+# A tokenizer call gets at most batch_docs pieces and roughly this many characters, so RAM stays bounded
+# even when every piece is a full-size chunk of a huge .txt file.
+_BATCH_CHARS = 4 << 20
+
+
+@dataclass(eq=False)
+class TokenStream:
+    """The whole corpus as one token sequence: documents back to back, each ending in EOS."""
+
+    tokens: np.ndarray  # (N,) uint32, normally a read-only np.memmap
+    doc_starts: np.ndarray  # (D,) int64, doc_starts[0] == 0, strictly increasing
+    eos_id: int
+    bos_id: int | None = None
+    path: Path | None = None
+
+    def __len__(self) -> int:
+        return int(self.tokens.shape[0])
+
+    @property
+    def num_docs(self) -> int:
+        return int(self.doc_starts.shape[0])
+
+    @classmethod
+    def open(cls, directory: str | Path) -> TokenStream:
+        """Map a complete cache directory written by `tokenize_corpus`."""
+        directory = Path(directory)
+        try:
+            meta = json.loads((directory / META_FILE).read_text(encoding="utf-8"))
+            n_tokens, n_docs = int(meta["num_tokens"]), int(meta["num_docs"])
+            ok = (
+                meta.get("format") == FORMAT_VERSION
+                and n_tokens > 0
+                and (directory / TOKENS_FILE).stat().st_size == 4 * n_tokens
+                and (directory / STARTS_FILE).stat().st_size == 8 * n_docs
+            )
+        except (OSError, ValueError, KeyError, TypeError):
+            ok = False
+        if not ok:
+            raise SnuggleError(f"{directory}: incomplete or corrupt token cache (delete it and re-run)")
+        tokens = np.memmap(directory / TOKENS_FILE, dtype="<u4", mode="r", shape=(n_tokens,))  # (N,)
+        doc_starts = np.fromfile(directory / STARTS_FILE, dtype="<i8")  # (D,)
+        return cls(tokens, doc_starts, int(meta["eos_id"]), meta.get("bos_id"), directory)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickling a memmap copies the whole corpus; DataLoader workers started with "spawn" should
+        # re-map the cache file instead.
+        if self.path is not None:
+            return (TokenStream.open, (self.path,))
+        return (TokenStream, (self.tokens, self.doc_starts, self.eos_id, self.bos_id, None))
+
+
+def _tokenizer_fingerprint(tokenizer: Any) -> str:
+    h = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        h.update(backend.to_str().encode("utf-8"))
+    else:
+        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode("utf-8"))
+    extra = [
+        type(tokenizer).__name__,
+        tokenizer.eos_token_id,
+        getattr(tokenizer, "bos_token_id", None),
+        getattr(tokenizer, "add_bos_token", None),
+        getattr(tokenizer, "add_eos_token", None),
+    ]
+    h.update(json.dumps(extra, default=str).encode("utf-8"))
+    return h.hexdigest()
+
+
+def _cache_key(files: Sequence[Path], text_field: str, piece_bytes: int, tokenizer: Any) -> str:
+    stats = []
+    for path in files:
+        try:
+            st = path.stat()
+        except OSError as e:
+            raise SnuggleError(f"{path}: cannot read training file: {e.strerror}") from None
+        stats.append([str(path), st.st_size, st.st_mtime_ns])
+    payload = {
+        "format": FORMAT_VERSION,
+        "files": stats,
+        "text_field": text_field,
+        # piece_bytes changes how large .txt files are cut for tokenization, hence the exact tokens.
+        "piece_bytes": piece_bytes,
+        "tokenizer": _tokenizer_fingerprint(tokenizer),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def _batches(pieces: Iterator[tuple[bool, str]], batch_docs: int) -> Iterator[list[tuple[bool, str]]]:
+    batch: list[tuple[bool, str]] = []
+    chars = 0
+    for piece in pieces:
+        batch.append(piece)
+        chars += len(piece[1])
+        if len(batch) >= batch_docs or chars >= _BATCH_CHARS:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+def _encode_batch(tokenizer: Any, batch: list[tuple[bool, str]]) -> list[list[int]]:
+    # Only a document's first piece gets special tokens (BOS); later pieces of a streamed .txt continue it.
+    out: list[list[int]] = [[] for _ in batch]
+    for special in (True, False):
+        where = [i for i, (start, _) in enumerate(batch) if start == special]
+        if not where:
+            continue
+        ids = tokenizer(
+            [batch[i][1] for i in where],
+            add_special_tokens=special,
+            return_attention_mask=False,
+            verbose=False,  # no "sequence longer than model_max_length" warning: we pack, not truncate
+        )["input_ids"]
+        for i, seq in zip(where, ids, strict=True):
+            out[i] = seq
+    return out
+
+
+def _fsync_replace(tmp: Path, final: Path) -> None:
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+
+
+def _write_cache(
+    files: Sequence[Path], tokenizer: Any, text_field: str, piece_bytes: int, batch_docs: int, out: Path
+) -> None:
+    eos = int(tokenizer.eos_token_id)
+    tag = f".tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp = {name: out / (name + tag) for name in (TOKENS_FILE, STARTS_FILE, META_FILE)}
+    try:
+        n_tokens = n_docs = 0
+        with open(tmp[TOKENS_FILE], "wb") as ft, open(tmp[STARTS_FILE], "wb") as fs:
+            pieces = iter_document_pieces(files, text_field, piece_bytes)
+            for batch in _batches(pieces, batch_docs):
+                flat: list[int] = []
+                starts: list[int] = []
+                for (start, _), ids in zip(batch, _encode_batch(tokenizer, batch), strict=True):
+                    if start:
+                        if n_docs or starts:  # close the previous document
+                            flat.append(eos)
+                        starts.append(n_tokens + len(flat))
+                    flat.extend(ids)
+                ft.write(np.asarray(flat, dtype="<u4").tobytes())
+                fs.write(np.asarray(starts, dtype="<i8").tobytes())
+                n_tokens += len(flat)
+                n_docs += len(starts)
+            ft.write(np.asarray([eos], dtype="<u4").tobytes())  # close the last document
+            n_tokens += 1
+        meta = {
+            "format": FORMAT_VERSION,
+            "num_tokens": n_tokens,
+            "num_docs": n_docs,
+            "eos_id": eos,
+            "bos_id": getattr(tokenizer, "bos_token_id", None),
+            "text_field": text_field,
+            "files": [str(p) for p in files],
+        }
+        tmp[META_FILE].write_text(json.dumps(meta, indent=1), encoding="utf-8")
+        # meta.json goes last: a run killed at any point leaves either no meta.json (cache rebuilt next
+        # time) or a complete, consistent cache.
+        for name in (TOKENS_FILE, STARTS_FILE, META_FILE):
+            _fsync_replace(tmp[name], out / name)
+        dir_fd = os.open(out, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    finally:
+        for path in tmp.values():
+            path.unlink(missing_ok=True)
+
+
+def tokenize_corpus(
+    files: str | Path | Sequence[str | Path],
+    tokenizer: Any,
+    *,
+    text_field: str = "text",
+    cache_dir: str | Path,
+    batch_docs: int = 64,
+    piece_bytes: int = 1 << 20,
+) -> TokenStream:
+    """Tokenize `files` into `cache_dir/<sha256 key>/`, or reuse that cache if it is already complete.
+
+    Each document becomes `tokenizer(text, add_special_tokens=True)` ids followed by EOS. Large `.txt`
+    files are tokenized in line-aligned pieces of about `piece_bytes`, so nothing needs the whole corpus
+    (or a whole file) in RAM.
+    """
+    if getattr(tokenizer, "eos_token_id", None) is None:
+        raise SnuggleError("the tokenizer has no eos_token: set one so that documents can be separated")
+    if batch_docs < 1:
+        raise SnuggleError(f"batch_docs must be >= 1, got {batch_docs}")
+    if isinstance(files, str | os.PathLike):
+        files = [files]  # one path, not a sequence of characters
+    paths = [Path(f).resolve() for f in files]
+    if not paths:
+        raise SnuggleError("no training files given")
+    out = Path(cache_dir) / _cache_key(paths, text_field, piece_bytes, tokenizer)
+    if (out / META_FILE).exists():
+        try:
+            return TokenStream.open(out)
+        except SnuggleError:
+            pass  # a damaged cache under the right key is simply rebuilt
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        _write_cache(paths, tokenizer, text_field, piece_bytes, batch_docs, out)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            out.rmdir()  # only succeeds if empty: leave no empty cache directory behind after bad input
+        raise
+    return TokenStream.open(out)
