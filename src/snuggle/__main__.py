@@ -1,0 +1,5 @@
+import sys
+
+from snuggle.cli import main
+
+sys.exit(main())

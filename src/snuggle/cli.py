@@ -1,0 +1,174 @@
+"""`snuggle train | eval | export | generate`. Bad input ends in one line on stderr and exit status 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from snuggle.errors import SnuggleError
+
+__all__ = ["main"]
+
+
+def _cmd_train(a: argparse.Namespace) -> int:
+    from snuggle.config import load_config
+    from snuggle.train.loop import train
+
+    cfg = load_config(a.config, a.overrides)
+    summary = train(cfg)
+    print(json.dumps(summary))
+    return 0
+
+
+def _cmd_eval(a: argparse.Namespace) -> int:
+    import numpy as np
+
+    from snuggle.data import PackedRows, iterate_eval, resolve_files, tokenize_corpus
+    from snuggle.run_dir import load_with_adapter
+    from snuggle.train.evaluate import evaluate
+    from snuggle.train.setup import default_cache_dir
+
+    files = resolve_files(a.data)  # before the model: bad paths fail fast
+    model, tok = load_with_adapter(a.model, a.adapter, dtype=a.dtype, device=a.device)
+    if a.seq_len > model.args.max_position_embeddings:
+        raise SnuggleError(
+            f"--seq-len {a.seq_len} is above the model's limit of "
+            f"{model.args.max_position_embeddings} positions"
+        )
+    stream = tokenize_corpus(files, tok, text_field=a.text_field, cache_dir=default_cache_dir())
+    rows = PackedRows(stream, a.seq_len)
+    idx = np.arange(len(rows))
+    res = evaluate(model, iterate_eval(rows, idx, a.batch_size, a.max_rows), model.lm_head.weight.device)
+    print(json.dumps(res))
+    return 0
+
+
+def _cmd_export(a: argparse.Namespace) -> int:
+    from snuggle.io.hf import save_hf_checkpoint
+    from snuggle.io.peft_format import merged_state_dict, save_peft_adapter
+    from snuggle.run_dir import load_run
+
+    out = Path(a.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise SnuggleError(f"--out {out} exists and is not empty")
+    model, tok, cfg = load_run(a.run_dir, device="cpu")
+    # write beside the target, then rename: an interrupted export leaves no half-written model
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if a.format == "hf":
+        save_hf_checkpoint(merged_state_dict(model), model.args.hf_config, tmp, tokenizer=tok)
+    else:
+        if not cfg.use_lora:
+            raise SnuggleError(
+                "--format peft needs a LoRA run; this run was full fine-tuning (use --format hf)"
+            )
+        save_peft_adapter(model, cfg.lora, str(Path(cfg.model.path).resolve()), tmp)
+        tok.save_pretrained(str(tmp))
+    if out.exists():
+        out.rmdir()
+    os.replace(tmp, out)
+    print(json.dumps({"format": a.format, "out": str(out)}))
+    return 0
+
+
+def _cmd_generate(a: argparse.Namespace) -> int:
+    import torch
+
+    from snuggle.generate import generate
+    from snuggle.run_dir import load_with_adapter
+
+    model, tok = load_with_adapter(a.model, a.adapter, dtype=a.dtype, device=a.device)
+    device = model.lm_head.weight.device
+    ids = tok(a.prompt, return_tensors="pt")["input_ids"].to(device)
+    eos = tok.eos_token_id
+    gen = torch.Generator(device=device).manual_seed(a.seed)
+    out: list[int] = []
+    printed = ""
+
+    def stream(token: int) -> None:
+        # decode the whole continuation each time: byte-level BPE pieces only form text in groups
+        nonlocal printed
+        out.append(token)
+        text = tok.decode(out, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):
+            sys.stdout.write(text[len(printed) :])
+            sys.stdout.flush()
+            printed = text
+
+    if not a.no_echo:
+        sys.stdout.write(a.prompt)
+    generate(
+        model,
+        ids,
+        a.max_new_tokens,
+        a.temperature,
+        a.top_p,
+        {eos} if eos is not None else None,
+        on_token=stream,
+        generator=gen,
+    )
+    sys.stdout.write("\n")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="snuggle", description="Continued pretraining and LoRA fine-tuning.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train from a YAML config")
+    t.add_argument("config", help="YAML config file (see docs/config.md)")
+    t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=50 lora.r=64")
+    t.set_defaults(fn=_cmd_train)
+
+    def model_args(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--model", required=True, help="HF model directory or .gguf file")
+        sp.add_argument("--adapter", help="snuggle run directory or PEFT adapter directory")
+        sp.add_argument("--dtype", default="auto")
+        sp.add_argument("--device", default="auto")
+
+    e = sub.add_parser("eval", help="held-out loss and perplexity of a model on a corpus")
+    model_args(e)
+    e.add_argument("--data", required=True, help="file, directory or glob")
+    e.add_argument("--seq-len", type=int, default=2048)
+    e.add_argument("--batch-size", type=int, default=1)
+    e.add_argument("--max-rows", type=int, default=None, help="evaluate at most this many rows")
+    e.add_argument("--text-field", default="text")
+    e.set_defaults(fn=_cmd_eval)
+
+    x = sub.add_parser("export", help="write a trained run as a merged HF model or a PEFT adapter")
+    x.add_argument("run_dir")
+    x.add_argument("--format", choices=("hf", "peft"), default="hf")
+    x.add_argument("--out", required=True)
+    x.set_defaults(fn=_cmd_export)
+
+    g = sub.add_parser("generate", help="continue a prompt")
+    model_args(g)
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--no-echo", action="store_true", help="print only the continuation")
+    g.set_defaults(fn=_cmd_generate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # snuggle loads local paths only; never reach for a hub
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except SnuggleError as e:
+        print(f"snuggle: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("snuggle: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

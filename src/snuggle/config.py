@@ -1,0 +1,243 @@
+"""Run configuration: one typed dataclass per component, loaded from YAML with dotted overrides.
+
+Unknown keys and wrong types are errors that name the key; the resolved config is saved with every run
+(`<output_dir>/config.yaml`) so a run can be resumed, exported or reproduced from its directory alone.
+Every key is documented in docs/config.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from snuggle.errors import SnuggleError
+
+__all__ = [
+    "ModelConfig",
+    "LoraConfig",
+    "DataConfig",
+    "TrainConfig",
+    "RunConfig",
+    "load_config",
+    "config_from_dict",
+    "to_dict",
+]
+
+
+@dataclass
+class ModelConfig:
+    path: str = ""  # HF model directory or .gguf file (local)
+    dtype: str = "auto"  # auto | bfloat16 | float16 | float32 (auto: bf16 on GPU, fp32 on CPU)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = True
+    r: int = 16
+    alpha: float = 16.0
+    dropout: float = 0.0
+    rslora: bool = False
+    targets: str | list[str] = "all-linear"
+    train_embeddings: bool = False  # embed_tokens and lm_head as full trainable copies at embedding_lr
+
+
+@dataclass
+class DataConfig:
+    train: str | list[str] = ""  # file, directory or glob (.txt .jsonl .json .parquet), or a list of them
+    text_field: str = "text"  # field holding the text in .jsonl/.json/.parquet
+    seq_len: int = 2048
+    val_fraction: float = 0.01  # share of packed rows held out for evaluation
+    cache_dir: str | None = None  # token cache; default $SNUGGLE_CACHE or ~/.cache/snuggle
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100  # optimizer steps
+    batch_size: int = 1  # rows per micro-batch per process
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 2e-4
+    embedding_lr: float | None = None  # lr of embed_tokens/lm_head when trained; default lr
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_steps: int = 0
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    min_lr_ratio: float = 0.0  # lr at the end of the schedule, as a fraction of the peak
+    max_grad_norm: float | None = 1.0  # clip the global gradient norm; null disables
+    eval_every: int = 0  # steps between evaluations (0: only at the end)
+    eval_rows: int | None = None  # cap on held-out rows per evaluation (None: all)
+    save_every: int = 0  # steps between checkpoints (0: only at the end)
+    keep_checkpoints: int = 2  # newest checkpoints kept on disk
+    log_every: int = 1  # steps between metrics.jsonl rows
+    output_dir: str = "runs/snuggle"
+    seed: int = 3407
+    resume: bool = False
+    gradient_checkpointing: bool = False  # recompute every block in backward (less memory, ~30% slower)
+    progress: bool = True  # progress bar on stderr
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig | None = field(default_factory=LoraConfig)  # null: full fine-tuning
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> RunConfig:
+        if not self.model.path:
+            raise SnuggleError("model.path is required")
+        if not self.data.train:
+            raise SnuggleError("data.train is required")
+        t = self.train
+        for key, val, lo in (
+            ("train.steps", t.steps, 1),
+            ("train.batch_size", t.batch_size, 1),
+            ("train.grad_accum", t.grad_accum, 1),
+            ("data.seq_len", self.data.seq_len, 2),
+            ("train.warmup_steps", t.warmup_steps, 0),
+            ("train.eval_every", t.eval_every, 0),
+            ("train.save_every", t.save_every, 0),
+            ("train.log_every", t.log_every, 1),
+            ("train.keep_checkpoints", t.keep_checkpoints, 1),
+        ):
+            if val < lo:
+                raise SnuggleError(f"{key} must be >= {lo}, got {val}")
+        if not 0.0 <= self.data.val_fraction < 1.0:
+            raise SnuggleError(f"data.val_fraction must be in [0, 1), got {self.data.val_fraction}")
+        if t.lr <= 0 or (t.embedding_lr is not None and t.embedding_lr <= 0):
+            raise SnuggleError("train.lr and train.embedding_lr must be > 0")
+        if len(t.betas) != 2:
+            raise SnuggleError("train.betas must be a list of two numbers")
+        if self.lora is not None and self.lora.enabled and self.lora.r < 1:
+            raise SnuggleError(f"lora.r must be >= 1, got {self.lora.r}")
+        return self
+
+    @property
+    def use_lora(self) -> bool:
+        return self.lora is not None and self.lora.enabled
+
+
+def _type_ok(value: Any, tp: Any) -> tuple[bool, Any]:
+    """Check (and gently coerce: int -> float) a YAML value against a dataclass field type."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return True, value
+    if origin in (typing.Union, types.UnionType):
+        for arm in typing.get_args(tp):
+            ok, v = _type_ok(value, arm)
+            if ok:
+                return True, v
+        return False, value
+    if tp is type(None):
+        return value is None, value
+    if origin is Literal:
+        return value in typing.get_args(tp), value
+    if origin is list:
+        if not isinstance(value, list):
+            return False, value
+        (arm,) = typing.get_args(tp)
+        out = []
+        for v in value:
+            ok, v2 = _type_ok(v, arm)
+            if not ok:
+                return False, value
+            out.append(v2)
+        return True, out
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, float(value)
+        return False, value
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is str:
+        return isinstance(value, str), value
+    return isinstance(value, tp), value
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    return str(tp).replace("typing.", "").replace("<class '", "").replace("'>", "")
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise SnuggleError(f"config section '{prefix.rstrip('.') or 'root'}' must be a mapping")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise SnuggleError(f"unknown config key '{prefix}{key}'; known: {', '.join(fields)}")
+        tp = hints[key]
+        sub = _dataclass_arm(tp)
+        if sub is not None and isinstance(value, dict):
+            kwargs[key] = _build(sub, value, f"{prefix}{key}.")
+            continue
+        ok, v = _type_ok(value, tp)
+        if not ok:
+            raise SnuggleError(f"config key '{prefix}{key}' must be {_type_name(tp)}, got {value!r}")
+        kwargs[key] = v
+    return cls(**kwargs)
+
+
+def _dataclass_arm(tp: Any) -> type | None:
+    for arm in (tp, *typing.get_args(tp)):
+        if dataclasses.is_dataclass(arm):
+            return arm
+    return None
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        if not isinstance(node.get(k), dict):
+            node[k] = {}
+        node = node[k]
+    node[keys[-1]] = value
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """YAML file (may be None) + `a.b=value` overrides (values parsed as YAML) -> validated RunConfig."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except OSError as e:
+            raise SnuggleError(f"cannot read config {p}: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            raise SnuggleError(f"{p}: invalid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(tree, dict):
+            raise SnuggleError(f"{p}: the config must be a YAML mapping")
+    for ov in overrides:
+        key, sep, raw = ov.partition("=")
+        if not sep or not key:
+            raise SnuggleError(f"override {ov!r} must look like section.key=value")
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(tree, key.strip(), value)
+    return config_from_dict(tree)
+
+
+def config_from_dict(tree: dict[str, Any]) -> RunConfig:
+    """A validated RunConfig from a nested dict (a parsed YAML file or a saved run's config)."""
+    tree = dict(tree)
+    if "lora" in tree and tree["lora"] is None:
+        tree["lora"] = {"enabled": False}  # `lora: null` means full fine-tuning
+    return _build(RunConfig, tree, "").validate()
+
+
+def to_dict(cfg: RunConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,55 @@
+"""Rebuild a trained model from a run directory (its config.yaml and latest checkpoint) or an adapter."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from snuggle.config import RunConfig, config_from_dict
+from snuggle.errors import SnuggleError
+from snuggle.load import load
+from snuggle.model.decoder import Decoder
+from snuggle.train.checkpoint import latest_checkpoint, load_trainables
+from snuggle.train.setup import build_model
+
+__all__ = ["load_run", "load_with_adapter", "is_run_dir"]
+
+
+def is_run_dir(path: Path) -> bool:
+    return (path / "config.yaml").is_file()
+
+
+def load_run(run_dir: str | Path, device: str | None = None) -> tuple[Decoder, object, RunConfig]:
+    run = Path(run_dir)
+    if not is_run_dir(run):
+        raise SnuggleError(f"{run}: not a snuggle run directory (no config.yaml)")
+    ckpt = latest_checkpoint(run)
+    if ckpt is None:
+        raise SnuggleError(f"{run}: the run has no complete checkpoint yet")
+    tree = yaml.safe_load((run / "config.yaml").read_text())
+    cfg = config_from_dict(tree)
+    if device is not None:
+        cfg.model.device = device
+    model, tokenizer = build_model(cfg)
+    load_trainables(ckpt, model)
+    model.eval()
+    return model, tokenizer, cfg
+
+
+def load_with_adapter(model_path: str, adapter: str | None, dtype=None, device=None):
+    """`--model PATH [--adapter DIR]`: DIR is a snuggle run directory or a PEFT LoRA adapter directory."""
+    if adapter is None:
+        return load(model_path, dtype=dtype, device=device)
+    a = Path(adapter)
+    if is_run_dir(a):
+        model, tokenizer, _ = load_run(a, device=device)
+        return model, tokenizer
+    if (a / "adapter_config.json").is_file():
+        from snuggle.io.peft_format import load_peft_adapter
+
+        model, tokenizer = load(model_path, dtype=dtype, device=device)
+        load_peft_adapter(model, a)
+        model.eval()
+        return model, tokenizer
+    raise SnuggleError(f"{a}: not a run directory (config.yaml) nor a PEFT adapter (adapter_config.json)")
