@@ -20,7 +20,17 @@ from torch import nn
 from snuggle.model.args import ModelArgs
 from snuggle.model.loss import cross_entropy_sum
 
-__all__ = ["Decoder", "Linear", "RMSNorm", "KVCache", "rope_inv_freq", "apply_rope", "attention_mask"]
+__all__ = [
+    "Decoder",
+    "Linear",
+    "RMSNorm",
+    "KVCache",
+    "rope_inv_freq",
+    "apply_rope",
+    "rope_qk",
+    "swiglu",
+    "attention_mask",
+]
 
 
 class Linear(nn.Linear):
@@ -81,6 +91,16 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+def rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """RoPE on q (B, H, T, D) and k (B, Hkv, T, D); the reference the fused kernel replaces."""
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up; the reference the fused kernel replaces."""
+    return F.silu(gate) * up
+
+
 def attention_mask(
     doc_ids: torch.Tensor | None, T: int, window: int | None, device, past: int = 0
 ) -> torch.Tensor | None:
@@ -131,6 +151,7 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(d, args.rms_norm_eps)
             self.k_norm = RMSNorm(d, args.rms_norm_eps)
         self.qk_norm = args.qk_norm
+        self.rope_fn = rope_qk  # swap point: kernels.swap replaces it with the Triton kernel
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None = None) -> torch.Tensor:
         B, T, _ = x.shape
@@ -140,7 +161,7 @@ class Attention(nn.Module):
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = self.rope_fn(q, k, cos, sin)
         causal = mask is None
         if cache is not None:
             i = self.layer_idx
@@ -159,9 +180,10 @@ class MLP(nn.Module):
         self.gate_proj = Linear(h, f, bias=args.mlp_bias)
         self.up_proj = Linear(h, f, bias=args.mlp_bias)
         self.down_proj = Linear(f, h, bias=args.mlp_bias)
+        self.act_fn = swiglu  # swap point for the fused kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act_fn(self.gate_proj(x), self.up_proj(x)))
 
 
 class Block(nn.Module):
@@ -197,8 +219,10 @@ class Decoder(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         # activations run in this dtype; set by the loader (weights may be stored wider)
         self.compute_dtype = torch.float32
-        # layer -> bool, set by the trainer: recompute that block in backward instead of storing it
+        # layers recomputed in backward instead of storing their activations; set by the trainer
         self.checkpoint_layers: set[int] = set()
+        # (hidden (B,T,C), lm_head weight (V,C), labels (B,T)) -> summed loss; swap point for the fused kernel
+        self.loss_fn = cross_entropy_sum
 
     def tie_weights(self) -> None:
         if self.args.tie_word_embeddings:
@@ -240,4 +264,4 @@ class Decoder(nn.Module):
         (accumulated, all-rank) batch, so accumulation and world size do not change the mean.
         """
         h = self.hidden_states(input_ids, position_ids, doc_ids)
-        return cross_entropy_sum(h, self.lm_head.weight, labels)
+        return self.loss_fn(h, self.lm_head.weight, labels)
