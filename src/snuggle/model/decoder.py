@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from snuggle.model.args import ModelArgs
+from snuggle.model.checkpointing import run_block
 from snuggle.model.loss import cross_entropy_sum
 
 __all__ = [
@@ -219,8 +220,10 @@ class Decoder(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         # activations run in this dtype; set by the loader (weights may be stored wider)
         self.compute_dtype = torch.float32
-        # layers recomputed in backward instead of storing their activations; set by the trainer
+        # blocks recomputed in backward instead of storing their activations, and where their inputs
+        # wait meanwhile (None: on the GPU); see checkpointing.configure_checkpointing
         self.checkpoint_layers: set[int] = set()
+        self.offloader = None
         # (hidden (B,T,C), lm_head weight (V,C), labels (B,T)) -> summed loss; swap point for the fused kernel
         self.loss_fn = cross_entropy_sum
 
@@ -246,11 +249,11 @@ class Decoder(nn.Module):
         inv_freq = rope_inv_freq(self.args, device=input_ids.device)
         cos, sin = rope_cos_sin(inv_freq, position_ids, x.dtype)
         mask = attention_mask(doc_ids, T, self.args.sliding_window, input_ids.device, past)
+        if self.offloader is not None and torch.is_grad_enabled() and not x.requires_grad:
+            # an offloaded block is an autograd Function: it only gets a backward if an input needs grad
+            x.requires_grad_(True)
         for i, layer in enumerate(self.model.layers):
-            if i in self.checkpoint_layers and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False)
-            else:
-                x = layer(x, cos, sin, mask, cache)
+            x = run_block(layer, i, x, cos, sin, mask, cache, self)
         return self.model.norm(x)  # (B, T, C)
 
     def forward(self, input_ids, position_ids=None, doc_ids=None, cache: KVCache | None = None):
