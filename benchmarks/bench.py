@@ -1,0 +1,264 @@
+"""One benchmark variant in this process: LoRA training steps on a random-init Llama-3 shape.
+
+The setup of shared/ANCHORS.md: bf16 weights, LoRA r=16 alpha=16 dropout 0 on q,k,v,o,gate,up,down,
+fused AdamW on the trainables, input = labels = random token ids, W warm-up steps then the median of
+N timed steps, peak = torch.cuda.max_memory_allocated() since the first step. Every variant builds
+the same weights and LoRA factors from the parameter names (ours are HF's), so loss curves compare.
+
+usage: python benchmarks/bench.py --variant snuggle --model 1b --batch 8 --seq 2048 [--ckpt offload]
+prints one JSON line (also when the run fails: {"error": ...}).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import traceback
+import zlib
+
+import torch
+
+SHAPES = {
+    # Llama-3 shapes of ANCHORS.md (random init, no checkpoint needed)
+    "1b": dict(
+        hidden_size=2048,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        intermediate_size=8192,
+        vocab_size=128256,
+        tie_word_embeddings=True,
+    ),
+    "8b": dict(
+        hidden_size=4096,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        intermediate_size=14336,
+        vocab_size=128256,
+        tie_word_embeddings=False,
+    ),
+    # a small shape to check the harness itself
+    "tiny": dict(
+        hidden_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=512,
+        vocab_size=1000,
+        tie_word_embeddings=True,
+    ),
+}
+COMMON = dict(rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=131072)
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def hf_config(name: str):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**SHAPES[name], **COMMON)
+
+
+def _gen(name: str, seed: int, device) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+
+
+@torch.no_grad()
+def init_weights(named_params, seed: int = 0) -> None:
+    """Deterministic weights from names: matrices N(0, 0.02), norms 1. Same for HF and snuggle."""
+    for name, p in named_params:
+        if p.ndim >= 2:
+            p.normal_(0.0, 0.02, generator=_gen(name, seed, p.device))
+        else:
+            p.fill_(1.0)
+
+
+@torch.no_grad()
+def init_lora(module_name: str, a: torch.Tensor, b: torch.Tensor) -> None:
+    """LoRA A uniform(+-1/sqrt(in)) seeded by the projection's name, B zero, as PEFT starts."""
+    bound = 1.0 / math.sqrt(a.shape[1])
+    a.uniform_(-bound, bound, generator=_gen(module_name, 1, a.device))
+    b.zero_()
+
+
+def batches(steps: int, batch: int, seq: int, vocab: int, device):
+    g = torch.Generator(device=device).manual_seed(1234)
+    return [torch.randint(0, vocab, (batch, seq), generator=g, device=device) for _ in range(steps)]
+
+
+def build_snuggle(args, device):
+    from snuggle.lora import LoRALinear, apply_lora
+    from snuggle.model.args import ModelArgs
+    from snuggle.model.checkpointing import configure_checkpointing
+    from snuggle.model.decoder import Decoder
+
+    cfg = hf_config(args.model).to_dict()
+    cfg["model_type"] = "llama"
+    margs = ModelArgs.from_hf(cfg)
+    with torch.device("meta"):
+        model = Decoder(margs)
+    model.to_empty(device=device)
+    model.tie_weights()
+    model.to(torch.bfloat16)
+    init_weights(model.named_parameters())
+    model.compute_dtype = torch.bfloat16
+    apply_lora(model, r=16, alpha=16, targets=TARGETS)
+    for name, mod in model.named_modules():
+        if isinstance(mod, LoRALinear):
+            init_lora(name, mod.lora_A, mod.lora_B)
+    swapped = []
+    if not args.no_kernels:
+        try:
+            from snuggle.kernels.swap import apply_fast_path
+
+            swapped = apply_fast_path(model)
+        except ImportError:
+            swapped = []
+    n = {"none": 0, "all": None, "offload": None}.get(args.ckpt)
+    if args.ckpt.startswith("layers:"):
+        n = int(args.ckpt.split(":")[1])
+    configure_checkpointing(model, n, offload=args.ckpt == "offload" or args.offload)
+    model.train()
+
+    def step_loss(ids):
+        labels = torch.full_like(ids, -100)
+        labels[:, :-1] = ids[:, 1:]
+        return model.loss_sum(ids, labels) / labels[:, :-1].numel()
+
+    return model, step_loss, {"kernels": len(swapped)}
+
+
+def build_hf(args, device, liger: bool = False):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    if liger:
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+        apply_liger_kernel_to_llama()
+    with torch.device("meta"):
+        model = LlamaForCausalLM(hf_config(args.model))
+    model.to_empty(device=device)
+    model.tie_weights()
+    model.to(torch.bfloat16)
+    init_weights(model.named_parameters())
+    if args.ckpt != "none":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS))
+    for name, mod in model.named_modules():
+        if hasattr(mod, "lora_A") and "default" in getattr(mod, "lora_A", {}):
+            init_lora(
+                name.removeprefix("base_model.model."),
+                mod.lora_A["default"].weight,
+                mod.lora_B["default"].weight,
+            )
+    model.train()
+
+    def step_loss(ids):
+        return model(input_ids=ids, labels=ids).loss
+
+    return model, step_loss, {}
+
+
+def profile_step(step_loss, opt, ids) -> None:
+    """Print the CUDA kernels of one more step by total time (stderr), to see where a step goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        step_loss(ids).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+    print(
+        prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60),
+        file=sys.stderr,
+    )
+
+
+def run(args) -> dict:
+    device = torch.device("cuda", torch.cuda.current_device())
+    if args.cap_gib:
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gib * 2**30 / total), device)
+    torch.manual_seed(0)
+    if args.variant == "snuggle":
+        model, step_loss, info = build_snuggle(args, device)
+    elif args.variant in ("hf", "liger"):
+        model, step_loss, info = build_hf(args, device, liger=args.variant == "liger")
+    else:
+        raise SystemExit(f"unknown variant {args.variant}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, fused=True)
+    data = batches(args.warmup + args.steps, args.batch, args.seq, SHAPES[args.model]["vocab_size"], device)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats(device)
+    times, losses = [], []
+    for i, ids in enumerate(data):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        loss = step_loss(ids)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        end.record()
+        torch.cuda.synchronize()
+        losses.append(float(loss))
+        if i >= args.warmup:
+            times.append(start.elapsed_time(end) / 1e3)
+    if args.profile:
+        profile_step(step_loss, opt, data[-1])
+    step = statistics.median(times)
+    tokens = args.batch * args.seq
+    return {
+        **info,
+        "tokens_per_s": tokens / step,
+        "step_s": step,
+        "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+        "loss_first": losses[0],
+        "loss_last": losses[-1],
+        "losses": losses,
+        "trainable": sum(p.numel() for p in params),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--variant", required=True, choices=["snuggle", "hf", "liger"])
+    p.add_argument("--model", default="1b", choices=list(SHAPES))
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--ckpt", default="none", help="none | all | offload | layers:N")
+    p.add_argument("--offload", action="store_true", help="with layers:N, offload the checkpointed inputs")
+    p.add_argument("--cap-gib", type=float, default=0.0, help="emulate a smaller card")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--no-kernels", action="store_true")
+    p.add_argument("--profile", action="store_true", help="print one step's kernel profile on stderr")
+    args = p.parse_args()
+    try:
+        res = run(args)
+    except torch.OutOfMemoryError:
+        res = {"error": "out of memory"}
+    except Exception as e:  # a failed variant is a row in the table, not a crash of the harness
+        traceback.print_exc(file=sys.stderr)
+        res = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]}
+    res.update(
+        variant=args.variant,
+        model=args.model,
+        batch=args.batch,
+        seq=args.seq,
+        ckpt=args.ckpt,
+        cap_gib=args.cap_gib,
+        kernels_off=args.no_kernels,
+        offload=args.offload,
+    )
+    print(json.dumps(res), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,251 @@
+"""Run benchmark cases, each in its own process, and print/write a table with GPU, commit and versions.
+
+usage: python benchmarks/run.py SUITE [--out DIR]     (suites: tiny, 1b, 8b, all; see SUITES)
+Results: DIR/<suite>-<gpu>-<commit>.{md,csv,jsonl} (DIR defaults to benchmarks/results).
+MFU counts model FLOPs only (no recomputation): 4N a token for LoRA (forward 2N, input gradients 2N;
+frozen weights get no weight gradient) plus causal attention 6*L*T*d; N = matmul weights incl. lm_head.
+`mfu` is against the datasheet dense bf16 peak (989 TFLOP/s, H100/H200 SXM), `bound` against the bf16
+matmul rate measured at the start of the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from bench import SHAPES  # noqa: E402
+
+# (variant, model, batch, seq, ckpt, cap_gib, extra flags)
+SUITES: dict[str, list[tuple]] = {
+    "tiny": [
+        ("snuggle", "tiny", 2, 256, "none", 0, ()),
+        ("snuggle", "tiny", 2, 256, "offload", 0, ()),
+        ("hf", "tiny", 2, 256, "all", 0, ()),
+    ],
+    "1b": [
+        ("hf", "1b", 8, 2048, "all", 0, ()),
+        ("liger", "1b", 8, 2048, "all", 0, ()),
+        ("liger", "1b", 8, 2048, "none", 0, ()),
+        ("snuggle", "1b", 8, 2048, "none", 0, ()),
+        ("snuggle", "1b", 8, 2048, "none", 0, ("--no-kernels",)),
+        ("snuggle", "1b", 8, 2048, "offload", 0, ()),
+        ("snuggle", "1b", 8, 2048, "none", 24, ()),
+    ],
+    "8b": [
+        ("hf", "8b", 2, 2048, "all", 0, ()),
+        ("snuggle", "8b", 2, 2048, "none", 0, ()),
+        ("snuggle", "8b", 2, 2048, "offload", 24, ()),
+        ("snuggle", "8b", 2, 2048, "layers:20", 24, ("--offload",)),
+        ("snuggle", "8b", 2, 2048, "layers:12", 24, ("--offload",)),
+    ],
+}
+SUITES["all"] = SUITES["1b"] + SUITES["8b"]
+# peers' figures measured on one H100 with this setup (shared/ANCHORS.md), for rows we cannot run here
+ANCHORS = {
+    ("unsloth", "1b", "all"): (53759, 4.8),
+    ("unsloth", "1b", "none"): (71616, 19.3),
+    ("unsloth", "8b", "all"): (10569, 16.7),
+    ("unsloth", "8b", "none"): (14665, 30.6),
+}
+DATASHEET_TFLOPS = 989.0
+
+
+def flops_per_token(model: str, seq: int) -> float:
+    s = SHAPES[model]
+    d, f, L, V = s["hidden_size"], s["intermediate_size"], s["num_hidden_layers"], s["vocab_size"]
+    kv = s["num_key_value_heads"] * d // s["num_attention_heads"]
+    n = L * (2 * d * d + 2 * d * kv + 3 * d * f) + V * d
+    return 4 * n + 6 * L * seq * d
+
+
+def measure_matmul_tflops() -> float:
+    import torch
+
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * 8192**3 * 10 / (time.perf_counter() - t) / 1e12
+
+
+def environment() -> dict:
+    import torch
+
+    env = {
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+    }
+    for mod in ("transformers", "peft", "triton", "liger_kernel", "unsloth"):
+        try:
+            env[mod] = __import__(mod).__version__
+        except Exception:
+            env[mod] = "absent"
+    try:
+        env["commit"] = subprocess.check_output(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=HERE, text=True, stderr=subprocess.DEVNULL
+        ).strip()
+    except Exception:
+        env["commit"] = os.environ.get("SNUGGLE_COMMIT", "unknown")
+    return env
+
+
+def run_case(case: tuple, timeout: int) -> dict:
+    variant, model, batch, seq, ckpt, cap, extra = case
+    cmd = [
+        sys.executable,
+        str(HERE / "bench.py"),
+        "--variant",
+        variant,
+        "--model",
+        model,
+        "--batch",
+        str(batch),
+        "--seq",
+        str(seq),
+        "--ckpt",
+        ckpt,
+        "--cap-gib",
+        str(cap),
+        *extra,
+    ]
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        line = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
+        if line:
+            return json.loads(line[-1])
+        err = (p.stderr.strip().splitlines() or ["no output"])[-1]
+    except subprocess.TimeoutExpired:
+        err = f"timeout after {timeout}s"
+    return {
+        "variant": variant,
+        "model": model,
+        "batch": batch,
+        "seq": seq,
+        "ckpt": ckpt,
+        "cap_gib": cap,
+        "error": err[:200],
+        "kernels_off": "--no-kernels" in extra,
+    }
+
+
+def label(r: dict) -> str:
+    name = r["variant"] + (" (no kernels)" if r.get("kernels_off") else "")
+    ck = r["ckpt"] + ("+offload" if r.get("offload") and r["ckpt"].startswith("layers") else "")
+    cap = f", cap {r['cap_gib']:g} GiB" if r.get("cap_gib") else ""
+    return f"{r['model']} {name}, ckpt {ck}{cap}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("suite", choices=list(SUITES))
+    ap.add_argument("--out", default=str(HERE / "results"))
+    ap.add_argument("--timeout", type=int, default=300)
+    a = ap.parse_args()
+    env = environment()
+    peak = measure_matmul_tflops() if env["gpu"] != "cpu" else float("nan")
+    rows = []
+    for case in SUITES[a.suite]:
+        r = run_case(case, a.timeout)
+        if "tokens_per_s" in r:
+            achieved = r["tokens_per_s"] * flops_per_token(r["model"], r["seq"]) / 1e12
+            r["mfu"] = achieved / DATASHEET_TFLOPS
+            r["bound"] = achieved / peak
+        rows.append(r)
+        print(json.dumps({k: v for k, v in r.items() if k != "losses"}), flush=True)
+    # ratio to the best peer (same model) that ran here or is in ANCHORS.md
+    for r in rows:
+        peers = [
+            p["tokens_per_s"]
+            for p in rows
+            if p["variant"] != "snuggle" and p["model"] == r["model"] and "tokens_per_s" in p
+        ]
+        peers += [v[0] for k, v in ANCHORS.items() if k[1] == r["model"]]
+        if "tokens_per_s" in r and peers:
+            r["vs_best_peer"] = r["tokens_per_s"] / max(peers)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"{a.suite}-{env['gpu'].replace(' ', '_')}-{env['commit']}"
+    header = [
+        "case",
+        "tokens/s",
+        "step s",
+        "peak GiB",
+        "MFU",
+        "of bound",
+        "vs best peer",
+        "loss first",
+        "loss last",
+    ]
+    lines = [
+        f"# snuggle benchmark `{a.suite}`",
+        "",
+        "environment: " + ", ".join(f"{k} {v}" for k, v in env.items()),
+        f"measured bf16 matmul: {peak:.0f} TFLOP/s",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {label(r)} | {r['error']} |" + " |" * (len(header) - 2))
+            continue
+        lines.append(
+            f"| {label(r)} | {r['tokens_per_s']:,.0f} | {r['step_s']:.3f} | {r['peak_gib']:.1f} | "
+            f"{r['mfu']:.1%} | {r['bound']:.1%} | {r.get('vs_best_peer', float('nan')):.2f} | "
+            f"{r['loss_first']:.4f} | {r['loss_last']:.4f} |"
+        )
+    lines += [
+        "",
+        "Peers not run here, from shared/ANCHORS.md (same setup, one H100): "
+        + "; ".join(
+            f"{k[0]} {k[1]} ckpt {k[2]}: {v[0]:,} tokens/s at {v[1]} GiB" for k, v in ANCHORS.items()
+        ),
+    ]
+    table = "\n".join(lines) + "\n"
+    (out / f"{stem}.md").write_text(table)
+    with open(out / f"{stem}.jsonl", "w") as fh:
+        for r in rows:
+            fh.write(json.dumps({**r, **env}) + "\n")
+    with open(out / f"{stem}.csv", "w", newline="") as fh:
+        keys = [
+            "variant",
+            "model",
+            "batch",
+            "seq",
+            "ckpt",
+            "cap_gib",
+            "tokens_per_s",
+            "step_s",
+            "peak_gib",
+            "mfu",
+            "bound",
+            "vs_best_peer",
+            "loss_first",
+            "loss_last",
+            "error",
+        ]
+        w = csv.DictWriter(fh, fieldnames=keys + list(env), extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({**r, **env})
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
