@@ -32,6 +32,9 @@ def _cmd_eval(a: argparse.Namespace) -> int:
     from snuggle.train.evaluate import evaluate
     from snuggle.train.setup import default_cache_dir
 
+    if a.max_rows is not None and a.max_rows < 1:
+        # zero rows would report loss 0 / perplexity 1 over 0 tokens, a result rather than an error
+        raise SnuggleError(f"--max-rows must be >= 1, got {a.max_rows}")
     files = resolve_files(a.data)  # before the model: bad paths fail fast
     model, tok = load_with_adapter(a.model, a.adapter, dtype=a.dtype, device=a.device)
     if a.seq_len > model.args.max_position_embeddings:
@@ -81,9 +84,18 @@ def _cmd_generate(a: argparse.Namespace) -> int:
     from snuggle.generate import generate
     from snuggle.run_dir import load_with_adapter
 
+    if not 0.0 < a.top_p <= 1.0:
+        # top-p 0 keeps no token at all, and multinomial would fail on the all-zero distribution
+        raise SnuggleError(f"--top-p must be in (0, 1], got {a.top_p}")
     model, tok = load_with_adapter(a.model, a.adapter, dtype=a.dtype, device=a.device)
     device = model.lm_head.weight.device
     ids = tok(a.prompt, return_tensors="pt")["input_ids"].to(device)
+    if ids.shape[1] == 0:
+        # an empty prompt (or one the tokenizer drops entirely) gives no position to continue from:
+        # start from BOS as HF generate does, or say so instead of failing inside the model
+        if tok.bos_token_id is None:
+            raise SnuggleError("--prompt encodes to no tokens and the tokenizer has no BOS token either")
+        ids = torch.tensor([[tok.bos_token_id]], device=device)
     eos = tok.eos_token_id
     gen = torch.Generator(device=device).manual_seed(a.seed)
     out: list[int] = []

@@ -8,6 +8,7 @@ Every key is documented in docs/config.md.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -78,7 +79,9 @@ class TrainConfig:
     output_dir: str = "runs/snuggle"
     seed: int = 3407
     resume: bool = False
-    gradient_checkpointing: bool = False  # recompute every block in backward (less memory, ~30% slower)
+    gradient_checkpointing: bool = False  # recompute blocks in backward (less memory, ~30% slower)
+    checkpoint_layers: int | None = None  # with gradient_checkpointing: how many blocks (None: all)
+    offload_activations: bool = False  # checkpointed blocks keep their inputs in pinned CPU memory
     progress: bool = True  # progress bar on stderr
 
 
@@ -112,15 +115,36 @@ class RunConfig:
             raise SnuggleError(f"data.val_fraction must be in [0, 1), got {self.data.val_fraction}")
         if t.lr <= 0 or (t.embedding_lr is not None and t.embedding_lr <= 0):
             raise SnuggleError("train.lr and train.embedding_lr must be > 0")
-        if len(t.betas) != 2:
-            raise SnuggleError("train.betas must be a list of two numbers")
-        if self.lora is not None and self.lora.enabled and self.lora.r < 1:
-            raise SnuggleError(f"lora.r must be >= 1, got {self.lora.r}")
+        # the checks below catch values that torch would reject with a traceback (dropout, betas) or,
+        # worse, accept silently: negative decay/clip norm/min lr turn descent into ascent, eval_rows=0
+        # reports an eval loss of 0, alpha=0 makes the adapter a constant no-op
+        if len(t.betas) != 2 or not all(0.0 <= b < 1.0 for b in t.betas):
+            raise SnuggleError(f"train.betas must be a list of two numbers in [0, 1), got {t.betas}")
+        if t.weight_decay < 0:
+            raise SnuggleError(f"train.weight_decay must be >= 0, got {t.weight_decay}")
+        if not 0.0 <= t.min_lr_ratio <= 1.0:
+            raise SnuggleError(f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
+        if t.max_grad_norm is not None and t.max_grad_norm < 0:
+            raise SnuggleError(f"train.max_grad_norm must be >= 0 (null disables), got {t.max_grad_norm}")
+        if t.eval_rows is not None and t.eval_rows < 1:
+            raise SnuggleError(f"train.eval_rows must be >= 1 (or null for all), got {t.eval_rows}")
+        if self.lora is not None and self.lora.enabled:
+            if self.lora.r < 1:
+                raise SnuggleError(f"lora.r must be >= 1, got {self.lora.r}")
+            if self.lora.alpha <= 0:
+                raise SnuggleError(f"lora.alpha must be > 0, got {self.lora.alpha}")
+            if not 0.0 <= self.lora.dropout < 1.0:
+                raise SnuggleError(f"lora.dropout must be in [0, 1), got {self.lora.dropout}")
         return self
 
     @property
     def use_lora(self) -> bool:
         return self.lora is not None and self.lora.enabled
+
+
+# PyYAML implements YAML 1.1, whose float pattern needs a dot and a signed exponent: `lr: 1e-4` and
+# `train.lr=1e-4` arrive as the *string* '1e-4'. Float fields accept that spelling (see _type_ok).
+_SCI_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def _type_ok(value: Any, tp: Any) -> tuple[bool, Any]:
@@ -151,6 +175,8 @@ def _type_ok(value: Any, tp: Any) -> tuple[bool, Any]:
         return True, out
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, float(value)
+        if isinstance(value, str) and _SCI_FLOAT.fullmatch(value.strip()):
             return True, float(value)
         return False, value
     if tp is int:

@@ -17,6 +17,7 @@ import yaml
 from snuggle.config import RunConfig, to_dict
 from snuggle.data import BatchPlan, collate, iterate_eval
 from snuggle.lora import trainable_state
+from snuggle.model.checkpointing import configure_checkpointing
 from snuggle.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from snuggle.train.evaluate import evaluate, to_device
 from snuggle.train.metrics import MetricsLog, ProgressBar, peak_memory_gib, plot_losses
@@ -37,7 +38,7 @@ def train(cfg: RunConfig) -> dict:
     data = build_data(cfg.data, tokenizer, t.seed, model.args.max_position_embeddings)
     plan = BatchPlan(data.train_idx, batch_size=t.batch_size, grad_accum=t.grad_accum, seed=t.seed)
     if t.gradient_checkpointing:
-        model.checkpoint_layers = set(range(model.args.num_layers))
+        configure_checkpointing(model, t.checkpoint_layers, t.offload_activations)
     trainables = trainable_state(model)
     opt = build_optimizer(model, t)
     sched = build_scheduler(opt, t)
@@ -47,6 +48,10 @@ def train(cfg: RunConfig) -> dict:
     if ckpt is not None:
         start = load_checkpoint(ckpt, model, opt, sched)["step"]
     out.mkdir(parents=True, exist_ok=True)
+    if ckpt is None:
+        # a fresh start (also resume=true on a run that died before its first checkpoint) must not
+        # append its curve to the rows of the earlier attempt, which would give every step twice
+        (out / "metrics.jsonl").unlink(missing_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     log = MetricsLog(out / "metrics.jsonl", resume_step=start if ckpt is not None else None)
     bar = ProgressBar(t.steps, start, t.progress)

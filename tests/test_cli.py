@@ -1,0 +1,457 @@
+"""`snuggle train | eval | export | generate`: one-line errors with exit status 2, and what each verb writes.
+
+Most cases call `snuggle.cli.main` in-process (a subprocess pays ~3 s of imports each); a few run
+`python -m snuggle` for real to cover the entry point, the exit status and the absence of tracebacks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+import snuggle.data.sources as sources_mod
+from conftest import build_tiny_hf_model
+from snuggle.cli import main
+from snuggle.config import load_config
+from snuggle.data import PackedRows, iterate_eval, resolve_files, tokenize_corpus
+from snuggle.generate import generate
+from snuggle.load import load
+from snuggle.run_dir import load_run
+from snuggle.train.evaluate import evaluate
+from snuggle.train.loop import train
+from snuggle.train.setup import build_data
+
+pytestmark = [
+    pytest.mark.usefixtures("single_thread"),
+    pytest.mark.filterwarnings("ignore::FutureWarning"),  # transformers deprecations raised inside peft
+]
+ATOL = 1e-4
+SEQ_LEN = 16
+WORDS = "the a cat dog bird fish sees eats red big small old".split()
+
+
+def corpus_docs(n: int, seed: int = 0) -> list[str]:
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(WORDS, size=int(rng.integers(3, 25)))) + "." for _ in range(n)]
+
+
+def write_jsonl(path: Path, docs: list[str]) -> Path:
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    return path
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+
+def snuggle_subprocess(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "snuggle", *args], capture_output=True, text=True, env=env(), timeout=120
+    )
+
+
+def assert_one_error_line(rc: int, out: str, err: str, *fragments: str) -> str:
+    """Exit status 2, a single `snuggle: error:` line on stderr naming the problem, and no traceback."""
+    assert rc == 2, (rc, out, err)
+    assert "Traceback" not in out + err
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("snuggle: error: "), err
+    for f in fragments:
+        assert f in lines[0], (f, lines[0])
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    """A tiny base model, a corpus, a LoRA CPT run (trained embeddings) and a full fine-tuning run."""
+    root = tmp_path_factory.mktemp("cli")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # see conftest.single_thread; a module fixture cannot use that fixture
+    try:
+        model_dir = root / "base"
+        build_tiny_hf_model("llama", False, model_dir)
+        corpus = write_jsonl(root / "corpus.jsonl", corpus_docs(50))
+        common = [
+            f"model.path={model_dir}",
+            f"data.train={corpus}",
+            f"data.cache_dir={root / 'cache'}",
+            f"data.seq_len={SEQ_LEN}",
+            "data.val_fraction=0.2",
+            "train.batch_size=2",
+            "train.lr=0.01",
+            "train.progress=false",
+        ]
+        lora_run, full_run = root / "lora-run", root / "full-run"
+        train(
+            load_config(
+                None,
+                [
+                    *common,
+                    f"train.output_dir={lora_run}",
+                    "train.steps=4",
+                    "lora.r=4",
+                    "lora.alpha=8",
+                    "lora.train_embeddings=true",
+                ],
+            )
+        )
+        train(load_config(None, [*common, f"train.output_dir={full_run}", "train.steps=2", "lora=null"]))
+    finally:
+        torch.set_num_threads(threads)
+    return {"root": root, "model": model_dir, "corpus": corpus, "lora": lora_run, "full": full_run}
+
+
+@pytest.fixture(autouse=True)
+def isolated_env(tmp_path, monkeypatch):
+    # `snuggle eval` caches tokens under $SNUGGLE_CACHE: keep it out of the home directory. main() sets
+    # HF_HUB_OFFLINE in os.environ; setting it here first means monkeypatch restores it afterwards.
+    monkeypatch.setenv("SNUGGLE_CACHE", str(tmp_path / "eval-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+# --- train: bad input -----------------------------------------------------------------------------
+
+
+def write_config(tmp_path: Path, runs: dict[str, Path], **sections) -> Path:
+    tree = {
+        "model": {"path": str(runs["model"])},
+        "lora": {"r": 4},
+        "data": {"train": str(runs["corpus"]), "seq_len": SEQ_LEN, "cache_dir": str(tmp_path / "cache")},
+        "train": {"steps": 1, "output_dir": str(tmp_path / "out"), "progress": False},
+    }
+    for section, values in sections.items():
+        tree[section].update(values)
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+def bad_model_type_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "gpt2-model"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    return d
+
+
+# each case: (config sections or overrides built from tmp_path, message fragments)
+BAD_TRAIN_INPUTS = {
+    "missing-model": (lambda t: {"model": {"path": str(t / "nope")}}, ["model path not found", "nope"]),
+    "not-gguf": (
+        lambda t: {"model": {"path": str(t / "weights.bin")}},
+        ["unsupported model file", "weights.bin", ".gguf"],
+    ),
+    "unsupported-model-type": (
+        lambda t: {"model": {"path": str(bad_model_type_dir(t))}},
+        ["unsupported architecture", "gpt2"],
+    ),
+    "corpus-missing": (
+        lambda t: {"data": {"train": str(t / "none.jsonl")}},
+        ["does not exist", "none.jsonl"],
+    ),
+    "empty-corpus": (
+        lambda t: {"data": {"train": str(t / "empty.jsonl")}},
+        ["corpus is empty", "empty.jsonl"],
+    ),
+    "invalid-utf8": (lambda t: {"data": {"train": str(t / "latin1.txt")}}, ["latin1.txt", "invalid UTF-8"]),
+    "malformed-jsonl": (
+        lambda t: {"data": {"train": str(t / "broken.jsonl")}},
+        ["broken.jsonl:3: malformed JSON"],
+    ),
+    "missing-text-field": (
+        lambda t: {"data": {"train": str(t / "fields.jsonl")}},
+        ["fields.jsonl:1: missing field 'text'", "body"],
+    ),
+    "unknown-key": (lambda t: {"train": {"stepz": 3}}, ["unknown config key 'train.stepz'"]),
+    "wrong-type": (
+        lambda t: {"train": {"steps": "many"}},
+        ["config key 'train.steps' must be int", "'many'"],
+    ),
+    "seq-len-too-long": (lambda t: {"data": {"seq_len": 512}}, ["data.seq_len 512", "limit of 256"]),
+    "bad-lora-target": (lambda t: {"lora": {"targets": ["qkv"]}}, ["unknown LoRA target", "qkv"]),
+}
+
+
+@pytest.fixture
+def bad_files(tmp_path) -> Path:
+    (tmp_path / "weights.bin").write_bytes(b"\0" * 16)
+    (tmp_path / "empty.jsonl").write_text('\n{"text": "   "}\n\n')
+    (tmp_path / "latin1.txt").write_bytes("the cat caf\u00e9 dog".encode("latin-1"))
+    (tmp_path / "broken.jsonl").write_text('{"text": "the cat"}\n\n{"text": "the dog"\n')
+    (tmp_path / "fields.jsonl").write_text('{"body": "the cat"}\n')
+    return tmp_path
+
+
+@pytest.mark.parametrize("case", list(BAD_TRAIN_INPUTS))
+def test_train_bad_input_is_one_line_and_writes_nothing(runs, bad_files, capfd, case):
+    sections, fragments = BAD_TRAIN_INPUTS[case]
+    config = write_config(bad_files, runs, **sections(bad_files))
+    rc = main(["train", str(config)])
+    out, err = capfd.readouterr()
+    assert_one_error_line(rc, out, err, *fragments)
+    assert not (bad_files / "out").exists()
+
+
+def test_train_unreadable_corpus(runs, tmp_path, capfd, monkeypatch):
+    # root reads mode-000 files, so the permission error is injected at the open() the reader uses
+    corpus = write_jsonl(tmp_path / "secret.jsonl", ["the cat"])
+    real_open = open
+
+    def deny(path, *args, **kwargs):
+        if Path(path) == corpus.resolve():
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(sources_mod, "open", deny, raising=False)
+    rc = main(["train", str(write_config(tmp_path, runs, data={"train": str(corpus)}))])
+    out, err = capfd.readouterr()
+    assert_one_error_line(rc, out, err, "secret.jsonl", "cannot read training file: Permission denied")
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_invalid_yaml_and_bad_overrides(runs, tmp_path, capfd):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  path: [unclosed\n")
+    rc = main(["train", str(bad)])
+    assert_one_error_line(rc, *capfd.readouterr(), "bad.yaml", "invalid YAML")
+
+    config = write_config(tmp_path, runs)
+    rc = main(["train", str(config), "train.steps"])
+    assert_one_error_line(rc, *capfd.readouterr(), "must look like section.key=value")
+    rc = main(["train", str(config), "train.lr=fast"])
+    assert_one_error_line(rc, *capfd.readouterr(), "config key 'train.lr' must be float")
+    rc = main(["train", str(tmp_path / "missing.yaml")])
+    assert_one_error_line(rc, *capfd.readouterr(), "cannot read config", "missing.yaml")
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_refuses_an_output_dir_holding_a_run(runs, tmp_path, capfd):
+    config = write_config(tmp_path, runs, train={"output_dir": str(runs["lora"])})
+    before = {p: p.stat().st_mtime_ns for p in runs["lora"].rglob("*")}
+    rc = main(["train", str(config)])
+    assert_one_error_line(
+        rc, *capfd.readouterr(), str(runs["lora"]), "holds another run", "train.resume=true"
+    )
+    assert {p: p.stat().st_mtime_ns for p in runs["lora"].rglob("*")} == before
+
+
+def test_train_error_through_the_real_entry_point(runs, tmp_path):
+    config = write_config(tmp_path, runs, model={"path": str(bad_model_type_dir(tmp_path))})
+    p = snuggle_subprocess("train", str(config), f"train.output_dir={tmp_path / 'sub-out'}")
+    assert_one_error_line(p.returncode, p.stdout, p.stderr, "gpt2")
+    assert not (tmp_path / "sub-out").exists()
+
+
+def test_train_prints_a_json_summary(runs, tmp_path, capfd):
+    config = write_config(tmp_path, runs, train={"steps": 2})
+    assert main(["train", str(config)]) == 0
+    out, err = capfd.readouterr()
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["steps"] == 2 and summary["output_dir"] == str(tmp_path / "out")
+    assert all(math.isfinite(summary[k]) for k in ("final_loss", "eval_loss_before", "eval_loss"))
+    assert "Traceback" not in err and (tmp_path / "out" / "latest").is_file()
+
+
+# --- eval -----------------------------------------------------------------------------------------
+
+
+def eval_json(capfd, *args: str) -> dict:
+    assert main(["eval", *args]) == 0
+    out, err = capfd.readouterr()
+    lines = out.strip().splitlines()
+    assert len(lines) == 1, out
+    return json.loads(lines[0])
+
+
+def rows_of(corpus: Path, tok, cache: Path) -> PackedRows:
+    return PackedRows(tokenize_corpus(resolve_files(str(corpus)), tok, cache_dir=cache), SEQ_LEN)
+
+
+def test_eval_base_and_adapter(runs, tmp_path, capfd):
+    args = ["--model", str(runs["model"]), "--data", str(runs["corpus"]), "--seq-len", str(SEQ_LEN)]
+    base = eval_json(capfd, *args)
+    assert set(base) == {"loss", "perplexity", "tokens"}
+    assert base["perplexity"] == pytest.approx(np.exp(base["loss"]), rel=1e-12)
+
+    # the base model's loss over every row of the corpus, computed here from the pieces
+    model, tok = load(runs["model"], device="cpu")
+    rows = rows_of(runs["corpus"], tok, tmp_path / "c")
+    assert base["tokens"] == sum(int((rows[i]["labels"] != -100).sum()) for i in range(len(rows)))
+    ref = evaluate(model, iterate_eval(rows, np.arange(len(rows)), 4), torch.device("cpu"))
+    assert base["loss"] == pytest.approx(ref["loss"], abs=1e-6)
+
+    tuned = eval_json(capfd, *args, "--adapter", str(runs["lora"]), "--batch-size", "3")
+    assert tuned["tokens"] == base["tokens"]
+    assert tuned["loss"] < base["loss"] - 0.1  # trained on this very corpus
+
+    # the trained model the trainer evaluated: its final eval_loss over the held-out rows ...
+    trained, tok, cfg = load_run(runs["lora"])
+    data = build_data(cfg.data, tok, cfg.train.seed, trained.args.max_position_embeddings)
+    final = json.loads((runs["lora"] / "metrics.jsonl").read_text().splitlines()[-1])
+    held_out = evaluate(trained, iterate_eval(data.rows, data.val_idx, 1), torch.device("cpu"))
+    assert (final["step"], final["eval_tokens"]) == (4, held_out["tokens"])
+    # fp32 sums batched differently (1 row here, batch_size 2 in the trainer): equal to ~1e-7
+    assert final["eval_loss"] == pytest.approx(held_out["loss"], abs=1e-6)
+    # ... and the same evaluation over every row is what `snuggle eval --adapter` printed
+    everything = evaluate(trained, iterate_eval(data.rows, np.arange(len(data.rows)), 2), torch.device("cpu"))
+    assert tuned["loss"] == pytest.approx(everything["loss"], abs=1e-6)
+
+    capped = eval_json(capfd, *args, "--max-rows", "3")
+    assert capped["tokens"] == sum(int((rows[i]["labels"] != -100).sum()) for i in range(3))
+
+
+def test_eval_bad_input(runs, tmp_path, capfd):
+    model, corpus = str(runs["model"]), str(runs["corpus"])
+    cases = [
+        (["--model", model, "--data", corpus, "--seq-len", "300"], ["--seq-len 300", "limit of 256"]),
+        (["--model", model, "--data", str(tmp_path / "no.txt")], ["does not exist", "no.txt"]),
+        (["--model", str(tmp_path / "none"), "--data", corpus], ["model path not found"]),
+        (["--model", model, "--data", corpus, "--max-rows", "0"], ["--max-rows must be >= 1"]),
+        (["--model", model, "--data", corpus, "--adapter", str(tmp_path)], ["not a run directory", "PEFT"]),
+    ]
+    for args, fragments in cases:
+        assert_one_error_line(main(["eval", *args]), *capfd.readouterr(), *fragments)
+
+
+# --- export ---------------------------------------------------------------------------------------
+
+
+def logits_of(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(ids)
+    return (out.logits if hasattr(out, "logits") else out).float()
+
+
+IDS = torch.randint(4, 97, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("run", ["lora", "full"])
+def test_export_hf_loads_in_transformers(runs, tmp_path, capfd, run):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "hf"
+    assert main(["export", str(runs[run]), "--format", "hf", "--out", str(out)]) == 0
+    assert json.loads(capfd.readouterr().out) == {"format": "hf", "out": str(out)}
+    assert not list(tmp_path.glob(".*tmp*"))  # written beside and renamed into place
+    hf = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    ours, tok, _ = load_run(runs[run])
+    torch.testing.assert_close(logits_of(hf, IDS), logits_of(ours, IDS), rtol=0, atol=ATOL)
+    # and it is not simply the base model
+    base = AutoModelForCausalLM.from_pretrained(str(runs["model"]), dtype=torch.float32).eval()
+    assert (logits_of(hf, IDS) - logits_of(base, IDS)).abs().max() > 1e-2
+    assert AutoTokenizer.from_pretrained(str(out))("the cat")["input_ids"] == tok("the cat")["input_ids"]
+
+
+def test_export_peft_loads_in_peft(runs, tmp_path, capfd):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "adapter"
+    assert main(["export", str(runs["lora"]), "--format", "peft", "--out", str(out)]) == 0
+    capfd.readouterr()
+    base = AutoModelForCausalLM.from_pretrained(str(runs["model"]), dtype=torch.float32).eval()
+    base_logits = logits_of(base, IDS)
+    peft_model = PeftModel.from_pretrained(base, str(out)).eval()
+    ours, _, _ = load_run(runs["lora"])
+    torch.testing.assert_close(logits_of(peft_model, IDS), logits_of(ours, IDS), rtol=0, atol=ATOL)
+    assert (logits_of(peft_model, IDS) - base_logits).abs().max() > 1e-2
+
+    # snuggle reads its own PEFT export back: eval through it equals eval through the run directory
+    args = ["--model", str(runs["model"]), "--data", str(runs["corpus"]), "--seq-len", str(SEQ_LEN)]
+    via_adapter = eval_json(capfd, *args, "--adapter", str(out))
+    via_run = eval_json(capfd, *args, "--adapter", str(runs["lora"]))
+    assert via_adapter["loss"] == pytest.approx(via_run["loss"], abs=1e-6)
+
+
+def test_export_refusals(runs, tmp_path, capfd):
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "keep.txt").write_text("mine")
+    rc = main(["export", str(runs["lora"]), "--format", "hf", "--out", str(taken)])
+    assert_one_error_line(rc, *capfd.readouterr(), str(taken), "exists and is not empty")
+    assert [p.name for p in taken.iterdir()] == ["keep.txt"] and (taken / "keep.txt").read_text() == "mine"
+
+    out = tmp_path / "peft-of-full"
+    rc = main(["export", str(runs["full"]), "--format", "peft", "--out", str(out)])
+    assert_one_error_line(rc, *capfd.readouterr(), "--format peft needs a LoRA run", "--format hf")
+    assert not out.exists() and not list(tmp_path.glob(".*"))  # no half-written export either
+
+    rc = main(["export", str(tmp_path), "--out", str(tmp_path / "x")])
+    assert_one_error_line(rc, *capfd.readouterr(), "not a snuggle run directory")
+
+
+# --- generate -------------------------------------------------------------------------------------
+
+
+def expected_text(model, tok, prompt: str, n: int) -> str:
+    ids = tok(prompt, return_tensors="pt")["input_ids"]
+    return tok.decode(generate(model, ids, n, eos_token_ids={tok.eos_token_id}), skip_special_tokens=True)
+
+
+def test_generate_through_the_real_entry_point(runs):
+    p = snuggle_subprocess(
+        "generate", "--model", str(runs["model"]), "--prompt", "the cat", "--max-new-tokens", "5"
+    )
+    assert p.returncode == 0, p.stderr
+    assert "Traceback" not in p.stderr
+    model, tok = load(runs["model"], device="cpu")
+    assert p.stdout == "the cat" + expected_text(model, tok, "the cat", 5) + "\n"
+
+
+def test_generate_with_adapter(runs, capfd):
+    prompt = "the dog sees"
+    args = ["generate", "--model", str(runs["model"]), "--prompt", prompt, "--max-new-tokens", "5"]
+    assert main([*args, "--adapter", str(runs["lora"])]) == 0
+    out, err = capfd.readouterr()
+    model, tok, _ = load_run(runs["lora"])
+    continuation = expected_text(model, tok, prompt, 5)
+    assert continuation.strip() and out == prompt + continuation + "\n"
+
+    assert main([*args, "--adapter", str(runs["lora"]), "--no-echo"]) == 0
+    assert capfd.readouterr().out == continuation + "\n"
+
+    # sampling is seeded: the same seed prints the same text
+    sample = [*args, "--temperature", "1.0", "--top-p", "0.9", "--seed", "3"]
+    assert main(sample) == 0 and main(sample) == 0
+    first, second = capfd.readouterr().out.splitlines()
+    assert first == second and first.startswith(prompt)
+
+
+def test_generate_edge_inputs(runs, capfd):
+    model = str(runs["model"])
+    # a prompt that encodes to nothing starts from BOS instead of failing inside the model
+    assert main(["generate", "--model", model, "--prompt", "", "--max-new-tokens", "3"]) == 0
+    out, err = capfd.readouterr()
+    assert out.endswith("\n") and "Traceback" not in err
+    rc = main(["generate", "--model", model, "--prompt", "the", "--temperature", "1", "--top-p", "0"])
+    assert_one_error_line(rc, *capfd.readouterr(), "--top-p must be in (0, 1]")
+    rc = main(["generate", "--model", str(runs["root"] / "nope"), "--prompt", "the"])
+    assert_one_error_line(rc, *capfd.readouterr(), "model path not found")
+
+
+# --- help -----------------------------------------------------------------------------------------
+
+
+def test_help_through_the_real_entry_point():
+    p = snuggle_subprocess("--help")
+    assert p.returncode == 0 and p.stderr == ""
+    for verb in ("train", "eval", "export", "generate"):
+        assert verb in p.stdout
+
+
+@pytest.mark.parametrize("verb", ["train", "eval", "export", "generate"])
+def test_verb_help(verb, capsys):
+    with pytest.raises(SystemExit) as ei:
+        main([verb, "--help"])
+    assert ei.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: snuggle {verb}")
