@@ -311,12 +311,19 @@ def test_eval_base_and_adapter(runs, tmp_path, capfd):
 
 def test_eval_bad_input(runs, tmp_path, capfd):
     model, corpus = str(runs["model"]), str(runs["corpus"])
+    other = build_tiny_hf_model("llama", False, tmp_path / "other")
+    capfd.readouterr()  # drop what building the other model printed
     cases = [
         (["--model", model, "--data", corpus, "--seq-len", "300"], ["--seq-len 300", "limit of 256"]),
         (["--model", model, "--data", str(tmp_path / "no.txt")], ["does not exist", "no.txt"]),
         (["--model", str(tmp_path / "none"), "--data", corpus], ["model path not found"]),
         (["--model", model, "--data", corpus, "--max-rows", "0"], ["--max-rows must be >= 1"]),
         (["--model", model, "--data", corpus, "--adapter", str(tmp_path)], ["not a run directory", "PEFT"]),
+        # a run's adapter on another base model is refused, not silently swapped for the run's base
+        (
+            ["--model", str(other), "--data", corpus, "--adapter", str(runs["lora"])],
+            ["was trained on", "not on"],
+        ),
     ]
     for args, fragments in cases:
         assert_one_error_line(main(["eval", *args]), *capfd.readouterr(), *fragments)
@@ -455,3 +462,15 @@ def test_verb_help(verb, capsys):
     assert ei.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith(f"usage: snuggle {verb}")
+
+
+def test_cuda_device_without_gpu_is_one_line(tiny_hf_model, tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    path, _ = tiny_hf_model("llama", True, tmp_path)
+    capsys.readouterr()
+    rc = main(["generate", "--model", str(path), "--prompt", "hi", "--device", "cuda"])
+    err = capsys.readouterr().err
+    assert (
+        rc == 2 and err.startswith("snuggle: error:") and "CUDA" in err and len(err.strip().splitlines()) == 1
+    )

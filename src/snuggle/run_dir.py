@@ -43,7 +43,10 @@ def load_with_adapter(model_path: str, adapter: str | None, dtype=None, device=N
         return load(model_path, dtype=dtype, device=device)
     a = Path(adapter)
     if is_run_dir(a):
-        model, tokenizer, _ = load_run(a, device=device)
+        model, tokenizer, cfg = load_run(a, device=device)
+        if Path(cfg.model.path).resolve() != Path(model_path).resolve():
+            # a run's adapter only means something on the base it was trained on
+            raise SnuggleError(f"run {a} was trained on {cfg.model.path}, not on --model {model_path}")
         return model, tokenizer
     if (a / "adapter_config.json").is_file():
         from snuggle.io.peft_format import load_peft_adapter
