@@ -311,7 +311,8 @@ def test_eval_base_and_adapter(runs, tmp_path, capfd):
 
 def test_eval_bad_input(runs, tmp_path, capfd):
     model, corpus = str(runs["model"]), str(runs["corpus"])
-    other = build_tiny_hf_model("llama", False, tmp_path / "other")
+    other = tmp_path / "other"
+    build_tiny_hf_model("llama", False, other)
     capfd.readouterr()  # drop what building the other model printed
     cases = [
         (["--model", model, "--data", corpus, "--seq-len", "300"], ["--seq-len 300", "limit of 256"]),
