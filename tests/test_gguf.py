@@ -504,3 +504,20 @@ def test_tokenizer_errors_are_wrapped(tmp_path: Path) -> None:
     _write_gguf(path, _tiny("llama"), "llama")
     with pytest.raises(SnuggleError, match="cannot build a tokenizer"):
         load_gguf_tokenizer(path)
+
+
+def test_tokenizer_comes_from_the_file_even_beside_a_tokenizer_json(smollm: Path, tmp_path: Path) -> None:
+    """transformers prefers a tokenizer.json in the same folder; ours must read the GGUF's own vocabulary."""
+    src = smollm
+    d = tmp_path / "mixed"
+    d.mkdir()
+    (d / src.name).symlink_to(src)
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    decoy = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel({"<unk>": 0, "x": 1}, unk_token="<unk>"))
+    )
+    decoy.save_pretrained(str(d))
+    tok = load_gguf_tokenizer(d / src.name)
+    assert len(tok) >= 49152 and tok.eos_token_id == 2

@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 import os
 import re
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -109,11 +111,21 @@ def load_gguf_tokenizer(path: str | os.PathLike[str]) -> PreTrainedTokenizerBase
     _check_magic(p)
     from transformers import AutoTokenizer
 
-    try:
-        # local_files_only: the tokenizer comes entirely from the file's metadata, never from the hub.
-        return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name, local_files_only=True)
-    except Exception as e:  # transformers raises a zoo of types for bad or unsupported tokenizer metadata
-        raise SnuggleError(f"{p}: cannot build a tokenizer from the GGUF metadata ({_brief(e)})") from None
+    # transformers prefers a tokenizer.json beside the file over the GGUF's own metadata, so the file is
+    # shown to it alone, through a link in an empty directory.
+    with tempfile.TemporaryDirectory(prefix="snuggle-gguf-") as tmp:
+        link = Path(tmp) / p.name
+        try:
+            link.symlink_to(p.resolve())
+        except OSError:
+            shutil.copyfile(p, link)  # filesystems without symlinks
+        try:
+            # local_files_only: the tokenizer comes entirely from the file's metadata, never from the hub.
+            return AutoTokenizer.from_pretrained(tmp, gguf_file=p.name, local_files_only=True)
+        except Exception as e:  # transformers raises a zoo of types for bad or unsupported tokenizer metadata
+            raise SnuggleError(
+                f"{p}: cannot build a tokenizer from the GGUF metadata ({_brief(e)})"
+            ) from None
 
 
 # --- reading ----------------------------------------------------------------------------------------------
