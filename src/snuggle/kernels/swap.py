@@ -1,0 +1,56 @@
+"""Plug the fast paths into a `Decoder` in place, through its swap points, keeping every parameter as is.
+
+Modules are replaced by subclasses built around the very same Parameter objects (`from_module`), so
+parameter names, state dicts, optimizer parameter lists and isinstance checks (LoRA merge, PEFT export)
+are unchanged. Functions are swapped only where the model still holds the reference, so a second call,
+or a swap point someone else already customised, is left alone.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from snuggle.kernels import triton_available
+
+__all__ = ["apply_fast_path"]
+
+
+def apply_fast_path(model: nn.Module) -> list[str]:
+    """Swap Triton kernels into `model` (a `snuggle.model.decoder.Decoder`); returns what was swapped.
+
+    RMSNorm modules (the Qwen3 q_norm/k_norm included) become FastRMSNorm, LoRALinear modules without
+    dropout become FastLoRALinear, each Attention.rope_fn and MLP.act_fn the fused kernels, and
+    `model.loss_fn` the fused linear cross-entropy. Without triton (or without CUDA and TRITON_INTERPRET=1)
+    nothing changes and the list is empty.
+    """
+    if not triton_available():
+        return []
+    # imported here: these modules import triton, which `snuggle.kernels` itself must not need
+    from snuggle.kernels.linear_ce import fused_linear_cross_entropy
+    from snuggle.kernels.lora import FastLoRALinear
+    from snuggle.kernels.reference import LoRALinear, RMSNorm, cross_entropy_sum, rope_qk, swiglu
+    from snuggle.kernels.rmsnorm import FastRMSNorm
+    from snuggle.kernels.rope import fast_rope_qk
+    from snuggle.kernels.swiglu import fast_swiglu
+    from snuggle.model.decoder import MLP, Attention
+
+    swapped: list[str] = []
+    for prefix, parent in list(model.named_modules()):
+        for name, child in list(parent.named_children()):
+            path = f"{prefix}.{name}" if prefix else name
+            if type(child) is RMSNorm:
+                setattr(parent, name, FastRMSNorm.from_module(child))
+                swapped.append(path)
+            elif type(child) is LoRALinear and isinstance(child.dropout, nn.Identity):
+                setattr(parent, name, FastLoRALinear.from_module(child))
+                swapped.append(path)
+        if isinstance(parent, Attention) and parent.rope_fn is rope_qk:
+            parent.rope_fn = fast_rope_qk
+            swapped.append(f"{prefix}.rope_fn")
+        if isinstance(parent, MLP) and parent.act_fn is swiglu:
+            parent.act_fn = fast_swiglu
+            swapped.append(f"{prefix}.act_fn")
+    if getattr(model, "loss_fn", None) is cross_entropy_sum:
+        model.loss_fn = fused_linear_cross_entropy
+        swapped.append("loss_fn")
+    return swapped
