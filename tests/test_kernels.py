@@ -76,12 +76,19 @@ else:
 @pytest.fixture
 def _kernel_env(monkeypatch):
     if CUDA:
-        # fp32 means fp32: TF32 matmuls would differ between chunked and unchunked paths by ~1e-3
-        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    else:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-        if HAS_TRITON:
-            _round_bf16_to_nearest(monkeypatch)
+        # fp32 means fp32: TF32 matmuls would differ between chunked and unchunked paths by ~1e-3.
+        # Set and restore by hand: torch exposes allow_tf32 through __getattr__, which monkeypatch
+        # cannot undo (it tries delattr).
+        before = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        try:
+            yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = before
+        return
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    if HAS_TRITON:
+        _round_bf16_to_nearest(monkeypatch)
     yield
 
 
