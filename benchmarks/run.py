@@ -43,9 +43,11 @@ SUITES: dict[str, list[tuple]] = {
     "8b": [
         ("hf", "8b", 2, 2048, "all", 0, ()),
         ("snuggle", "8b", 2, 2048, "none", 0, ()),
+        ("snuggle", "8b", 2, 2048, "offload", 0, ()),
         ("snuggle", "8b", 2, 2048, "offload", 24, ()),
-        ("snuggle", "8b", 2, 2048, "layers:20", 24, ("--offload",)),
-        ("snuggle", "8b", 2, 2048, "layers:12", 24, ("--offload",)),
+        ("snuggle", "8b", 2, 2048, "layers:24", 24, ("--offload",)),
+        ("snuggle", "8b", 2, 2048, "layers:16", 24, ("--offload",)),
+        ("snuggle", "8b", 2, 2048, "layers:8", 24, ("--offload",)),
     ],
 }
 SUITES["all"] = SUITES["1b"] + SUITES["8b"]
