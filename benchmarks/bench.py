@@ -99,10 +99,9 @@ def build_snuggle(args, device):
     cfg["model_type"] = "llama"
     margs = ModelArgs.from_hf(cfg)
     with torch.device("meta"):
-        model = Decoder(margs)
+        model = Decoder(margs).to(torch.bfloat16)  # cast while on meta: never allocate fp32 weights
     model.to_empty(device=device)
     model.tie_weights()
-    model.to(torch.bfloat16)
     init_weights(model.named_parameters())
     model.compute_dtype = torch.bfloat16
     apply_lora(model, r=16, alpha=16, targets=TARGETS)
@@ -140,10 +139,9 @@ def build_hf(args, device, liger: bool = False):
 
         apply_liger_kernel_to_llama()
     with torch.device("meta"):
-        model = LlamaForCausalLM(hf_config(args.model))
+        model = LlamaForCausalLM(hf_config(args.model)).to(torch.bfloat16)
     model.to_empty(device=device)
     model.tie_weights()
-    model.to(torch.bfloat16)
     init_weights(model.named_parameters())
     if args.ckpt != "none":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -51,6 +51,7 @@ SUITES: dict[str, list[tuple]] = {
     ],
 }
 SUITES["all"] = SUITES["1b"] + SUITES["8b"]
+SUITES["8b-cap"] = [c for c in SUITES["8b"] if c[5]]
 # peers' figures measured on one H100 with this setup (shared/ANCHORS.md), for rows we cannot run here
 ANCHORS = {
     ("unsloth", "1b", "all"): (53759, 4.8),
