@@ -16,11 +16,51 @@ __all__ = ["main"]
 
 def _cmd_train(a: argparse.Namespace) -> int:
     from snuggle.config import load_config
+
+    cfg = load_config(a.config, a.overrides)  # bad input fails here, once, before any process starts
+    if a.nproc is not None:
+        if a.nproc < 1:
+            raise SnuggleError(f"--nproc must be >= 1, got {a.nproc}")
+        if "LOCAL_WORLD_SIZE" in os.environ:  # already a worker that torchrun started
+            if int(os.environ["LOCAL_WORLD_SIZE"]) != a.nproc:
+                raise SnuggleError(
+                    f"--nproc {a.nproc} but torchrun started {os.environ['LOCAL_WORLD_SIZE']} processes "
+                    "per node; give the count to one of them"
+                )
+        elif a.nproc > 1:
+            return _launch(a.nproc, [a.config, *a.overrides])
     from snuggle.train.loop import train
 
-    cfg = load_config(a.config, a.overrides)
     summary = train(cfg)
-    print(json.dumps(summary))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(summary))
+    return 0
+
+
+def _launch(nproc: int, train_args: list[str]) -> int:
+    """`snuggle train --nproc N`: torchrun on this machine, in this process, with the same arguments.
+
+    The elastic agent watches the workers: when one exits with an error, it stops the others, so the
+    launcher returns as soon as any rank fails.
+    """
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    args = get_args_parser().parse_args(
+        ["--standalone", f"--nproc-per-node={nproc}", "-m", "snuggle", "train", *train_args]
+    )
+    try:
+        run(args)
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        status = failure.exitcode
+        how = f"exit status {status}" if status >= 0 else f"signal {-status}"
+        print(
+            f"snuggle: error: training failed: rank {rank} ended first ({how}); see its output above",
+            file=sys.stderr,
+        )
+        # a worker's own one-line error has already been printed and exits 2 (bad input); keep that
+        return status if status > 0 else 1
     return 0
 
 
@@ -134,6 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train from a YAML config")
     t.add_argument("config", help="YAML config file (see docs/config.md)")
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=50 lora.r=64")
+    t.add_argument(
+        "--nproc",
+        type=int,
+        default=None,
+        help="processes on this machine (one per GPU): torchrun in one step",
+    )
     t.set_defaults(fn=_cmd_train)
 
     def model_args(sp: argparse.ArgumentParser) -> None:
@@ -171,11 +217,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # snuggle loads local paths only; never reach for a hub
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # argparse stops filling `overrides` at the first option: `train C.yaml --nproc 2 a=1` leaves
+        # `a=1` over, and it is an override like the ones before the option
+        if args.command != "train" or any(x.startswith("-") for x in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     try:
         return args.fn(args)
     except SnuggleError as e:
-        print(f"snuggle: error: {e}", file=sys.stderr)
+        # in a multi-process run every rank raises an error the ranks agreed on; rank 0 prints it
+        if not getattr(e, "silent", False):
+            rank = int(os.environ.get("RANK", "0"))
+            where = f"[rank {rank}] " if rank else ""
+            print(f"snuggle: error: {where}{e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("snuggle: interrupted", file=sys.stderr)

@@ -83,6 +83,8 @@ class TrainConfig:
     checkpoint_layers: int | None = None  # with gradient_checkpointing: how many blocks (None: all)
     offload_activations: bool = False  # checkpointed blocks keep their inputs in pinned CPU memory
     progress: bool = True  # progress bar on stderr
+    parallel: Literal["auto", "none", "ddp", "fsdp"] = "auto"  # data parallelism across processes
+    dist_timeout_s: float = 600.0  # a collective waiting longer for a dead or hung rank fails the run
 
 
 @dataclass
@@ -126,6 +128,8 @@ class RunConfig:
             raise SnuggleError(f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
         if t.max_grad_norm is not None and t.max_grad_norm < 0:
             raise SnuggleError(f"train.max_grad_norm must be >= 0 (null disables), got {t.max_grad_norm}")
+        if t.dist_timeout_s <= 0:
+            raise SnuggleError(f"train.dist_timeout_s must be > 0, got {t.dist_timeout_s}")
         if t.eval_rows is not None and t.eval_rows < 1:
             raise SnuggleError(f"train.eval_rows must be >= 1 (or null for all), got {t.eval_rows}")
         if self.lora is not None and self.lora.enabled:

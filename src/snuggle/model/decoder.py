@@ -209,7 +209,7 @@ class Backbone(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Causal LM. `forward` gives logits (B, T, V); `loss_sum` gives the summed token loss for training."""
+    """Causal LM. `forward` gives logits (B, T, V), or with `labels` the summed token loss for training."""
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -256,7 +256,24 @@ class Decoder(nn.Module):
             x = run_block(layer, i, x, cos, sin, mask, cache, self)
         return self.model.norm(x)  # (B, T, C)
 
-    def forward(self, input_ids, position_ids=None, doc_ids=None, cache: KVCache | None = None):
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # (B, T)
+        position_ids: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        labels: torch.Tensor | None = None,  # (B, T) aligned targets: return the summed loss instead
+    ) -> torch.Tensor:
+        """Logits (B, T, V), or with `labels` the summed token loss (fp32 scalar, see `loss_sum`).
+
+        The loss lives in `forward` rather than beside it because data-parallel wrappers act through
+        `forward`: DDP arms its gradient hooks there, and FSDP unshards the root's parameters (the
+        lm_head / tied embedding the loss reads) only for the duration of the root forward.
+        """
+        if labels is not None:
+            if cache is not None:
+                raise ValueError("labels (training loss) cannot be combined with a KV cache")
+            return self.loss_sum(input_ids, labels, position_ids, doc_ids)
         return self.lm_head(self.hidden_states(input_ids, position_ids, doc_ids, cache))  # (B, T, V)
 
     def loss_sum(self, input_ids, labels, position_ids=None, doc_ids=None) -> torch.Tensor:
@@ -265,6 +282,8 @@ class Decoder(nn.Module):
         `labels` (B, T) are already aligned with `input_ids` (labels[t] is the target at position t),
         as the packer produces them. The caller divides by the number of valid tokens of the whole
         (accumulated, all-rank) batch, so accumulation and world size do not change the mean.
+        Training calls it through `forward(..., labels=labels)` (see there); calling it directly skips
+        the hooks of a DDP/FSDP wrapper and is only right on an unwrapped model.
         """
         h = self.hidden_states(input_ids, position_ids, doc_ids)
         return self.loss_fn(h, self.lm_head.weight, labels)

@@ -26,7 +26,10 @@ def evaluate(
     tokens = 0
     for b in batches:
         b = to_device(b, device)
-        total += model.loss_sum(b["input_ids"], b["labels"], b["position_ids"], b["doc_ids"]).double()
+        # through forward, so a DDP/FSDP-wrapped model runs its hooks (FSDP unshards the lm_head there)
+        total += model(
+            b["input_ids"], position_ids=b["position_ids"], doc_ids=b["doc_ids"], labels=b["labels"]
+        ).double()
         tokens += int((b["labels"] != -100).sum())
     model.train(was_training)
     loss = float(total) / max(tokens, 1)

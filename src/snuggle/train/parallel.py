@@ -1,0 +1,362 @@
+"""Data parallelism as a function applied to the model: one training loop for 1 and N processes.
+
+`init_distributed` joins the process group that `torchrun` (or `snuggle train --nproc N`) set up, or
+does nothing in a single process. `apply_parallel(model, strategy, ctx, device)` returns the module the
+loop calls:
+
+- `none`: the model itself (one process; exactly the single-process trainer).
+- `ddp`: `DistributedDataParallel`. The base model is replicated and only trainable gradients are
+  all-reduced, in buckets that overlap with backward. The right choice for LoRA on a model that fits
+  one card.
+- `fsdp`: FSDP2 (`fully_shard`) on every decoder block, then on the root, which holds `embed_tokens`,
+  `lm_head` (one tensor when tied) and the final norm. Parameters, gradients and optimizer state are
+  sharded; for full fine-tuning and for models larger than a card.
+
+Both reduce gradients by SUM, not by the wrappers' default mean: every rank divides its token-loss sum
+by the valid-token count of the *global* step, so the sum over ranks is already the gradient of the
+global mean, and the curve equals the single-process one for the same global batch.
+
+Failure handling: every rank records its progress (a counter of the phases it entered, the same
+sequence on every rank) in the rendezvous store before each phase that holds a collective. A
+collective that fails or times out (`train.dist_timeout_s`) is then explained by the ranks that are
+behind: "rank 1 stopped responding ...", instead of a bare backend error or a silent hang.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from snuggle.errors import SnuggleError
+
+__all__ = [
+    "DistContext",
+    "RankError",
+    "init_distributed",
+    "rank_device",
+    "resolve_strategy",
+    "apply_parallel",
+    "grad_sync",
+    "unwrap",
+]
+
+STRATEGIES = ("auto", "none", "ddp", "fsdp")
+_HEARTBEAT_KEY = "snuggle/progress/{rank}"
+
+
+class RankError(SnuggleError):
+    """A SnuggleError that every rank raises together; `silent` ranks leave the printing to rank 0."""
+
+    def __init__(self, message: str, silent: bool = False):
+        super().__init__(message)
+        self.silent = silent
+
+
+@dataclass
+class DistContext:
+    """Who this process is in the job, plus the few collectives the loop itself issues.
+
+    With world_size 1 every method is a no-op or the identity, so the loop never branches on it.
+    """
+
+    world_size: int = 1
+    rank: int = 0
+    local_rank: int = 0
+    timeout_s: float = 600.0
+    owns_group: bool = False  # we initialised the process group, so we tear it down
+    _store: Any = field(default=None, repr=False)
+    _seq: int = 0
+    _phase: str = "setup"
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    # -- collectives of the loop ------------------------------------------------------------------
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.enabled:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        if not self.enabled:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def broadcast_object(self, obj: Any) -> Any:
+        """Rank 0's `obj` on every rank (decisions that read the shared filesystem are rank 0's)."""
+        if not self.enabled:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def agree(self, error: BaseException | None) -> None:
+        """Raise on every rank if any rank failed; call with each rank's own setup error (or None).
+
+        Setup (output directory, model, data) is validated on every rank before the first collective
+        that could block: a rank that fails alone would otherwise leave the others waiting in their
+        first all-reduce until the timeout. The failing rank re-raises its own error (keeping its
+        traceback when it is a bug); the others raise the first failing rank's message.
+        """
+        if not self.enabled:
+            if error is not None:
+                raise error
+            return
+        msg = None
+        if error is not None:
+            msg = str(error) if isinstance(error, SnuggleError) else f"{type(error).__name__}: {error}"
+        msgs = self.all_gather_object(msg)
+        failed = [(r, m) for r, m in enumerate(msgs) if m is not None]
+        if not failed:
+            return
+        first, first_msg = failed[0]
+        if error is not None and isinstance(error, SnuggleError):
+            # rank 0 prints; a rank that failed with a message of its own prints that one too
+            raise RankError(str(error), silent=not self.is_main and msgs[0] == msg) from None
+        if error is not None:
+            raise error
+        where = "" if first == 0 else f"rank {first}: "
+        raise RankError(f"{where}{first_msg}", silent=not self.is_main)
+
+    # -- progress and failure diagnosis -----------------------------------------------------------
+
+    def heartbeat(self, phase: str) -> None:
+        """Record that this rank entered `phase` (which may block in a collective)."""
+        self._seq += 1
+        self._phase = phase
+        if self._store is not None:
+            self._store.set(_HEARTBEAT_KEY.format(rank=self.rank), f"{self._seq}|{time.time():.3f}|{phase}")
+
+    def explain(self, exc: BaseException) -> SnuggleError | None:
+        """A one-line error naming the rank(s) at fault for a failed collective, or None (a plain bug).
+
+        Ranks run the same sequence of phases, so a rank whose counter is behind ours is the one the
+        collective waited for: it died or hangs. When nobody is behind, a backend error still gets
+        its phase and rank; any other exception is left alone (it is this rank's own bug).
+        """
+        if not self.enabled:
+            return None
+        behind = []
+        now = time.time()
+        for r in range(self.world_size):
+            if r == self.rank:
+                continue
+            got = self._read_heartbeat(r)
+            if got is None:
+                continue
+            seq, stamp, phase = got
+            if seq < self._seq:
+                behind.append(f"rank {r} (last seen {now - stamp:.0f} s ago, in {phase})")
+        if behind:
+            return SnuggleError(
+                f"{' and '.join(behind)} stopped responding; rank {self.rank} gave up waiting in "
+                f"{self._phase} (train.dist_timeout_s={self.timeout_s:g})"
+            )
+        if isinstance(exc, dist.DistError) or "gloo" in str(exc).lower() or "nccl" in str(exc).lower():
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            return SnuggleError(
+                f"a collective failed on rank {self.rank} in {self._phase}; another rank died or hung "
+                f"inside this phase ({first})"
+            )
+        return None
+
+    def _read_heartbeat(self, r: int) -> tuple[int, float, str] | None:
+        key = _HEARTBEAT_KEY.format(rank=r)
+        try:
+            if not self._store.check([key]):
+                return None
+            seq, stamp, phase = self._store.get(key).decode().split("|", 2)
+            return int(seq), float(stamp), phase
+        except Exception:  # the store itself is gone: no diagnosis, the original error stands
+            return None
+
+    def close(self) -> None:
+        """Tear down the group we made, after the run's objects that hold it are gone.
+
+        FSDP and DDP state sits in reference cycles that refer to the group; left to the collector at
+        interpreter exit they would be destroyed after the group, in whatever order shutdown picks
+        (we saw the occasional abort at exit on CPU before collecting here). The barrier keeps a
+        rank from tearing down while another still talks to it.
+        """
+        if not (self.owns_group and dist.is_initialized()):
+            return
+        gc.collect()
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def _env_int(name: str, default: int) -> int:
+    try:
+        return int(os.environ.get(name, default))
+    except ValueError:
+        raise SnuggleError(f"environment variable {name}={os.environ[name]!r} is not an integer") from None
+
+
+def rank_device(requested: str) -> torch.device:
+    """This process's device: `model.device`, with a GPU per rank (LOCAL_RANK) in a multi-process job."""
+    from snuggle.load import resolve_device
+
+    dev = resolve_device(requested)
+    if dev.type != "cuda" or _env_int("WORLD_SIZE", 1) <= 1:
+        return dev
+    if dev.index is not None:
+        raise SnuggleError(
+            f"model.device={requested} would put every process on one GPU; use auto or cuda in a "
+            "multi-process run (each process takes the GPU numbered by its LOCAL_RANK)"
+        )
+    local = _env_int("LOCAL_RANK", 0)
+    if local >= torch.cuda.device_count():
+        raise SnuggleError(
+            f"local rank {local} has no GPU of its own: {torch.cuda.device_count()} visible; "
+            "start at most that many processes per node"
+        )
+    return torch.device("cuda", local)
+
+
+def init_distributed(timeout_s: float, device: torch.device) -> DistContext:
+    """Join the process group described by torchrun's environment (WORLD_SIZE, RANK, ...), if any.
+
+    An existing default group (a caller that initialised it) is used as is and left open.
+    """
+    if dist.is_available() and dist.is_initialized():
+        ctx = DistContext(dist.get_world_size(), dist.get_rank(), _env_int("LOCAL_RANK", 0), timeout_s)
+    else:
+        world = _env_int("WORLD_SIZE", 1)
+        if world <= 1:
+            return DistContext(timeout_s=timeout_s)
+        if not dist.is_available():
+            raise SnuggleError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+        ctx = DistContext(world, _env_int("RANK", 0), _env_int("LOCAL_RANK", 0), timeout_s, owns_group=True)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        # gloo beside NCCL: the few CPU-side collectives (object gathers) work whatever the device
+        backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    if ctx.world_size > 1:
+        try:
+            ctx._store = dist.distributed_c10d._get_default_store()
+        except Exception:  # diagnosis is a courtesy; training works without it
+            ctx._store = None
+        ctx.heartbeat("setup")
+    return ctx
+
+
+def resolve_strategy(requested: str, world_size: int, use_lora: bool) -> str:
+    """`auto`: one process -> none, LoRA -> ddp, full fine-tuning -> fsdp. One process is always none."""
+    if requested not in STRATEGIES:
+        raise SnuggleError(f"train.parallel must be one of {', '.join(STRATEGIES)}, got {requested!r}")
+    if world_size == 1:
+        return "none"
+    if requested == "none":
+        raise SnuggleError(
+            f"train.parallel=none needs one process, but this job has {world_size}; use auto, ddp or fsdp"
+        )
+    if requested == "auto":
+        return "ddp" if use_lora else "fsdp"
+    return requested
+
+
+def _sum_allreduce_hook(group, bucket):
+    """DDP comm hook: all-reduce SUM (DDP's own hook divides by the world size; see the module doc).
+
+    (group: ProcessGroup | None, bucket: GradBucket) -> Future[Tensor]; unannotated because DDP
+    compares the `bucket` annotation with `dist.GradBucket`, and postponed annotations are strings.
+    """
+    work = dist.all_reduce(bucket.buffer(), group=group, async_op=True)
+    return work.get_future().then(lambda fut: fut.value()[0])
+
+
+def _check_trainable_dtypes(module: nn.Module, name: str) -> None:
+    # FSDP2 reduce-scatters one flat buffer per unit, so every *trainable* tensor of a unit must share
+    # a dtype; frozen ones may differ (they are all-gathered as bytes and never reduced). lora.py keeps
+    # every trainable in fp32, so this only fires if that policy changes.
+    dtypes = {p.dtype for p in module.parameters() if p.requires_grad}
+    if len(dtypes) > 1:
+        raise SnuggleError(f"fsdp: trainable parameters of {name} mix dtypes {sorted(map(str, dtypes))}")
+
+
+def apply_parallel(model: nn.Module, strategy: str, ctx: DistContext, device: torch.device) -> nn.Module:
+    """Wrap `model` for `strategy`; returns the module to call (forward with labels gives the loss).
+
+    `device` is where training runs. FSDP accepts a model still on the CPU and moves each unit there
+    as it shards it, so a model larger than one card never has to fit on one whole.
+    """
+    if strategy == "none":
+        return model
+    if strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        # Every trainable gets exactly one gradient per backward (an empty micro-batch still connects
+        # the graph, see loss.cross_entropy_sum), so no unused-parameter search is needed. That also
+        # keeps the offloaded checkpointed blocks, which run a nested backward, compatible with the
+        # reducer: each parameter is marked ready once, whichever graph task computes it.
+        ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        ddp.register_comm_hook(None, _sum_allreduce_hook)
+        return ddp
+    if strategy == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mesh = init_device_mesh(device.type, (ctx.world_size,))
+        # all-gather and compute in the model's dtype (trainable fp32 copies are cast like the
+        # single-process path casts them at use); reduce gradients in fp32 into the fp32 shards
+        mp = MixedPrecisionPolicy(param_dtype=model.compute_dtype, reduce_dtype=torch.float32)
+        units: list[nn.Module] = []
+        for i, block in enumerate(model.model.layers):
+            _check_trainable_dtypes(block, f"model.layers.{i}")
+            units.append(fully_shard(block, mesh=mesh, mp_policy=mp))
+        # the root unit holds embed_tokens, lm_head and the final norm: a tied lm_head is one
+        # parameter in one unit, and the loss (computed inside the root forward) reads it unsharded
+        _check_trainable_dtypes(model, "the root (embeddings, lm_head, norm)")
+        units.append(fully_shard(model, mesh=mesh, mp_policy=mp))
+        for unit in units:
+            unit.set_force_sum_reduction_for_comms(True)
+            unit.set_gradient_divide_factor(1.0)
+        return model
+    raise SnuggleError(f"unknown parallel strategy {strategy!r}")
+
+
+@contextlib.contextmanager
+def grad_sync(model: nn.Module, sync: bool) -> Iterator[None]:
+    """Around one micro-batch's forward+backward: reduce its gradients now (`sync`) or keep them local.
+
+    DDP skips the all-reduce of all but the last micro-batch of a step (`no_sync`). FSDP reduces
+    every micro-batch: skipping would hold the unsharded gradients of every block until the last
+    micro-batch, and in the compute dtype, which is the memory FSDP exists to save.
+    """
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    if isinstance(model, DDP) and not sync:
+        with model.no_sync():
+            yield
+    else:
+        yield
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The Decoder inside a DDP wrapper (FSDP2 wraps in place, so that is the model itself)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return model.module if isinstance(model, DDP) else model

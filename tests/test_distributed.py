@@ -1,0 +1,338 @@
+"""Two processes on CPU (gloo): the single-process curve, resume across world sizes, and failing ranks.
+
+Every distributed run is a real launch (`torchrun -m snuggle train`, or `snuggle train --nproc 2`) of a
+2-layer fp32 model on rows of 16 tokens. A launch costs seconds, nearly all of it imports, so the runs
+are made once per module and shared by the tests that compare them. The reference is the same config
+in one process with the same global batch (batch_size 4 there, 2 x 2 or 2 x 1 x grad_accum 2 here).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import build_tiny_hf_model
+from snuggle.config import load_config
+from snuggle.run_dir import load_run
+from snuggle.train.checkpoint import latest_checkpoint
+from snuggle.train.loop import train
+
+pytestmark = [pytest.mark.distributed, pytest.mark.usefixtures("single_thread")]
+
+TIMING_KEYS = ("tokens_per_s", "step_time_s", "mem_gib")
+LAUNCH_TIMEOUT_S = 180  # a hung launch fails its test instead of the whole suite
+_NOUNS = "cat dog bird fish".split()
+_ADJS = "red green blue small big old".split()
+_VERBS = "sees eats reads writes".split()
+
+# Runs rank 1 of a torchrun job into a failure at one step: FAULT=exit dies, FAULT=hang sleeps.
+_FAULT_SCRIPT = """
+import os, sys, time
+import snuggle.train.loop as loop
+from snuggle.cli import main
+
+real = loop.BatchPlan.micro_batches
+
+def faulty(self, step):
+    if self.rank == 1 and step == int(os.environ["FAULT_STEP"]):
+        if os.environ["FAULT"] == "exit":
+            os._exit(3)
+        time.sleep(600)
+    return real(self, step)
+
+loop.BatchPlan.micro_batches = faulty
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def docs(n: int) -> list[str]:
+    import random
+
+    rng = random.Random(0)
+    return [
+        " ".join(
+            f"the {rng.choice(_ADJS)} {rng.choice(_NOUNS)} {rng.choice(_VERBS)} the {rng.choice(_NOUNS)}."
+            for _ in range(rng.randint(1, 3))
+        )
+        for _ in range(n)
+    ]
+
+
+def overrides(model_dir: Path, corpus: Path, out: Path, *extra: str) -> list[str]:
+    # lr 1e-3: Adam turns fp32 summation-order noise on near-zero gradients into ~1e-4 lr of parameter
+    # difference (see test_train); 19 held-out rows, 5 evaluated: an uneven split over 2 ranks
+    return [
+        f"model.path={model_dir}",
+        f"data.train={corpus}",
+        f"data.cache_dir={out.parent / 'token-cache'}",
+        "data.seq_len=16",
+        "data.val_fraction=0.2",
+        "lora.r=4",
+        "lora.train_embeddings=true",
+        "train.steps=4",
+        "train.lr=0.001",
+        "train.embedding_lr=0.002",
+        "train.warmup_steps=1",
+        "train.weight_decay=0.1",
+        "train.eval_every=2",
+        "train.eval_rows=5",
+        "train.save_every=2",
+        "train.keep_checkpoints=3",
+        "train.progress=false",
+        "train.dist_timeout_s=30",
+        f"train.output_dir={out}",
+        *extra,
+    ]
+
+
+def run_local(model_dir: Path, corpus: Path, out: Path, *extra: str) -> dict:
+    return train(load_config(None, overrides(model_dir, corpus, out, "train.batch_size=4", *extra)))
+
+
+def env() -> dict[str, str]:
+    # one intra-op thread per process: two processes on a shared 2-core machine
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def torchrun(
+    *args: str, script: Path | None = None, extra_env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc-per-node 2 -m snuggle train ...`; standalone picks a free port."""
+    entry = [str(script)] if script is not None else ["-m", "snuggle"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *entry]
+    return subprocess.run(
+        [*cmd, "train", *args],
+        capture_output=True,
+        text=True,
+        env={**env(), **(extra_env or {})},
+        timeout=LAUNCH_TIMEOUT_S,
+    )
+
+
+def snuggle_nproc(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "snuggle", "train", *args],
+        capture_output=True,
+        text=True,
+        env=env(),
+        timeout=LAUNCH_TIMEOUT_S,
+    )
+
+
+def ok(p: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert p.returncode == 0, f"exit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}"
+    return p
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def trainables(out: Path) -> dict[str, torch.Tensor]:
+    ckpt = latest_checkpoint(out)
+    assert ckpt is not None, f"no complete checkpoint in {out}"
+    return load_file(str(ckpt / "trainable.safetensors"))
+
+
+def rewind(src: Path, dst: Path, step: int) -> Path:
+    """A copy of run `src` as if it had been stopped right after its checkpoint at `step`."""
+    shutil.copytree(src, dst)
+    for ckpt in dst.glob("checkpoint-*"):
+        if int(ckpt.name.split("-")[1]) > step:
+            shutil.rmtree(ckpt)
+    (dst / "latest").write_text(f"checkpoint-{step:07d}")
+    return dst
+
+
+def assert_same_curve(out: Path, ref: Path, atol: float = 1e-5) -> None:
+    got, want = metrics(out), metrics(ref)
+    assert [(r["step"], "loss" in r) for r in got] == [(r["step"], "loss" in r) for r in want]
+    for r, w in zip(got, want, strict=True):
+        assert set(r) == set(w), (r, w)
+        for k, v in w.items():
+            if k in TIMING_KEYS:
+                continue
+            if k in ("step", "tokens", "eval_tokens"):
+                assert r[k] == v, (k, r, w)
+            else:
+                assert r[k] == pytest.approx(v, rel=1e-5, abs=atol), (k, r, w)
+
+
+def assert_same_trainables(out: Path, ref: Path, atol: float = 1e-5) -> None:
+    got, want = trainables(out), trainables(ref)
+    assert set(got) == set(want)
+    for name, t in want.items():
+        torch.testing.assert_close(got[name], t, rtol=0, atol=atol, msg=name)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("dist")
+    corpus = root / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs(60)))
+    tied = root / "tied"
+    untied = root / "untied"
+    build_tiny_hf_model("qwen2", True, tied)
+    build_tiny_hf_model("llama", False, untied)
+    config = root / "config.yaml"
+    config.write_text("{}\n")  # every setting of these runs is a dotted override
+    return {"root": root, "corpus": corpus, "tied": tied, "untied": untied, "config": str(config)}
+
+
+@pytest.fixture(scope="module")
+def lora_ref(setup) -> Path:
+    """LoRA + trainable tied embeddings, one process, batch 4."""
+    out = setup["root"] / "lora-ref"
+    run_local(setup["tied"], setup["corpus"], out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def ddp_run(setup) -> tuple[Path, subprocess.CompletedProcess]:
+    """The same run on 2 processes, 1 row x 2 micro-batches each (no_sync on the first), auto -> ddp."""
+    out = setup["root"] / "ddp"
+    args = overrides(setup["tied"], setup["corpus"], out, "train.batch_size=1", "train.grad_accum=2")
+    return out, ok(torchrun(setup["config"], *args))
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(setup) -> tuple[Path, subprocess.CompletedProcess]:
+    """The same run under FSDP2, launched with the `--nproc 2` shortcut."""
+    out = setup["root"] / "fsdp"
+    args = overrides(setup["tied"], setup["corpus"], out, "train.batch_size=2", "train.parallel=fsdp")
+    return out, ok(snuggle_nproc(setup["config"], "--nproc", "2", *args))
+
+
+# --- the curve of one process -----------------------------------------------------------------------
+
+
+def test_ddp_matches_single_process(lora_ref, ddp_run):
+    out, p = ddp_run
+    assert_same_curve(out, lora_ref)
+    assert_same_trainables(out, lora_ref)
+    # rank 0 alone reports: one summary line on stdout, one choice of strategy, one metrics row a step
+    summary = json.loads(p.stdout.strip())
+    assert (summary["world_size"], summary["parallel"]) == (2, "ddp")
+    assert p.stderr.count("train.parallel=ddp (auto)") == 1
+    assert p.stderr.count("step 4: eval loss") == 1
+    meta = json.loads((latest_checkpoint(out) / "meta.json").read_text())
+    assert (meta["world_size"], meta["parallel"], meta["global_batch"]) == (2, "ddp", 4)
+
+
+def test_fsdp_matches_single_process_with_tied_trained_embeddings(lora_ref, fsdp_run):
+    """The tied lm_head/embedding lives in the root unit and the loss reads it inside the root forward.
+
+    A wrong lm_head gradient (sharded, averaged instead of summed, or missing the embedding's share of
+    the tied tensor) shows in grad_norm at step 1 and in the trained embedding.
+    """
+    out, p = fsdp_run
+    assert_same_curve(out, lora_ref)
+    assert_same_trainables(out, lora_ref)
+    emb = trainables(out)["model.embed_tokens.weight"]
+    base = load_file(str(Path(load_config(out / "config.yaml").model.path) / "model.safetensors"))
+    assert (emb - base["model.embed_tokens.weight"]).abs().max() > 1e-3  # it did train
+    assert "lm_head.weight" not in trainables(out)  # tied: one tensor, saved once
+    assert p.stderr.count("train.parallel=fsdp\n") == 1
+    # export and load_run read a checkpoint written by 2 processes with no process group
+    model, _, _ = load_run(out)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    torch.testing.assert_close(model.model.embed_tokens.weight.detach(), emb, rtol=0, atol=0)
+
+
+def test_fsdp_full_finetune_with_checkpointing_matches_single_process(setup):
+    ref = setup["root"] / "full-ref"
+    run_local(setup["untied"], setup["corpus"], ref, "lora=null")
+    out = setup["root"] / "full-fsdp"
+    args = overrides(
+        setup["untied"], setup["corpus"], out, "lora=null", "train.batch_size=2",
+        "train.gradient_checkpointing=true", "train.checkpoint_layers=1",
+    )  # fmt: skip
+    p = ok(torchrun(setup["config"], *args))
+    assert "train.parallel=fsdp (auto)" in p.stderr  # full fine-tuning picks FSDP
+    assert_same_curve(out, ref)
+    assert_same_trainables(out, ref)
+    every = {"lm_head.weight", "model.norm.weight", "model.layers.1.mlp.up_proj.weight"}
+    assert every <= set(trainables(out))
+
+
+def test_ddp_with_offloaded_checkpointing_matches_single_process(setup, lora_ref):
+    """Offloaded blocks backpropagate through a nested (reentrant) backward inside DDP's backward."""
+    out = setup["root"] / "ddp-offload"
+    args = overrides(
+        setup["tied"], setup["corpus"], out, "train.batch_size=2", "train.parallel=ddp",
+        "train.gradient_checkpointing=true", "train.offload_activations=true",
+    )  # fmt: skip
+    ok(torchrun(setup["config"], *args))
+    assert_same_curve(out, lora_ref)
+    assert_same_trainables(out, lora_ref)
+
+
+# --- resume on another world size -------------------------------------------------------------------
+
+
+def test_resume_2_to_1_continues_the_curve(setup, lora_ref, ddp_run):
+    out = rewind(ddp_run[0], setup["root"] / "resume-2-1", step=2)
+    run_local(setup["tied"], setup["corpus"], out, "train.resume=true")
+    assert_same_curve(out, lora_ref)
+    assert_same_trainables(out, lora_ref)
+
+
+def test_resume_1_to_2_continues_the_curve(setup, lora_ref):
+    out = rewind(lora_ref, setup["root"] / "resume-1-2", step=2)
+    args = overrides(
+        setup["tied"], setup["corpus"], out, "train.batch_size=2", "train.parallel=fsdp", "train.resume=true"
+    )
+    p = ok(torchrun(setup["config"], *args))
+    assert "resumed from checkpoint-0000002" in p.stderr
+    assert_same_curve(out, lora_ref)
+    assert_same_trainables(out, lora_ref)
+
+
+# --- failures ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fault", ["exit", "hang"])
+def test_a_failing_rank_stops_the_job_in_bounded_time_and_is_named(setup, tmp_path, fault):
+    script = tmp_path / "faulty_snuggle.py"
+    script.write_text(_FAULT_SCRIPT)
+    out = tmp_path / "run"
+    timeout_s = 8  # every collective waits at most this long for a peer
+    args = overrides(
+        setup["tied"], setup["corpus"], out, "train.batch_size=2", f"train.dist_timeout_s={timeout_s}"
+    )
+    t0 = time.monotonic()
+    p = torchrun(setup["config"], *args, script=script, extra_env={"FAULT": fault, "FAULT_STEP": "2"})
+    elapsed = time.monotonic() - t0
+    assert p.returncode != 0
+    assert elapsed < 60, f"took {elapsed:.0f} s"
+    if fault == "exit":
+        # the elastic agent sees rank 1 die and stops rank 0
+        assert "rank      : 1 (local_rank: 1)\n  exitcode  : 3" in p.stderr, p.stderr[-3000:]
+    else:
+        # rank 1 is alive but silent: rank 0's collective times out and says who it waited for
+        lines = [ln for ln in p.stderr.splitlines() if ln.startswith("snuggle: error:")]
+        assert len(lines) == 1, p.stderr[-3000:]
+        assert "rank 1 (last seen" in lines[0] and "stopped responding" in lines[0], lines
+        assert "step 3" in lines[0]  # rank 0 was waiting at step 3 (0-based step 2)
+    assert "]: Traceback" not in p.stderr  # no worker traceback, only torchrun's own report
+    assert latest_checkpoint(out).name == "checkpoint-0000002"  # the last complete checkpoint stands
+
+
+def test_a_setup_error_on_rank_0_alone_stops_every_rank(setup, lora_ref):
+    """Only rank 0 judges the output directory; the other rank must not wait for it in a collective."""
+    args = overrides(setup["tied"], setup["corpus"], lora_ref, "train.batch_size=2")
+    t0 = time.monotonic()
+    p = torchrun(setup["config"], *args)
+    assert p.returncode != 0 and time.monotonic() - t0 < 60
+    lines = [ln for ln in p.stderr.splitlines() if ln.startswith("snuggle: error:")]
+    assert len(lines) == 1 and "holds another run" in lines[0], p.stderr[-3000:]
+    assert "]: Traceback" not in p.stderr
