@@ -20,6 +20,7 @@ from torch import nn
 import snuggle.train.loop as loop_mod
 from snuggle.config import RunConfig, load_config
 from snuggle.data import BatchPlan
+from snuggle.errors import SnuggleError
 from snuggle.load import load
 from snuggle.lora import ALL_LINEAR, LoRALinear
 from snuggle.model.decoder import Decoder
@@ -580,3 +581,28 @@ def test_scheduler_drives_every_group_including_embeddings():
         )
         opt.step()
         sched.step()
+
+
+def test_kernels_triton_without_gpu_is_a_clear_error(tiny_hf_model, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    path, _ = tiny_hf_model("llama", True, tmp_path)
+    corpus = write_jsonl(tmp_path / "c.jsonl", learnable_docs(8))
+    cfg = make_cfg(path, corpus, tmp_path / "out", "train.kernels=triton")
+    with pytest.raises(SnuggleError, match="train.kernels=triton needs a CUDA GPU"):
+        build_model(cfg)
+    # auto on CPU keeps the PyTorch reference modules
+    model, _ = build_model(make_cfg(path, corpus, tmp_path / "out2", "train.kernels=auto"))
+    assert type(model.model.layers[0].mlp.gate_proj) is LoRALinear
+
+
+def test_lora_init_is_drawn_on_the_cpu_whatever_the_device(tiny_hf_model, tmp_path):
+    """The same seed gives the same adapter on any device, so 1-GPU and FSDP runs start equal."""
+    path, _ = tiny_hf_model("llama", True, tmp_path)
+    model, _ = load(path, with_tokenizer=False)
+    torch.manual_seed(7)
+    a = LoRALinear(model.model.layers[0].self_attn.q_proj, 4, 8).lora_A.detach().clone()
+    torch.manual_seed(7)
+    expected = torch.empty_like(a)
+    nn.init.kaiming_uniform_(expected, a=math.sqrt(5))
+    assert torch.equal(a, expected)

@@ -82,6 +82,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False  # recompute blocks in backward (less memory, ~30% slower)
     checkpoint_layers: int | None = None  # with gradient_checkpointing: how many blocks (None: all)
     offload_activations: bool = False  # checkpointed blocks keep their inputs in pinned CPU memory
+    kernels: Literal["auto", "triton", "torch"] = "auto"  # auto: Triton fast path on CUDA, PyTorch elsewhere
     progress: bool = True  # progress bar on stderr
     parallel: Literal["auto", "none", "ddp", "fsdp"] = "auto"  # data parallelism across processes
     dist_timeout_s: float = 600.0  # a collective waiting longer for a dead or hung rank fails the run

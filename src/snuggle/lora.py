@@ -45,10 +45,13 @@ class LoRALinear(nn.Module):
         if self.bias is not None:
             self.bias.requires_grad_(False)
         dev = base.weight.device
-        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=dev, dtype=torch.float32))
+        # same init as PEFT: A kaiming-uniform, B zero, so the adapter starts as the identity. A is drawn
+        # from the CPU generator whatever the device, so a run gets the same adapter on CPU, one GPU, or
+        # N GPUs under FSDP (which builds on the CPU before sharding).
+        a = torch.empty(r, self.in_features, dtype=torch.float32)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        self.lora_A = nn.Parameter(a.to(dev))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=dev, dtype=torch.float32))
-        # same init as PEFT: A kaiming-uniform, B zero, so the adapter starts as the identity
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.r, self.alpha, self.rslora = r, alpha, rslora
         # rsLoRA (Kalajdzievski 2023): alpha/sqrt(r) keeps the update's scale stable as r grows
         self.scale = alpha / math.sqrt(r) if rslora else alpha / r

@@ -47,6 +47,13 @@ def build_model(cfg: RunConfig) -> tuple[Decoder, object]:
         apply_lora(model, lc.r, lc.alpha, lc.dropout, lc.rslora, lc.targets, lc.train_embeddings)
     else:
         enable_full_finetune(model)
+    if cfg.train.kernels != "torch":
+        # after LoRA (the swap replaces LoRALinear too) and before any optimizer or parallel wrapper
+        from snuggle.kernels import apply_fast_path, triton_available
+
+        if cfg.train.kernels == "triton" and not triton_available():
+            raise SnuggleError("train.kernels=triton needs a CUDA GPU and an importable triton")
+        apply_fast_path(model)
     return model, tokenizer
 
 
