@@ -94,11 +94,14 @@ def environment() -> dict:
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
     }
-    for mod in ("transformers", "peft", "triton", "liger_kernel", "unsloth"):
+    from importlib.metadata import PackageNotFoundError, version
+
+    # distribution metadata, not __version__: liger_kernel has none, and importing unsloth patches things
+    for dist in ("transformers", "peft", "triton", "liger-kernel", "unsloth", "bitsandbytes"):
         try:
-            env[mod] = __import__(mod).__version__
-        except Exception:
-            env[mod] = "absent"
+            env[dist] = version(dist)
+        except PackageNotFoundError:
+            env[dist] = "absent"
     try:
         env["commit"] = subprocess.check_output(
             ["git", "rev-parse", "--short", "HEAD"], cwd=HERE, text=True, stderr=subprocess.DEVNULL
