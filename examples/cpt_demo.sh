@@ -15,4 +15,4 @@ print(f"held-out perplexity: {s['eval_ppl_before']:.2f} before -> {s['eval_ppl']
       f"({s['steps']} steps; loss curve: {s['output_dir']}/loss.png)")
 PY
 python3 -m snuggle generate --model "$model" --adapter runs/demo/cpt --max-new-tokens 40 \
-  --prompt "Il comando apt-get serve per"
+  --no-chat --prompt "Il comando apt-get serve per"

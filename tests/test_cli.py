@@ -397,6 +397,49 @@ def test_export_refusals(runs, tmp_path, capfd):
     assert_one_error_line(rc, *capfd.readouterr(), "not a snuggle run directory")
 
 
+# the merged model's logits through a GGUF of each type: max |error| / max |logit| (test_gguf_export.py
+# explains these bounds; f32 is exact up to float summation order)
+GGUF_REL = {"f32": 1e-5, "f16": 4e-3}
+
+
+@pytest.mark.parametrize("dtype", list(GGUF_REL))
+def test_export_gguf_loads_back_and_generates(runs, tmp_path, capfd, dtype):
+    import snuggle
+
+    out = tmp_path / "model.gguf"
+    assert main(["export", str(runs["lora"]), "--format", "gguf", "--out", str(out), "--dtype", dtype]) == 0
+    assert json.loads(capfd.readouterr().out) == {"format": "gguf", "out": str(out), "dtype": dtype}
+    assert [p.name for p in tmp_path.iterdir()] == ["model.gguf"]  # no temp file left beside it
+    gguf_model, gguf_tok = snuggle.load(out, device="cpu")
+    merged, tok, _ = load_run(runs["lora"])
+    want, got = logits_of(merged, IDS), logits_of(gguf_model, IDS)
+    assert (got - want).abs().max() <= GGUF_REL[dtype] * want.abs().max()
+    base, _ = load(runs["model"], device="cpu")
+    assert (logits_of(base, IDS) - got).abs().max() > 1e-2  # the LoRA is merged in
+    assert gguf_tok("the cat sees")["input_ids"] == tok("the cat sees")["input_ids"]
+
+    if dtype == "f32":
+        # and `snuggle generate` runs on the file: greedy, the run's own continuation
+        prompt = "the dog sees"
+        assert main(["generate", "--model", str(out), "--prompt", prompt, "--max-new-tokens", "6"]) == 0
+        assert capfd.readouterr().out == prompt + expected_text(merged, tok, prompt, 6) + "\n"
+
+
+def test_export_gguf_refusals(runs, tmp_path, capfd):
+    taken = tmp_path / "taken.gguf"
+    taken.write_bytes(b"mine")
+    rc = main(["export", str(runs["lora"]), "--format", "gguf", "--out", str(taken)])
+    assert_one_error_line(rc, *capfd.readouterr(), "--out", "exists")
+    assert taken.read_bytes() == b"mine"
+    rc = main(["export", str(runs["lora"]), "--format", "gguf", "--out", str(tmp_path / "no" / "m.gguf")])
+    assert_one_error_line(rc, *capfd.readouterr(), "does not exist")
+    rc = main(
+        ["export", str(runs["lora"]), "--format", "hf", "--out", str(tmp_path / "hf"), "--dtype", "f16"]
+    )
+    assert_one_error_line(rc, *capfd.readouterr(), "--dtype applies to --format gguf only")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken.gguf"]
+
+
 # --- generate -------------------------------------------------------------------------------------
 
 
@@ -446,6 +489,120 @@ def test_generate_edge_inputs(runs, capfd):
     assert_one_error_line(rc, *capfd.readouterr(), "model path not found")
 
 
+# ChatML as SmolLM2 and Qwen write it (the tiny tokenizer drops "\n", so turns end in a space)
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'] }}<|im_end|> {% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant {% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def chat_model(runs) -> Path:
+    """The base model with a chat tokenizer: ChatML special tokens (ids 97, 98 < 101 rows) and template."""
+    from transformers import AutoTokenizer
+
+    out = runs["root"] / "chat-model"
+    if not out.exists():
+        out.mkdir()
+        for f in runs["model"].iterdir():
+            if f.name in ("config.json", "model.safetensors"):
+                (out / f.name).symlink_to(f)
+        tok = AutoTokenizer.from_pretrained(str(runs["model"]))
+        tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+        tok.chat_template = CHATML
+        tok.save_pretrained(str(out))
+    return out
+
+
+class Spy:
+    """Hooks a loaded model: records the prompt ids it is given, and makes `force` the argmax of the
+    `force_at`-th forward (1 = the prompt), so a test knows exactly where generation must stop."""
+
+    def __init__(self, monkeypatch, force: int | None = None, force_at: int = 0):
+        import snuggle.run_dir as run_dir_mod
+
+        self.prompts: list[list[int]] = []
+        self.forwards = 0
+        real = run_dir_mod.load_with_adapter
+
+        def load_and_hook(*args, **kwargs):
+            model, tok = real(*args, **kwargs)
+            model.register_forward_pre_hook(self._record)
+            model.lm_head.register_forward_hook(self._force)
+            return model, tok
+
+        self.force, self.force_at = force, force_at
+        monkeypatch.setattr(run_dir_mod, "load_with_adapter", load_and_hook)
+
+    def _record(self, module, inputs):
+        if self.forwards == 0:  # the prefill: the whole prompt
+            self.prompts.append(inputs[0][0].tolist())
+
+    def _force(self, module, inputs, output):
+        self.forwards += 1
+        if self.force is not None and self.forwards == self.force_at:
+            output = output.clone()
+            output[..., self.force] = output.abs().max() * 10 + 100
+            return output
+        return None
+
+
+def test_generate_chat_wraps_the_prompt_in_the_template(runs, chat_model, capfd, monkeypatch):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(chat_model))
+    args = ["generate", "--model", str(chat_model), "--prompt", "a dog?", "--max-new-tokens", "3"]
+    spy = Spy(monkeypatch)
+    assert main(args) == 0  # default: chat, because the tokenizer has a template
+    user = [{"role": "user", "content": "a dog?"}]
+    want = tok.apply_chat_template(user, tokenize=True, add_generation_prompt=True, return_dict=False)
+    assert spy.prompts[0] == list(want)
+    assert spy.prompts[0][:1] == [tok.convert_tokens_to_ids("<|im_start|>")]
+    out = capfd.readouterr().out
+    assert not out.startswith("a dog?")  # a chat reply is printed alone
+
+    spy = Spy(monkeypatch)
+    assert main([*args, "--system", "be small"]) == 0
+    system = [{"role": "system", "content": "be small"}, *user]
+    assert spy.prompts[0] == list(
+        tok.apply_chat_template(system, tokenize=True, add_generation_prompt=True, return_dict=False)
+    )
+    spy = Spy(monkeypatch)
+    assert main([*args, "--no-chat"]) == 0
+    assert spy.prompts[0] == tok("a dog?")["input_ids"]
+    assert capfd.readouterr().out.splitlines()[-1].startswith("a dog?")
+
+    rc = main([*args, "--no-chat", "--system", "x"])
+    assert_one_error_line(rc, *capfd.readouterr(), "--system needs chat mode")
+    # a tokenizer without a template: raw text unless --chat asks for snuggle's fallback template
+    spy = Spy(monkeypatch)
+    assert (
+        main(["generate", "--model", str(runs["model"]), "--prompt", "a dog", "--max-new-tokens", "1"]) == 0
+    )
+    assert spy.prompts[0] == tok("a dog")["input_ids"]
+    rc = main(["generate", "--model", str(runs["model"]), "--prompt", "a dog", "--system", "x"])
+    assert_one_error_line(rc, *capfd.readouterr(), "--system needs chat mode", "--chat")
+
+
+def test_generate_chat_stops_at_end_of_turn(chat_model, capfd, monkeypatch):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(chat_model))
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert im_end != tok.eos_token_id  # so stopping there is the template's doing, not EOS
+    args = ["generate", "--model", str(chat_model), "--prompt", "a dog?", "--max-new-tokens", "20"]
+    # the 3rd forward (prompt, then 2 tokens) makes <|im_end|> the argmax: 3 tokens, the last one not printed
+    spy = Spy(monkeypatch, force=im_end, force_at=3)
+    assert main(args) == 0
+    assert spy.forwards == 3
+    out = capfd.readouterr().out
+    assert "im_end" not in out and out.endswith("\n")
+    # raw text mode stops only at EOS: the same forced token does not end it
+    spy = Spy(monkeypatch, force=im_end, force_at=3)
+    assert main([*args, "--no-chat"]) == 0
+    assert spy.forwards == 20
+
+
 # --- help -----------------------------------------------------------------------------------------
 
 
@@ -475,3 +632,16 @@ def test_cuda_device_without_gpu_is_one_line(tiny_hf_model, tmp_path, capsys):
     assert (
         rc == 2 and err.startswith("snuggle: error:") and "CUDA" in err and len(err.strip().splitlines()) == 1
     )
+
+
+def test_own_warnings_are_one_line():
+    import snuggle.cli as cli_mod
+
+    inside = str(Path(cli_mod.__file__).parent / "data" / "instruct.py")
+    assert (
+        cli_mod._format_warning("3 of 9 truncated", UserWarning, inside, 7)
+        == "snuggle: warning: 3 of 9 truncated\n"
+    )
+    # anything else keeps Python's format, with its location
+    assert "elsewhere.py:7: UserWarning: x" in cli_mod._format_warning("x", UserWarning, "/elsewhere.py", 7)
+    assert "FutureWarning" in cli_mod._format_warning("x", FutureWarning, inside, 7)

@@ -7,11 +7,15 @@ import json
 import os
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 from snuggle.errors import SnuggleError
 
 __all__ = ["main"]
+
+# snuggle.io.gguf_export.EXPORT_DTYPES, spelled out so that parsing arguments does not import gguf
+GGUF_DTYPES = ("f16", "bf16", "q8_0", "f32")
 
 
 def _cmd_train(a: argparse.Namespace) -> int:
@@ -82,7 +86,9 @@ def _cmd_eval(a: argparse.Namespace) -> int:
             f"--seq-len {a.seq_len} is above the model's limit of "
             f"{model.args.max_position_embeddings} positions"
         )
-    stream = tokenize_corpus(files, tok, text_field=a.text_field, cache_dir=default_cache_dir())
+    stream = tokenize_corpus(
+        files, tok, text_field=a.text_field, cache_dir=default_cache_dir(), split=a.split
+    )
     rows = PackedRows(stream, a.seq_len)
     idx = np.arange(len(rows))
     res = evaluate(model, iterate_eval(rows, idx, a.batch_size, a.max_rows), model.lm_head.weight.device)
@@ -96,9 +102,23 @@ def _cmd_export(a: argparse.Namespace) -> int:
     from snuggle.run_dir import load_run
 
     out = Path(a.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if a.dtype is not None and a.format != "gguf":
+        raise SnuggleError(f"--dtype applies to --format gguf only (--format {a.format} keeps the model's)")
+    if a.format == "gguf":
+        if out.exists():
+            raise SnuggleError(f"--out {out} exists; give a new .gguf file name")
+        if not out.parent.is_dir():
+            raise SnuggleError(f"--out {out}: directory {out.parent} does not exist")
+    elif out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise SnuggleError(f"--out {out} exists and is not empty")
     model, tok, cfg = load_run(a.run_dir, device="cpu")
+    if a.format == "gguf":
+        from snuggle.io.gguf_export import write_gguf
+
+        # LoRA merged in; written to a temp file and renamed, so no half-written .gguf is ever left
+        write_gguf(model, tok, out, dtype=a.dtype or "f16")
+        print(json.dumps({"format": "gguf", "out": str(out), "dtype": a.dtype or "f16"}))
+        return 0
     # write beside the target, then rename: an interrupted export leaves no half-written model
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -118,25 +138,56 @@ def _cmd_export(a: argparse.Namespace) -> int:
     return 0
 
 
+def _chat_template(tok, adapter: str | None, explicit: bool) -> str | None:
+    """The template `generate --chat` renders with, chosen as training chose it: the adapter run's
+    data.chat_template, else the tokenizer's, else (an instruct run, or --chat asked for) the fallback."""
+    from snuggle.data.instruct import FALLBACK_TEMPLATE, has_chat_template, resolve_template
+    from snuggle.run_dir import is_run_dir, run_config
+
+    instruct_run = False
+    if adapter is not None and is_run_dir(Path(adapter)):
+        data = run_config(adapter).data
+        instruct_run = data.format == "instruct"
+        if instruct_run and data.chat_template is not None:
+            return data.chat_template
+    if has_chat_template(tok):
+        return resolve_template(tok)
+    return FALLBACK_TEMPLATE if instruct_run or explicit else None
+
+
 def _cmd_generate(a: argparse.Namespace) -> int:
     import torch
 
+    from snuggle.data.instruct import end_of_turn_ids, prompt_ids
     from snuggle.generate import generate
     from snuggle.run_dir import load_with_adapter
 
     if not 0.0 < a.top_p <= 1.0:
         # top-p 0 keeps no token at all, and multinomial would fail on the all-zero distribution
         raise SnuggleError(f"--top-p must be in (0, 1], got {a.top_p}")
+    if a.system is not None and a.chat is False:
+        raise SnuggleError("--system needs chat mode (drop --no-chat)")
     model, tok = load_with_adapter(a.model, a.adapter, dtype=a.dtype, device=a.device)
     device = model.lm_head.weight.device
-    ids = tok(a.prompt, return_tensors="pt")["input_ids"].to(device)
+    template = _chat_template(tok, a.adapter, explicit=a.chat is True) if a.chat is not False else None
+    chat = template is not None
+    if a.system is not None and not chat:
+        raise SnuggleError("--system needs chat mode, and the tokenizer has no chat template (add --chat)")
+    stop = {tok.eos_token_id} if tok.eos_token_id is not None else set()
+    if chat:
+        # the prompt is one user turn; the reply ends at the template's end-of-turn token
+        messages = [{"role": "system", "content": a.system}] if a.system is not None else []
+        messages.append({"role": "user", "content": a.prompt})
+        ids = torch.tensor([prompt_ids(tok, messages, template)], device=device)
+        stop |= end_of_turn_ids(tok, template)
+    else:
+        ids = tok(a.prompt, return_tensors="pt")["input_ids"].to(device)
     if ids.shape[1] == 0:
         # an empty prompt (or one the tokenizer drops entirely) gives no position to continue from:
         # start from BOS as HF generate does, or say so instead of failing inside the model
         if tok.bos_token_id is None:
             raise SnuggleError("--prompt encodes to no tokens and the tokenizer has no BOS token either")
         ids = torch.tensor([[tok.bos_token_id]], device=device)
-    eos = tok.eos_token_id
     gen = torch.Generator(device=device).manual_seed(a.seed)
     out: list[int] = []
     printed = ""
@@ -151,17 +202,10 @@ def _cmd_generate(a: argparse.Namespace) -> int:
             sys.stdout.flush()
             printed = text
 
-    if not a.no_echo:
+    if not a.no_echo and not chat:  # a chat reply is printed alone: the prompt is a question, not its start
         sys.stdout.write(a.prompt)
     generate(
-        model,
-        ids,
-        a.max_new_tokens,
-        a.temperature,
-        a.top_p,
-        {eos} if eos is not None else None,
-        on_token=stream,
-        generator=gen,
+        model, ids, a.max_new_tokens, a.temperature, a.top_p, stop or None, on_token=stream, generator=gen
     )
     sys.stdout.write("\n")
     return 0
@@ -195,12 +239,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=1)
     e.add_argument("--max-rows", type=int, default=None, help="evaluate at most this many rows")
     e.add_argument("--text-field", default="text")
+    e.add_argument("--split", default=None, help="split of a datasets DatasetDict directory (default train)")
     e.set_defaults(fn=_cmd_eval)
 
-    x = sub.add_parser("export", help="write a trained run as a merged HF model or a PEFT adapter")
+    x = sub.add_parser(
+        "export", help="write a trained run as a merged HF model, a PEFT adapter or a merged GGUF file"
+    )
     x.add_argument("run_dir")
-    x.add_argument("--format", choices=("hf", "peft"), default="hf")
-    x.add_argument("--out", required=True)
+    x.add_argument("--format", choices=("hf", "peft", "gguf"), default="hf")
+    x.add_argument("--out", required=True, help="directory (hf, peft) or .gguf file (gguf)")
+    x.add_argument(
+        "--dtype", choices=GGUF_DTYPES, default=None, help="gguf: type of the matrices (default f16)"
+    )
     x.set_defaults(fn=_cmd_export)
 
     g = sub.add_parser("generate", help="continue a prompt")
@@ -211,12 +261,35 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--no-echo", action="store_true", help="print only the continuation")
+    g.add_argument(
+        "--chat",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="wrap --prompt as one user message in the chat template and print the reply "
+        "(default: on when the tokenizer or the adapter run has a chat template); --no-chat sends raw text",
+    )
+    g.add_argument("--system", default=None, help="chat mode: a system message before the prompt")
     g.set_defaults(fn=_cmd_generate)
     return p
 
 
+_PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    """snuggle's own warnings (truncated examples, GGUF fallbacks, ...) are messages to the user, not code
+    locations: one line, as errors are. Warnings raised elsewhere keep Python's format."""
+    if issubclass(category, UserWarning) and Path(filename).resolve().is_relative_to(_PACKAGE_DIR):
+        return f"snuggle: warning: {message}\n"
+    return _python_format_warning(message, category, filename, lineno, line)
+
+
+_python_format_warning = warnings.formatwarning
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # snuggle loads local paths only; never reach for a hub
+    warnings.formatwarning = _format_warning
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:

@@ -20,6 +20,7 @@ import yaml
 from snuggle.errors import SnuggleError
 
 __all__ = [
+    "REPORTER_NAMES",
     "ModelConfig",
     "LoraConfig",
     "DataConfig",
@@ -31,11 +32,18 @@ __all__ = [
 ]
 
 
+# train.report_to values (snuggle.train.reporters implements them)
+REPORTER_NAMES: tuple[str, ...] = ("tensorboard", "wandb")
+
+
 @dataclass
 class ModelConfig:
     path: str = ""  # HF model directory or .gguf file (local)
     dtype: str = "auto"  # auto | bfloat16 | float16 | float32 (auto: bf16 on GPU, fp32 on CPU)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # start from trained LoRA factors: a snuggle run directory (its latest checkpoint) or a PEFT adapter
+    # directory; a new stage, so the optimizer and the step counter start afresh
+    adapter: str | None = None
 
 
 @dataclass
@@ -51,8 +59,11 @@ class LoraConfig:
 
 @dataclass
 class DataConfig:
-    train: str | list[str] = ""  # file, directory or glob (.txt .jsonl .json .parquet), or a list of them
-    text_field: str = "text"  # field holding the text in .jsonl/.json/.parquet
+    train: str | list[str] = ""  # file, directory or glob (.txt .jsonl .json .parquet, HF datasets dirs)
+    format: Literal["text", "instruct"] = "text"  # instruct: Alpaca or chat records, loss on the replies
+    text_field: str = "text"  # field holding the text in .jsonl/.json/.parquet/datasets (format text)
+    chat_template: str | None = None  # instruct: Jinja template overriding the tokenizer's
+    split: str | None = None  # split of a DatasetDict directory (default: train)
     seq_len: int = 2048
     val_fraction: float = 0.01  # share of packed rows held out for evaluation
     cache_dir: str | None = None  # token cache; default $SNUGGLE_CACHE or ~/.cache/snuggle
@@ -86,6 +97,8 @@ class TrainConfig:
     progress: bool = True  # progress bar on stderr
     parallel: Literal["auto", "none", "ddp", "fsdp"] = "auto"  # data parallelism across processes
     dist_timeout_s: float = 600.0  # a collective waiting longer for a dead or hung rank fails the run
+    report_to: str | list[str] = field(default_factory=list)  # tensorboard, wandb (metrics.jsonl always)
+    wandb_project: str = "snuggle"
 
 
 @dataclass
@@ -133,6 +146,29 @@ class RunConfig:
             raise SnuggleError(f"train.dist_timeout_s must be > 0, got {t.dist_timeout_s}")
         if t.eval_rows is not None and t.eval_rows < 1:
             raise SnuggleError(f"train.eval_rows must be >= 1 (or null for all), got {t.eval_rows}")
+        if isinstance(t.report_to, str):
+            t.report_to = [t.report_to]  # `report_to: wandb` means the list of that one
+        for name in t.report_to:
+            if name not in REPORTER_NAMES:
+                raise SnuggleError(
+                    f"train.report_to: unknown reporter {name!r}; known: {', '.join(REPORTER_NAMES)}"
+                )
+        if len(set(t.report_to)) != len(t.report_to):
+            raise SnuggleError(f"train.report_to names a reporter twice: {t.report_to}")
+        if not t.wandb_project.strip():
+            raise SnuggleError("train.wandb_project must not be empty")
+        d = self.data
+        if d.chat_template is not None and d.format != "instruct":
+            raise SnuggleError("data.chat_template applies to data.format=instruct only")
+        if d.chat_template is not None and not d.chat_template.strip():
+            raise SnuggleError("data.chat_template must be a non-empty Jinja template (or null)")
+        if d.split is not None and not d.split.strip():
+            raise SnuggleError("data.split must be a split name (or null for 'train')")
+        if self.model.adapter is not None and not self.use_lora:
+            raise SnuggleError(
+                "model.adapter needs LoRA (lora.enabled=true); to fully fine-tune a trained model, "
+                "export it with `snuggle export RUN --format hf` and give that as model.path"
+            )
         if self.lora is not None and self.lora.enabled:
             if self.lora.r < 1:
                 raise SnuggleError(f"lora.r must be >= 1, got {self.lora.r}")

@@ -40,7 +40,9 @@ def generate(
         out.append(tok)
         if on_token is not None:
             on_token(tok)
-        if (eos_token_ids and tok in eos_token_ids) or cache.length() + 1 >= limit:
+        stop = eos_token_ids and tok in eos_token_ids
+        # no forward for a token nobody will read: after the last one the loop is over anyway
+        if stop or len(out) == max_new_tokens or cache.length() + 1 >= limit:
             break
         logits = model(torch.tensor([[tok]], device=input_ids.device), cache=cache)[:, -1]
     return out

@@ -13,25 +13,36 @@ from snuggle.model.decoder import Decoder
 from snuggle.train.checkpoint import latest_checkpoint, load_trainables
 from snuggle.train.setup import build_model
 
-__all__ = ["load_run", "load_with_adapter", "is_run_dir"]
+__all__ = ["load_run", "load_with_adapter", "is_run_dir", "run_config"]
 
 
 def is_run_dir(path: Path) -> bool:
     return (path / "config.yaml").is_file()
 
 
-def load_run(run_dir: str | Path, device: str | None = None) -> tuple[Decoder, object, RunConfig]:
+def run_config(run_dir: str | Path) -> RunConfig:
+    """The resolved config a run saved (`<run>/config.yaml`)."""
     run = Path(run_dir)
     if not is_run_dir(run):
         raise SnuggleError(f"{run}: not a snuggle run directory (no config.yaml)")
+    try:
+        tree = yaml.safe_load((run / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise SnuggleError(f"{run}/config.yaml: unreadable run config ({e})") from None
+    return config_from_dict(tree or {})
+
+
+def load_run(run_dir: str | Path, device: str | None = None) -> tuple[Decoder, object, RunConfig]:
+    run = Path(run_dir)
+    cfg = run_config(run)
     ckpt = latest_checkpoint(run)
     if ckpt is None:
         raise SnuggleError(f"{run}: the run has no complete checkpoint yet")
-    tree = yaml.safe_load((run / "config.yaml").read_text())
-    cfg = config_from_dict(tree)
     if device is not None:
         cfg.model.device = device
-    model, tokenizer = build_model(cfg)
+    # the checkpoint holds every trainable tensor, so a second-stage run's starting adapter is not read
+    # (it need not even exist any more)
+    model, tokenizer = build_model(cfg, load_adapter=False)
     load_trainables(ckpt, model)
     model.eval()
     return model, tokenizer, cfg

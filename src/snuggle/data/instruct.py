@@ -1,6 +1,7 @@
 """Instruction-tuning data: records -> chat-rendered token cache with a "train on this token" mask -> rows.
 
-Records come from `.jsonl` / `.json` / `.parquet` files, in one of two shapes:
+Records come from `.jsonl` / `.json` / `.parquet` files or Hugging Face `datasets` directories
+(`save_to_disk`; the optional `datasets` package), in one of two shapes:
 
     Alpaca  {"instruction": str, "input": str (optional), "output": str, "system": str (optional)}
     chat    {"messages": [{"role": "system" | "user" | "assistant", "content": str}, ...]}
@@ -50,10 +51,20 @@ import numpy as np
 import torch
 
 from snuggle.data.packing import IGNORE_INDEX, collate
+from snuggle.data.sources import file_stamps, is_hf_dataset_dir, open_hf_dataset
 from snuggle.data.tokenize import _fsync_replace, _tokenizer_fingerprint
 from snuggle.errors import SnuggleError
 
-__all__ = ["FALLBACK_TEMPLATE", "InstructStream", "PackedExamples", "tokenize_instruct"]
+__all__ = [
+    "FALLBACK_TEMPLATE",
+    "InstructStream",
+    "PackedExamples",
+    "end_of_turn_ids",
+    "has_chat_template",
+    "prompt_ids",
+    "resolve_template",
+    "tokenize_instruct",
+]
 
 FORMAT_VERSION = 1
 SUFFIXES: tuple[str, ...] = (".jsonl", ".json", ".parquet")
@@ -233,7 +244,7 @@ def _parquet_records(path: Path) -> Iterator[tuple[Any, str]]:
     except (pa.ArrowException, OSError) as e:
         raise SnuggleError(f"{path}: not a readable parquet file: {e}") from None
     names = pf.schema_arrow.names
-    columns = [c for c in ("messages", "instruction", "input", "output", "system") if c in names]
+    columns = [c for c in _RECORD_FIELDS if c in names]
     if not columns:
         raise SnuggleError(
             f"{path}: no 'messages' or 'instruction'/'output' columns (columns: {', '.join(names)})"
@@ -247,6 +258,26 @@ def _parquet_records(path: Path) -> Iterator[tuple[Any, str]]:
                 row += 1
     except pa.ArrowException as e:
         raise SnuggleError(f"{path}: corrupt parquet data: {e}") from None
+
+
+_RECORD_FIELDS = ("messages", "instruction", "input", "output", "system")
+
+
+def _hf_records(path: Path, split: str | None) -> Iterator[tuple[Any, str]]:
+    ds = open_hf_dataset(path, split)
+    columns = [c for c in _RECORD_FIELDS if c in ds.column_names]
+    if not columns:
+        raise SnuggleError(
+            f"{path}: no 'messages' or 'instruction'/'output' columns (columns: {', '.join(ds.column_names)})"
+        )
+    where = f"{path} [{split}]" if split else str(path)
+    row = 0
+    for batch in ds.select_columns(columns).iter(batch_size=_PARQUET_BATCH_ROWS):
+        for i in range(len(batch[columns[0]])):
+            # as in parquet: a column absent from this record's format is null, not a field of it
+            rec = {c: batch[c][i] for c in columns if batch[c][i] is not None}
+            yield rec, f"{where}: row {row}"
+            row += 1
 
 
 _READERS = {".jsonl": _jsonl_records, ".json": _json_records, ".parquet": _parquet_records}
@@ -316,19 +347,65 @@ def _chat(messages: Any, where: str) -> Messages:
     return out
 
 
-def _iter_conversations(files: Sequence[Path]) -> Iterator[tuple[Messages, str]]:
+def _iter_conversations(files: Sequence[Path], split: str | None) -> Iterator[tuple[Messages, str]]:
     for path in files:
-        reader = _READERS.get(path.suffix.lower())
-        if reader is None:
+        if path.is_dir():
+            records = _hf_records(path, split)
+        elif (reader := _READERS.get(path.suffix.lower())) is not None:
+            records = reader(path)
+        else:
             raise SnuggleError(
                 f"unsupported instruction data file type '{path.suffix}': {path} "
-                f"(expected {', '.join(SUFFIXES)})"
+                f"(expected {', '.join(SUFFIXES)} or a datasets directory)"
             )
-        for obj, where in reader(path):
+        for obj, where in records:
             yield _messages(obj, where), where
 
 
 # --- rendering --------------------------------------------------------------------------------------------
+
+
+def resolve_template(tokenizer: Any, chat_template: str | None = None) -> str:
+    """The template conversations are rendered with: `chat_template`, else the tokenizer's, else
+    FALLBACK_TEMPLATE (training and `snuggle generate --chat` pick it the same way)."""
+    return _template(tokenizer, chat_template)
+
+
+def has_chat_template(tokenizer: Any) -> bool:
+    tpl = getattr(tokenizer, "chat_template", None)
+    if isinstance(tpl, dict):
+        tpl = tpl.get("default")
+    return isinstance(tpl, str) and bool(tpl.strip())
+
+
+def prompt_ids(tokenizer: Any, messages: Messages, template: str) -> list[int]:
+    """Token ids of `messages` followed by the template's generation prompt, as training tokenized the
+    prompts of its examples (no special tokens added but the BOS the fallback template gets there)."""
+    text = _Renderer(tokenizer, template).render(messages, "the prompt", generation_prompt=True)
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    bos = tokenizer.bos_token_id
+    if template == FALLBACK_TEMPLATE and _adds_bos(tokenizer) and (not ids or ids[0] != bos):
+        ids.insert(0, bos)
+    return ids
+
+
+def end_of_turn_ids(tokenizer: Any, template: str) -> set[int]:
+    """Tokens that end an assistant turn: EOS, and the special token the template closes a reply with
+    (`<|im_end|>`, `<|eot_id|>`, ...), found by rendering a one-turn conversation."""
+    out = {int(tokenizer.eos_token_id)} if tokenizer.eos_token_id is not None else set()
+    marker = "snuggle-reply-marker"
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}]
+    r = _Renderer(tokenizer, template)
+    try:
+        text = r.render(messages, "end-of-turn probe")
+    except SnuggleError:
+        return out  # a template that needs more than one plain turn: EOS alone stops generation
+    at = text.rfind(marker)
+    tail = text[at + len(marker) :].lstrip(" ") if at >= 0 else ""
+    ids = tokenizer(tail, add_special_tokens=False)["input_ids"] if tail else []
+    if ids and tokenizer.convert_ids_to_tokens(ids[0]) in r.specials:
+        out.add(int(ids[0]))
+    return out
 
 
 def _template(tokenizer: Any, chat_template: str | None) -> str:
@@ -432,18 +509,11 @@ def _encode(
 # --- the cache --------------------------------------------------------------------------------------------
 
 
-def _cache_key(files: Sequence[Path], tokenizer: Any, template: str) -> str:
-    stats = []
-    for path in files:
-        try:
-            st = path.stat()
-        except OSError as e:
-            raise SnuggleError(f"{path}: cannot read training file: {e.strerror}") from None
-        stats.append([str(path), st.st_size, st.st_mtime_ns])
+def _cache_key(files: Sequence[Path], tokenizer: Any, template: str, split: str | None) -> str:
     payload = {
         "kind": "instruct",
         "format": FORMAT_VERSION,
-        "files": stats,
+        "files": file_stamps(files, split),
         "tokenizer": _tokenizer_fingerprint(tokenizer),
         "template": template,
         "roles": ROLES,
@@ -462,7 +532,7 @@ def _adds_bos(tokenizer: Any) -> bool:
 
 
 def _write_cache(
-    files: Sequence[Path], tokenizer: Any, template: str, batch_examples: int, out: Path
+    files: Sequence[Path], tokenizer: Any, template: str, batch_examples: int, out: Path, split: str | None
 ) -> None:
     eos = int(tokenizer.eos_token_id)
     renderer = _Renderer(tokenizer, template)
@@ -494,7 +564,7 @@ def _write_cache(
 
             texts: list[str] = []
             spans: list[list[tuple[int, int]]] = []
-            for messages, where in _iter_conversations(files):
+            for messages, where in _iter_conversations(files, split):
                 text, sp = renderer(messages, where)
                 texts.append(text)
                 spans.append(sp)
@@ -537,11 +607,13 @@ def tokenize_instruct(
     cache_dir: str | Path,
     chat_template: str | None = None,
     batch_examples: int = 64,
+    split: str | None = None,
 ) -> InstructStream:
     """Render and tokenize instruction records into `cache_dir/<sha256 key>/`, or reuse that cache.
 
     `chat_template` (a Jinja string) overrides the tokenizer's template; without either, records are
-    rendered with `FALLBACK_TEMPLATE`. See the module docstring for what is a target.
+    rendered with `FALLBACK_TEMPLATE`. See the module docstring for what is a target. `split` picks the
+    split of DatasetDict directories among `files` (default train).
     """
     if getattr(tokenizer, "eos_token_id", None) is None:
         raise SnuggleError("the tokenizer has no eos_token: set one so that examples can be separated")
@@ -555,12 +627,13 @@ def tokenize_instruct(
     if not paths:
         raise SnuggleError("no training files given")
     for p in paths:
-        if p.suffix.lower() not in SUFFIXES:
+        if p.suffix.lower() not in SUFFIXES and not is_hf_dataset_dir(p):
             raise SnuggleError(
-                f"unsupported instruction data file type '{p.suffix}': {p} (expected {', '.join(SUFFIXES)})"
+                f"unsupported instruction data file type '{p.suffix}': {p} "
+                f"(expected {', '.join(SUFFIXES)} or a datasets directory)"
             )
     template = _template(tokenizer, chat_template)
-    out = Path(cache_dir) / _cache_key(paths, tokenizer, template)
+    out = Path(cache_dir) / _cache_key(paths, tokenizer, template, split)
     if (out / META_FILE).exists():
         try:
             return InstructStream.open(out)
@@ -568,7 +641,7 @@ def tokenize_instruct(
             pass  # a damaged cache under the right key is simply rebuilt
     out.mkdir(parents=True, exist_ok=True)
     try:
-        _write_cache(paths, tokenizer, template, batch_examples, out)
+        _write_cache(paths, tokenizer, template, batch_examples, out, split)
     except BaseException:
         with contextlib.suppress(OSError):
             out.rmdir()  # only succeeds if empty: leave no empty cache directory behind after bad input

@@ -1,27 +1,38 @@
 """Finding training files and reading documents out of them.
 
 Supported formats: `.txt` (one file = one document), `.jsonl` (one object per line), `.json` (a list of
-objects) and `.parquet` (a string column). Everything that can be streamed is streamed, so that a corpus
-larger than RAM can be tokenized: `.txt` in line-aligned pieces, `.jsonl` line by line, `.parquet` in
-record batches. Only `.json` is parsed whole, because the standard library cannot stream it.
+objects), `.parquet` (a string column) and Hugging Face `datasets` directories written by `save_to_disk`
+(a string column; needs the optional `datasets` package). Everything that can be streamed is streamed, so
+that a corpus larger than RAM can be tokenized: `.txt` in line-aligned pieces, `.jsonl` line by line,
+`.parquet` and datasets directories (memory-mapped Arrow) in record batches. Only `.json` is parsed
+whole, because the standard library cannot stream it.
+
+A datasets directory is one training "file" to everything downstream: `resolve_files` returns the
+directory itself (never the Arrow files inside), and the token caches key it by `hf_dataset_fingerprint`.
 """
 
 from __future__ import annotations
 
 import codecs
 import glob
+import hashlib
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from snuggle.errors import SnuggleError
 
 __all__ = [
     "SUFFIXES",
+    "file_stamps",
+    "hf_dataset_fingerprint",
+    "is_hf_dataset_dir",
     "iter_document_pieces",
     "iter_documents",
     "iter_text_pieces",
+    "open_hf_dataset",
     "resolve_files",
 ]
 
@@ -36,11 +47,115 @@ def _supported(path: Path) -> bool:
     return path.suffix.lower() in SUFFIXES
 
 
+# --- Hugging Face datasets directories ----------------------------------------------------------------------
+
+_HF_DICT = "dataset_dict.json"  # a DatasetDict: one sub-directory per split
+_HF_STATE, _HF_INFO = "state.json", "dataset_info.json"  # a Dataset (both, as datasets.load_from_disk wants)
+_HF_BATCH_ROWS = 1024
+
+
+def is_hf_dataset_dir(path: Path) -> bool:
+    """A directory written by `datasets.Dataset.save_to_disk` or `DatasetDict.save_to_disk`."""
+    return path.is_dir() and (
+        (path / _HF_DICT).is_file() or ((path / _HF_STATE).is_file() and (path / _HF_INFO).is_file())
+    )
+
+
+def _hf_split_dir(path: Path, split: str | None) -> Path:
+    """The directory holding the Arrow files of `split` (a DatasetDict's sub-directory, or `path`)."""
+    if not (path / _HF_DICT).is_file():
+        return path
+    name = split or "train"
+    try:
+        splits = json.loads((path / _HF_DICT).read_text(encoding="utf-8"))["splits"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SnuggleError(f"{path / _HF_DICT}: unreadable datasets split list ({e})") from None
+    if name not in splits:
+        raise SnuggleError(
+            f"{path}: the dataset has no split '{name}' "
+            f"(splits: {', '.join(map(str, splits))}); set data.split"
+        )
+    return path / name
+
+
+def hf_dataset_fingerprint(path: Path, split: str | None) -> str:
+    """Cache-key part of a datasets directory: its split list, the split's state (which holds the
+    dataset's `_fingerprint`) and info files, and the size and mtime of each Arrow file they list."""
+    h = hashlib.sha256(str(split or "train").encode())
+    split_dir = _hf_split_dir(path, split)
+    try:
+        if (path / _HF_DICT).is_file():
+            h.update((path / _HF_DICT).read_bytes())
+        state = (split_dir / _HF_STATE).read_bytes()
+        h.update(state)
+        h.update((split_dir / _HF_INFO).read_bytes())
+        for f in json.loads(state).get("_data_files", []):
+            st = (split_dir / f["filename"]).stat()
+            h.update(f"{f['filename']}:{st.st_size}:{st.st_mtime_ns}".encode())
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SnuggleError(f"{split_dir}: unreadable datasets directory ({e})") from None
+    return h.hexdigest()
+
+
+def open_hf_dataset(path: Path, split: str | None = None) -> Any:
+    """`datasets.load_from_disk` of a directory (the `split` of a DatasetDict, default train), memory-mapped:
+    nothing is read until rows are iterated."""
+    try:
+        import datasets
+    except ImportError:
+        raise SnuggleError(
+            f"{path}: a Hugging Face datasets directory; reading it needs the 'datasets' package: "
+            "pip install datasets"
+        ) from None
+    split_dir = _hf_split_dir(path, split)
+    try:
+        ds = datasets.load_from_disk(str(split_dir))
+    except Exception as e:  # missing Arrow files, version skew, ...: one line naming the directory
+        msg = " ".join(str(e).split())[:200]
+        raise SnuggleError(f"{split_dir}: unreadable datasets directory ({msg})") from None
+    return ds
+
+
+def _hf_docs(path: Path, text_field: str, split: str | None) -> Iterator[str]:
+    ds = open_hf_dataset(path, split)
+    if text_field not in ds.column_names:
+        raise SnuggleError(f"{path}: no column '{text_field}' (columns: {', '.join(ds.column_names)})")
+    dtype = getattr(ds.features[text_field], "dtype", None)
+    if dtype not in ("string", "large_string", "string_view"):
+        raise SnuggleError(f"{path}: column '{text_field}' must hold strings, got {ds.features[text_field]}")
+    for batch in ds.select_columns([text_field]).iter(batch_size=_HF_BATCH_ROWS):
+        # Nulls are treated like empty strings: skipped.
+        yield from (t for t in batch[text_field] if t is not None)
+
+
+def file_stamps(files: Sequence[Path], split: str | None) -> list[list[Any]]:
+    """What a token cache key records of its inputs: (path, size, mtime) of a file, (path, split,
+    fingerprint) of a datasets directory; a file that cannot be read fails here, naming it."""
+    stamps: list[list[Any]] = []
+    for path in files:
+        if path.is_dir():
+            stamps.append([str(path), split or "train", hf_dataset_fingerprint(path, split)])
+            continue
+        try:
+            st = path.stat()
+        except OSError as e:
+            raise SnuggleError(f"{path}: cannot read training file: {e.strerror}") from None
+        stamps.append([str(path), st.st_size, st.st_mtime_ns])
+    return stamps
+
+
+# --- finding files ------------------------------------------------------------------------------------------
+
+
 def _walk_dir(root: Path) -> list[Path]:
     # Hidden files and folders (.git, .cache, a tokenization cache placed beside the corpus) are never
     # training data, so they are skipped rather than reported.
     found = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        if is_hf_dataset_dir(Path(dirpath)):
+            found.append(Path(dirpath))  # the dataset as a whole; its Arrow files are not documents
+            dirnames.clear()
+            continue
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         for name in filenames:
             path = Path(dirpath, name)
@@ -63,7 +178,9 @@ def _resolve_entry(entry: str) -> list[Path]:
     if path.is_dir():
         found = _walk_dir(path)
         if not found:
-            raise SnuggleError(f"no training files ({', '.join(SUFFIXES)}) under directory '{entry}'")
+            raise SnuggleError(
+                f"no training files ({', '.join(SUFFIXES)}) or datasets directories under directory '{entry}'"
+            )
         return found
     if not _GLOB_CHARS.intersection(expanded):
         raise SnuggleError(f"training data path does not exist: '{entry}'")
@@ -238,12 +355,16 @@ _READERS = {".jsonl": _jsonl_docs, ".json": _json_docs, ".parquet": _parquet_doc
 
 
 def iter_document_pieces(
-    files: str | Path | Iterable[str | Path], text_field: str = "text", piece_bytes: int = 1 << 20
+    files: str | Path | Iterable[str | Path],
+    text_field: str = "text",
+    piece_bytes: int = 1 << 20,
+    split: str | None = None,
 ) -> Iterator[tuple[bool, str]]:
     """Yield `(starts_document, text)`: every non-empty document as one or more consecutive pieces.
 
     Only `.txt` documents are split (see `iter_text_pieces`); other formats yield one piece per document.
-    Raises `SnuggleError` at the end if no file held a non-empty document.
+    `split` picks the split of a DatasetDict directory (default train). Raises `SnuggleError` at the end
+    if no file held a non-empty document.
     """
     if isinstance(files, str | os.PathLike):
         files = [files]  # one path, not a sequence of characters
@@ -251,15 +372,18 @@ def iter_document_pieces(
     any_doc = False
     for path in files:
         suffix = path.suffix.lower()
-        if suffix == ".txt":
+        if path.is_dir():
+            texts = _hf_docs(path, text_field, split)
+        elif suffix == ".txt":
             for start, piece in _txt_pieces(path, piece_bytes):
                 any_doc = True
                 yield start, piece
             continue
-        reader = _READERS.get(suffix)
-        if reader is None:
+        elif (reader := _READERS.get(suffix)) is not None:
+            texts = reader(path, text_field)
+        else:
             raise SnuggleError(f"unsupported training file type '{path.suffix}': {path}")
-        for text in reader(path, text_field):
+        for text in texts:
             if text.strip():
                 any_doc = True
                 yield True, text
@@ -268,10 +392,12 @@ def iter_document_pieces(
         raise SnuggleError(f"corpus is empty: no non-empty document in {len(files)} file(s) ({names})")
 
 
-def iter_documents(files: str | Path | Iterable[str | Path], text_field: str = "text") -> Iterator[str]:
+def iter_documents(
+    files: str | Path | Iterable[str | Path], text_field: str = "text", split: str | None = None
+) -> Iterator[str]:
     """Yield every non-empty document as one string (a whole `.txt` file is one document)."""
     parts: list[str] = []
-    for start, piece in iter_document_pieces(files, text_field):
+    for start, piece in iter_document_pieces(files, text_field, split=split):
         if start and parts:
             yield "".join(parts)
             parts.clear()

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from snuggle.data.sources import iter_document_pieces
+from snuggle.data.sources import file_stamps, iter_document_pieces
 from snuggle.errors import SnuggleError
 
 __all__ = ["FORMAT_VERSION", "TokenStream", "tokenize_corpus"]
@@ -98,17 +98,12 @@ def _tokenizer_fingerprint(tokenizer: Any) -> str:
     return h.hexdigest()
 
 
-def _cache_key(files: Sequence[Path], text_field: str, piece_bytes: int, tokenizer: Any) -> str:
-    stats = []
-    for path in files:
-        try:
-            st = path.stat()
-        except OSError as e:
-            raise SnuggleError(f"{path}: cannot read training file: {e.strerror}") from None
-        stats.append([str(path), st.st_size, st.st_mtime_ns])
+def _cache_key(
+    files: Sequence[Path], text_field: str, piece_bytes: int, tokenizer: Any, split: str | None
+) -> str:
     payload = {
         "format": FORMAT_VERSION,
-        "files": stats,
+        "files": file_stamps(files, split),
         "text_field": text_field,
         # piece_bytes changes how large .txt files are cut for tokenization, hence the exact tokens.
         "piece_bytes": piece_bytes,
@@ -155,7 +150,13 @@ def _fsync_replace(tmp: Path, final: Path) -> None:
 
 
 def _write_cache(
-    files: Sequence[Path], tokenizer: Any, text_field: str, piece_bytes: int, batch_docs: int, out: Path
+    files: Sequence[Path],
+    tokenizer: Any,
+    text_field: str,
+    piece_bytes: int,
+    batch_docs: int,
+    out: Path,
+    split: str | None,
 ) -> None:
     eos = int(tokenizer.eos_token_id)
     tag = f".tmp-{os.getpid()}-{secrets.token_hex(4)}"
@@ -163,7 +164,7 @@ def _write_cache(
     try:
         n_tokens = n_docs = 0
         with open(tmp[TOKENS_FILE], "wb") as ft, open(tmp[STARTS_FILE], "wb") as fs:
-            pieces = iter_document_pieces(files, text_field, piece_bytes)
+            pieces = iter_document_pieces(files, text_field, piece_bytes, split)
             for batch in _batches(pieces, batch_docs):
                 flat: list[int] = []
                 starts: list[int] = []
@@ -211,12 +212,14 @@ def tokenize_corpus(
     cache_dir: str | Path,
     batch_docs: int = 64,
     piece_bytes: int = 1 << 20,
+    split: str | None = None,
 ) -> TokenStream:
     """Tokenize `files` into `cache_dir/<sha256 key>/`, or reuse that cache if it is already complete.
 
     Each document becomes `tokenizer(text, add_special_tokens=True)` ids followed by EOS. Large `.txt`
     files are tokenized in line-aligned pieces of about `piece_bytes`, so nothing needs the whole corpus
-    (or a whole file) in RAM.
+    (or a whole file) in RAM. A datasets directory among `files` is read for its `split` (DatasetDict;
+    default train), and the cache is keyed by its fingerprint files (see `sources.file_stamps`).
     """
     if getattr(tokenizer, "eos_token_id", None) is None:
         raise SnuggleError("the tokenizer has no eos_token: set one so that documents can be separated")
@@ -227,7 +230,7 @@ def tokenize_corpus(
     paths = [Path(f).resolve() for f in files]
     if not paths:
         raise SnuggleError("no training files given")
-    out = Path(cache_dir) / _cache_key(paths, text_field, piece_bytes, tokenizer)
+    out = Path(cache_dir) / _cache_key(paths, text_field, piece_bytes, tokenizer, split)
     if (out / META_FILE).exists():
         try:
             return TokenStream.open(out)
@@ -235,7 +238,7 @@ def tokenize_corpus(
             pass  # a damaged cache under the right key is simply rebuilt
     out.mkdir(parents=True, exist_ok=True)
     try:
-        _write_cache(paths, tokenizer, text_field, piece_bytes, batch_docs, out)
+        _write_cache(paths, tokenizer, text_field, piece_bytes, batch_docs, out, split)
     except BaseException:
         with contextlib.suppress(OSError):
             out.rmdir()  # only succeeds if empty: leave no empty cache directory behind after bad input

@@ -25,7 +25,14 @@ from snuggle.io.hf import write_json_atomic
 from snuggle.lora import ALL_LINEAR, LoRALinear, apply_lora
 from snuggle.model.decoder import Decoder
 
-__all__ = ["save_peft_adapter", "load_peft_adapter", "merged_state_dict", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS"]
+__all__ = [
+    "save_peft_adapter",
+    "load_peft_adapter",
+    "peft_lora_settings",
+    "merged_state_dict",
+    "ADAPTER_CONFIG",
+    "ADAPTER_WEIGHTS",
+]
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -176,6 +183,39 @@ def _split_keys(tensors: dict[str, torch.Tensor], where: Path):
         if set(ab) != {"A", "B"}:
             raise SnuggleError(f"{where}: adapter has lora_A without lora_B (or the reverse) for {module}")
     return lora, emb
+
+
+def peft_lora_settings(adapter_dir: Path) -> dict[str, Any]:
+    """What LoRA an adapter directory describes, without loading its tensors (names only):
+    r, alpha, rslora, targets (in ALL_LINEAR order), train_embeddings, base (base_model_name_or_path)."""
+    adapter_dir = Path(adapter_dir)
+    cfg_file, weights = adapter_dir / ADAPTER_CONFIG, adapter_dir / ADAPTER_WEIGHTS
+    try:
+        cfg = json.loads(cfg_file.read_text())
+        with safe_open(str(weights), framework="pt") as st:
+            keys = list(st.keys())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, SafetensorError) as e:
+        raise SnuggleError(f"{adapter_dir}: unreadable PEFT adapter ({e})") from None
+    _check_supported(cfg, adapter_dir)
+    leaves, emb = set(), False
+    for key in keys:
+        name = key.removeprefix(_PREFIX)
+        if name in _EMBEDDINGS:
+            emb = True
+        elif m := _LORA_KEY.fullmatch(name):
+            leaves.add(m["module"].rpartition(".")[2])
+    try:
+        r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise SnuggleError(f"{cfg_file}: missing or bad value for {e}") from None
+    return {
+        "r": r,
+        "alpha": alpha,
+        "rslora": bool(cfg.get("use_rslora", False)),
+        "targets": tuple(t for t in ALL_LINEAR if t in leaves),
+        "train_embeddings": emb,
+        "base": cfg.get("base_model_name_or_path"),
+    }
 
 
 def load_peft_adapter(model: Decoder, adapter_dir: Path) -> Decoder:

@@ -40,6 +40,7 @@ from snuggle.train.parallel import (
     resolve_strategy,
     unwrap,
 )
+from snuggle.train.reporters import Reporter, check_reporters, open_reporters
 from snuggle.train.setup import build_data, build_model, check_output_dir
 
 __all__ = ["train"]
@@ -87,6 +88,7 @@ def _train(cfg: RunConfig, ctx: DistContext, device: torch.device) -> dict:
         strategy = resolve_strategy(t.parallel, ctx.world_size, cfg.use_lora)
         if ctx.is_main:
             check_output_dir(out, t.resume)
+            check_reporters(t.report_to)
         torch.manual_seed(t.seed)  # the same LoRA initialisation on every rank
         model, tokenizer = build_model(_rank_config(cfg, ctx, device, strategy))
         if ctx.is_main:
@@ -117,14 +119,18 @@ def _train(cfg: RunConfig, ctx: DistContext, device: torch.device) -> dict:
         # correlation no single-process run has)
         torch.manual_seed(_rank_seed(t.seed, ctx.rank))
 
+    reporters: list[Reporter] = []
     try:
-        return _run(cfg, ctx, device, strategy, model, data, plan, say)
+        return _run(cfg, ctx, device, strategy, model, data, plan, say, reporters)
     except Exception as e:
         # a collective that failed or timed out: name the rank that died or hangs, in one line
         explained = ctx.explain(e)
         if explained is None:
             raise
         raise explained from None
+    finally:
+        for r in reporters:
+            r.close()
 
 
 def print_on_main(ctx: DistContext) -> Callable[[str], None]:
@@ -156,7 +162,8 @@ def _eval_batches(data, t, ctx: DistContext) -> Iterator[dict[str, torch.Tensor]
         yield pad
 
 
-def _run(cfg, ctx: DistContext, device, strategy, model, data, plan, say) -> dict:
+def _run(cfg, ctx: DistContext, device, strategy, model, data, plan, say, reporters: list[Reporter]) -> dict:
+    """The run proper; `reporters` is filled here (rank 0) and closed by the caller, also on failure."""
     t = cfg.train
     out = Path(t.output_dir)
     ctx.heartbeat("wrapping the model")
@@ -181,14 +188,33 @@ def _run(cfg, ctx: DistContext, device, strategy, model, data, plan, say) -> dic
                 f"{meta['global_batch']}: the data order from step {start} on differs from that run's"
             )
     log = None
+    error: BaseException | None = None
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
+        try:
+            # before config.yaml: a tracker that cannot start leaves no run behind
+            reporters.extend(
+                open_reporters(t.report_to, out, t.wandb_project, to_dict(cfg), ckpt is not None)
+            )
+        except Exception as e:
+            error = e
+    ctx.agree(error)
+    if ctx.is_main:
         if ckpt is None:
             # a fresh start (also resume=true on a run that died before its first checkpoint) must not
             # append its curve to the rows of the earlier attempt, which would give every step twice
             (out / "metrics.jsonl").unlink(missing_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         log = MetricsLog(out / "metrics.jsonl", resume_step=start if ckpt is not None else None)
+
+    def record(row: dict) -> None:
+        # rank 0: metrics.jsonl, then every reporter, the same row
+        if log is None:
+            return
+        log.write(row)
+        for r in reporters:
+            r.log(row)
+
     bar = ProgressBar(t.steps, start, t.progress and ctx.is_main)
     n_train = sum(p.numel() for p in trainables.values())
     n_total = sum(p.numel() for p in unwrap(engine).parameters())  # FSDP: DTensor numel is global
@@ -196,6 +222,7 @@ def _run(cfg, ctx: DistContext, device, strategy, model, data, plan, say) -> dic
         bar.write(
             f"snuggle: {n_train:,} trainable of {n_total:,} parameters; {len(data.train_idx)} train rows, "
             f"{len(data.val_idx)} held-out rows of {cfg.data.seq_len} tokens"
+            + (f"; LoRA from {cfg.model.adapter}" if cfg.model.adapter and ckpt is None else "")
             + (f"; resumed from {ckpt.name}" if ckpt is not None else "")
         )
 
@@ -210,15 +237,14 @@ def _run(cfg, ctx: DistContext, device, strategy, model, data, plan, say) -> dic
             total, tokens = ctx.all_reduce_sum(part).tolist()
             loss = total / max(tokens, 1.0)
             res = {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": int(tokens)}
-        if log is not None:
-            log.write(
-                {
-                    "step": step,
-                    "eval_loss": res["loss"],
-                    "eval_ppl": res["perplexity"],
-                    "eval_tokens": res["tokens"],
-                }
-            )
+        record(
+            {
+                "step": step,
+                "eval_loss": res["loss"],
+                "eval_ppl": res["perplexity"],
+                "eval_tokens": res["tokens"],
+            }
+        )
         if ctx.is_main:
             bar.write(f"step {step}: eval loss {res['loss']:.4f}, perplexity {res['perplexity']:.2f}")
         return res
@@ -287,7 +313,7 @@ def _run(cfg, ctx: DistContext, device, strategy, model, data, plan, say) -> dic
             }
             if grad_norm is not None:
                 row["grad_norm"] = grad_norm
-            log.write(row)
+            record(row)
         bar.update(loss_val, lr, tokens_per_step / dt, mem)
         if t.eval_every and done % t.eval_every == 0 and done != t.steps:
             run_eval(done)

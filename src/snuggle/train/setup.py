@@ -1,4 +1,9 @@
-"""Everything the loop needs before step 0, each validated before anything is written to disk."""
+"""Everything the loop needs before step 0, each validated before anything is written to disk.
+
+A second stage (`model.adapter`) starts from the LoRA factors (and trained embeddings) of a snuggle run
+or a PEFT adapter: they are loaded onto the freshly built model here, before any optimizer or wrapper
+exists, so the new run trains them further with a fresh optimizer from step 0.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +12,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import yaml
+from torch import nn
 
-from snuggle.config import DataConfig, RunConfig
+from snuggle.config import DataConfig, LoraConfig, RunConfig, config_from_dict
 from snuggle.data import PackedRows, resolve_files, split_indices, tokenize_corpus
+from snuggle.data.instruct import PackedExamples, tokenize_instruct
 from snuggle.errors import SnuggleError
 from snuggle.load import load
-from snuggle.lora import apply_lora, enable_full_finetune
+from snuggle.lora import LoRALinear, apply_lora, enable_full_finetune, resolve_targets
 from snuggle.model.decoder import Decoder
+from snuggle.train.checkpoint import latest_checkpoint, load_trainables
 
 __all__ = ["Data", "build_model", "build_data", "check_output_dir", "default_cache_dir", "RUN_MARKERS"]
 
@@ -39,12 +48,115 @@ def check_output_dir(out: Path, resume: bool) -> None:
         )
 
 
-def build_model(cfg: RunConfig) -> tuple[Decoder, object]:
-    """Base model + tokenizer, with LoRA / trainable embeddings / full fine-tuning applied."""
+def _same_base(a: str, b: str) -> bool:
+    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+
+
+def _lora_mismatch(lc: LoraConfig, have: dict, adapter: str) -> None:
+    """Error naming every structural LoRA setting in which the config differs from the adapter's."""
+    want = {
+        "r": lc.r,
+        "alpha": float(lc.alpha),
+        "rslora": bool(lc.rslora),
+        "targets": tuple(resolve_targets(lc.targets)),
+        "train_embeddings": bool(lc.train_embeddings),
+    }
+    diff = []
+    for key, value in want.items():
+        theirs = have[key]
+        if key == "targets":
+            same = set(value) == set(theirs)
+            value, theirs = list(value), list(theirs)
+        else:
+            same = value == theirs
+        if not same:
+            diff.append(f"lora.{key}={value} (adapter: {theirs})")
+    if diff:
+        raise SnuggleError(
+            f"lora settings differ from model.adapter {adapter}: {', '.join(diff)}; set them to the adapter's"
+        )
+
+
+def _start_from_run(model: Decoder, cfg: RunConfig, run: Path) -> None:
+    """The run's latest trainables (LoRA factors, embedding copies) onto the model, LoRA as the run had it."""
+    try:
+        run_cfg = config_from_dict(yaml.safe_load((run / "config.yaml").read_text()) or {})
+    except (OSError, yaml.YAMLError) as e:
+        raise SnuggleError(f"model.adapter {run}: unreadable run config ({e})") from None
+    if not _same_base(run_cfg.model.path, cfg.model.path):
+        raise SnuggleError(
+            f"model.adapter {run} was trained on {run_cfg.model.path}, not on model.path {cfg.model.path}"
+        )
+    if not run_cfg.use_lora:
+        raise SnuggleError(
+            f"model.adapter {run} is a full fine-tuning run, not an adapter; export it with "
+            f"`snuggle export {run} --format hf` and give that directory as model.path"
+        )
+    rl = run_cfg.lora
+    have = {
+        "r": rl.r,
+        "alpha": float(rl.alpha),
+        "rslora": bool(rl.rslora),
+        "targets": tuple(resolve_targets(rl.targets)),
+        "train_embeddings": bool(rl.train_embeddings),
+    }
+    _lora_mismatch(cfg.lora, have, str(run))
+    ckpt = latest_checkpoint(run)
+    if ckpt is None:
+        raise SnuggleError(f"model.adapter {run}: the run has no complete checkpoint yet")
+    lc = cfg.lora
+    apply_lora(model, lc.r, lc.alpha, lc.dropout, lc.rslora, lc.targets, lc.train_embeddings)
+    load_trainables(ckpt, model)
+
+
+def _start_from_peft(model: Decoder, cfg: RunConfig, adapter: Path) -> None:
+    from snuggle.io.peft_format import load_peft_adapter, peft_lora_settings
+
+    have = peft_lora_settings(adapter)
+    base = have["base"]
+    # a hub id names no local path: then only the shapes (checked by load_peft_adapter) can tell the base
+    if base and Path(base).expanduser().exists() and not _same_base(base, cfg.model.path):
+        raise SnuggleError(
+            f"model.adapter {adapter} was trained on {base}, not on model.path {cfg.model.path}"
+        )
+    _lora_mismatch(cfg.lora, have, str(adapter))
+    load_peft_adapter(model, adapter)
+    # the adapter's lora_dropout was its own training's; this stage trains with the config's
+    for m in model.modules():
+        if isinstance(m, LoRALinear):
+            m.dropout = nn.Dropout(cfg.lora.dropout) if cfg.lora.dropout > 0 else nn.Identity()
+
+
+def _start_from_adapter(model: Decoder, cfg: RunConfig) -> None:
+    from snuggle.io.peft_format import ADAPTER_CONFIG
+
+    a = Path(cfg.model.adapter).expanduser()
+    if (a / "config.yaml").is_file():
+        _start_from_run(model, cfg, a)
+    elif (a / ADAPTER_CONFIG).is_file():
+        _start_from_peft(model, cfg, a)
+    elif not a.exists():
+        raise SnuggleError(f"model.adapter not found: {a}")
+    else:
+        raise SnuggleError(
+            f"model.adapter {a}: not a snuggle run directory (config.yaml) "
+            f"nor a PEFT adapter ({ADAPTER_CONFIG})"
+        )
+
+
+def build_model(cfg: RunConfig, load_adapter: bool = True) -> tuple[Decoder, object]:
+    """Base model + tokenizer, with LoRA / trainable embeddings / full fine-tuning applied.
+
+    With `model.adapter` the LoRA factors start from that adapter; `load_adapter=False` builds the same
+    structure without reading it (for a run's own checkpoint, which holds every trainable tensor anyway).
+    """
     model, tokenizer = load(cfg.model.path, dtype=cfg.model.dtype, device=cfg.model.device)
     if cfg.use_lora:
         lc = cfg.lora
-        apply_lora(model, lc.r, lc.alpha, lc.dropout, lc.rslora, lc.targets, lc.train_embeddings)
+        if cfg.model.adapter is not None and load_adapter:
+            _start_from_adapter(model, cfg)
+        else:
+            apply_lora(model, lc.r, lc.alpha, lc.dropout, lc.rslora, lc.targets, lc.train_embeddings)
     else:
         enable_full_finetune(model)
     if cfg.train.kernels != "torch":
@@ -59,7 +171,7 @@ def build_model(cfg: RunConfig) -> tuple[Decoder, object]:
 
 @dataclass
 class Data:
-    rows: PackedRows
+    rows: PackedRows | PackedExamples  # same row format: everything downstream takes either
     train_idx: np.ndarray
     val_idx: np.ndarray
 
@@ -71,7 +183,14 @@ def build_data(dc: DataConfig, tokenizer, seed: int, max_positions: int) -> Data
         )
     files = resolve_files(dc.train)
     cache = Path(dc.cache_dir) if dc.cache_dir else default_cache_dir()
-    stream = tokenize_corpus(files, tokenizer, text_field=dc.text_field, cache_dir=cache)
-    rows = PackedRows(stream, dc.seq_len)
+    rows: PackedRows | PackedExamples
+    if dc.format == "instruct":
+        stream = tokenize_instruct(
+            files, tokenizer, cache_dir=cache, chat_template=dc.chat_template, split=dc.split
+        )
+        rows = PackedExamples(stream, dc.seq_len)
+    else:
+        stream = tokenize_corpus(files, tokenizer, text_field=dc.text_field, cache_dir=cache, split=dc.split)
+        rows = PackedRows(stream, dc.seq_len)
     train_idx, val_idx = split_indices(len(rows), dc.val_fraction, seed)
     return Data(rows, train_idx, val_idx)
