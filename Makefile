@@ -3,7 +3,7 @@
 PY ?= python3
 PIP = $(PY) -m pip install -q --disable-pip-version-check
 
-.PHONY: install test lint demo
+.PHONY: install test lint demo instruct-demo
 
 install:
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) torch==2.13.0
@@ -21,3 +21,6 @@ lint:
 
 demo: install
 	bash examples/cpt_demo.sh
+
+instruct-demo: install
+	bash examples/instruct_demo.sh
