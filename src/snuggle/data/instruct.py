@@ -52,7 +52,7 @@ import torch
 
 from snuggle.data.packing import IGNORE_INDEX, collate
 from snuggle.data.sources import file_stamps, is_hf_dataset_dir, open_hf_dataset
-from snuggle.data.tokenize import _fsync_replace, _tokenizer_fingerprint
+from snuggle.data.tokenize import _tokenizer_fingerprint, commit_cache_files
 from snuggle.errors import SnuggleError
 
 __all__ = [
@@ -588,13 +588,7 @@ def _write_cache(
             "files": [str(p) for p in files],
         }
         tmp[META_FILE].write_text(json.dumps(meta, indent=1), encoding="utf-8")
-        for name in names:  # meta.json last: its presence marks a complete cache
-            _fsync_replace(tmp[name], out / name)
-        dir_fd = os.open(out, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        commit_cache_files(tmp, out, names)  # names end with meta.json: its presence marks a complete cache
     finally:
         for path in tmp.values():
             path.unlink(missing_ok=True)

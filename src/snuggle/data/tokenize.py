@@ -149,6 +149,21 @@ def _fsync_replace(tmp: Path, final: Path) -> None:
     os.replace(tmp, final)
 
 
+def commit_cache_files(tmp: dict[str, Path], out: Path, names: Sequence[str]) -> None:
+    """Move finished temp files into `out` in the order of `names` (meta.json last), then fsync `out`.
+
+    meta.json goes last: a run killed at any point leaves either no meta.json (the cache is rebuilt next
+    time) or a complete, consistent cache. Shared by the text and the instruction caches.
+    """
+    for name in names:
+        _fsync_replace(tmp[name], out / name)
+    dir_fd = os.open(out, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
 def _write_cache(
     files: Sequence[Path],
     tokenizer: Any,
@@ -190,15 +205,7 @@ def _write_cache(
             "files": [str(p) for p in files],
         }
         tmp[META_FILE].write_text(json.dumps(meta, indent=1), encoding="utf-8")
-        # meta.json goes last: a run killed at any point leaves either no meta.json (cache rebuilt next
-        # time) or a complete, consistent cache.
-        for name in (TOKENS_FILE, STARTS_FILE, META_FILE):
-            _fsync_replace(tmp[name], out / name)
-        dir_fd = os.open(out, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        commit_cache_files(tmp, out, (TOKENS_FILE, STARTS_FILE, META_FILE))
     finally:
         for path in tmp.values():
             path.unlink(missing_ok=True)
