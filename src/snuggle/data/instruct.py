@@ -50,7 +50,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from snuggle.data.packing import IGNORE_INDEX, collate
+from snuggle.data.packing import IGNORE_INDEX, collate, row_tensors
 from snuggle.data.sources import file_stamps, is_hf_dataset_dir, open_hf_dataset
 from snuggle.data.tokenize import _tokenizer_fingerprint, commit_cache_files
 from snuggle.errors import SnuggleError
@@ -729,12 +729,7 @@ class PackedExamples:
         doc_ids = np.empty(T, dtype=np.int64)  # (T,)
         doc_ids[:n] = ex[:n] - ex[0]
         doc_ids[n:] = doc_ids[n - 1] + 1  # padding: one id of its own, never a real example's
-        return {
-            "input_ids": torch.from_numpy(input_ids),
-            "labels": torch.from_numpy(labels),
-            "position_ids": torch.from_numpy(position_ids),
-            "doc_ids": torch.from_numpy(doc_ids),
-        }
+        return row_tensors(input_ids, labels, position_ids, doc_ids)
 
     def batch(self, indices: Sequence[int] | np.ndarray) -> dict[str, torch.Tensor]:
         """Collated (B, T) batch of the given row indices."""

@@ -72,16 +72,23 @@ class PackedRows:
         doc_ids[:n_in] = doc[:n_in] - doc[0]
         doc_ids[n_in:] = doc_ids[n_in - 1] + 1  # padding: one id of its own, never a real document's
 
-        return {
-            "input_ids": torch.from_numpy(input_ids),
-            "labels": torch.from_numpy(labels),
-            "position_ids": torch.from_numpy(position_ids),
-            "doc_ids": torch.from_numpy(doc_ids),
-        }
+        return row_tensors(input_ids, labels, position_ids, doc_ids)
 
     def batch(self, indices: Sequence[int] | np.ndarray) -> dict[str, torch.Tensor]:
         """Collated (B, T) batch of the given row indices."""
         return collate([self[i] for i in indices])
+
+
+def row_tensors(
+    input_ids: np.ndarray, labels: np.ndarray, position_ids: np.ndarray, doc_ids: np.ndarray
+) -> dict[str, torch.Tensor]:
+    """The row format every packer produces and the trainer consumes: four (T,) int64 tensors."""
+    return {
+        "input_ids": torch.from_numpy(input_ids),
+        "labels": torch.from_numpy(labels),
+        "position_ids": torch.from_numpy(position_ids),
+        "doc_ids": torch.from_numpy(doc_ids),
+    }
 
 
 def collate(rows: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
