@@ -51,7 +51,7 @@ import numpy as np
 import torch
 
 from snuggle.data.packing import IGNORE_INDEX, collate, row_tensors
-from snuggle.data.sources import file_stamps, is_hf_dataset_dir, open_hf_dataset
+from snuggle.data.sources import file_stamps, is_hf_dataset_dir, iter_jsonl, open_hf_dataset
 from snuggle.data.tokenize import _tokenizer_fingerprint, commit_cache_files
 from snuggle.errors import SnuggleError
 
@@ -156,22 +156,6 @@ def _open_binary(path: Path):
         return open(path, "rb")
     except OSError as e:
         raise SnuggleError(f"{path}: cannot read training file: {e.strerror}") from None
-
-
-def _jsonl_records(path: Path) -> Iterator[tuple[Any, str]]:
-    with _open_binary(path) as f:
-        for lineno, raw in enumerate(f, 1):
-            where = f"{path}:{lineno}"
-            try:
-                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-            except UnicodeDecodeError as e:
-                raise SnuggleError(f"{where}: invalid UTF-8 at column {e.start + 1}") from None
-            if not line.strip():
-                continue
-            try:
-                yield json.loads(line), where
-            except json.JSONDecodeError as e:
-                raise SnuggleError(f"{where}: malformed JSON: {e.msg} (column {e.colno})") from None
 
 
 _WS = re.compile(r"\s*")
@@ -280,7 +264,7 @@ def _hf_records(path: Path, split: str | None) -> Iterator[tuple[Any, str]]:
             row += 1
 
 
-_READERS = {".jsonl": _jsonl_records, ".json": _json_records, ".parquet": _parquet_records}
+_READERS = {".jsonl": iter_jsonl, ".json": _json_records, ".parquet": _parquet_records}
 
 
 def _messages(obj: Any, where: str) -> Messages:

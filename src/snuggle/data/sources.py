@@ -275,20 +275,30 @@ def _txt_pieces(path: Path, piece_bytes: int) -> Iterator[tuple[bool, str]]:
                 blank_chars = len(blank[0])
 
 
-def _jsonl_docs(path: Path, text_field: str) -> Iterator[str]:
+def iter_jsonl(path: Path) -> Iterator[tuple[object, str]]:
+    """(parsed object, "file:line") for every non-blank line; bad UTF-8 or JSON names file:line.
+
+    Shared by the text reader here and the instruction reader (data/instruct.py).
+    """
     with _open_binary(path) as f:
         for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
             try:
                 line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
             except UnicodeDecodeError as e:
-                raise SnuggleError(f"{path}:{lineno}: invalid UTF-8 at column {e.start + 1}") from None
+                raise SnuggleError(f"{where}: invalid UTF-8 at column {e.start + 1}") from None
             if not line.strip():
                 continue
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise SnuggleError(f"{path}:{lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
-            yield _field(obj, text_field, f"{path}:{lineno}")
+                raise SnuggleError(f"{where}: malformed JSON: {e.msg} (column {e.colno})") from None
+            yield obj, where
+
+
+def _jsonl_docs(path: Path, text_field: str) -> Iterator[str]:
+    for obj, where in iter_jsonl(path):
+        yield _field(obj, text_field, where)
 
 
 def _field(obj: object, text_field: str, where: str) -> str:
