@@ -5,7 +5,8 @@ fused AdamW on the trainables, input = labels = random token ids, W warm-up step
 N timed steps, peak = torch.cuda.max_memory_allocated() since the first step. Every variant builds
 the same weights and LoRA factors from the parameter names (ours are HF's), so loss curves compare.
 
-usage: python benchmarks/bench.py --variant snuggle --model 1b --batch 8 --seq 2048 [--ckpt offload]
+usage: python benchmarks/bench.py --variant snuggle --model 1b --batch 8 --seq 2048 [--ckpt offload|plan]
+       [--quantize nf4] [--tile TOKENS] [--cap-gib 24]
 prints one JSON line (also when the run fails: {"error": ...}).
 """
 
@@ -104,6 +105,11 @@ def build_snuggle(args, device):
     model.tie_weights()
     init_weights(model.named_parameters())
     model.compute_dtype = torch.bfloat16
+    if args.quantize == "nf4":
+        from snuggle.quant.nf4 import quantize_model
+
+        quantize_model(model)  # QLoRA: the same bf16 weights, then each block projection in NF4
+        torch.cuda.empty_cache()
     apply_lora(model, r=16, alpha=16, targets=TARGETS)
     for name, mod in model.named_modules():
         if isinstance(mod, LoRALinear):
@@ -116,10 +122,32 @@ def build_snuggle(args, device):
             swapped = apply_fast_path(model)
         except ImportError:
             swapped = []
-    n = {"none": 0, "all": None, "offload": None}.get(args.ckpt)
-    if args.ckpt.startswith("layers:"):
-        n = int(args.ckpt.split(":")[1])
-    configure_checkpointing(model, n, offload=args.ckpt == "offload" or args.offload)
+    info = {"kernels": len(swapped)}
+    if args.ckpt == "plan":
+        # what the trainer does by default: the memory plan for the cap (or the whole card)
+        from snuggle.train.memory import apply_memory_plan, device_budget_gib, plan_memory, static_bytes
+
+        budget = args.cap_gib or device_budget_gib(device)
+        plan = plan_memory(
+            model.args,
+            static_bytes(model),
+            args.batch,
+            args.seq,
+            budget,
+            trainable_head=False,
+            transient=4 * max((m.shape.numel() for m in model.modules() if hasattr(m, "qweight")), default=0),
+        )
+        configure_checkpointing(model, plan.checkpoint_layers, offload=plan.offload)
+        apply_memory_plan(model, plan)
+        info.update(plan=plan.describe(), predicted_gib=plan.predicted_gib)
+    else:
+        n = {"none": 0, "all": None, "offload": None}.get(args.ckpt)
+        if args.ckpt.startswith("layers:"):
+            n = int(args.ckpt.split(":")[1])
+        configure_checkpointing(model, n, offload=args.ckpt == "offload" or args.offload)
+        if args.tile:
+            for block in model.model.layers:
+                block.mlp.tile_tokens = args.tile
     model.train()
 
     def step_loss(ids):
@@ -127,7 +155,7 @@ def build_snuggle(args, device):
         labels[:, :-1] = ids[:, 1:]
         return model.loss_sum(ids, labels) / labels[:, :-1].numel()
 
-    return model, step_loss, {"kernels": len(swapped)}
+    return model, step_loss, info
 
 
 def build_hf(args, device, liger: bool = False):
@@ -237,6 +265,8 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--no-kernels", action="store_true")
     p.add_argument("--profile", action="store_true", help="print one step's kernel profile on stderr")
+    p.add_argument("--quantize", default="none", choices=["none", "nf4"], help="nf4: QLoRA (snuggle only)")
+    p.add_argument("--tile", type=int, default=0, help="MLP sequence tile in tokens (0: untiled)")
     args = p.parse_args()
     try:
         res = run(args)
@@ -254,6 +284,8 @@ def main() -> None:
         cap_gib=args.cap_gib,
         kernels_off=args.no_kernels,
         offload=args.offload,
+        quantize=args.quantize,
+        tile=args.tile,
     )
     print(json.dumps(res), flush=True)
 

@@ -50,7 +50,19 @@ SUITES: dict[str, list[tuple]] = {
         ("snuggle", "8b", 2, 2048, "layers:8", 24, ("--offload",)),
     ],
 }
-SUITES["all"] = SUITES["1b"] + SUITES["8b"]
+NF4 = ("--quantize", "nf4")
+# QLoRA (shared/ANCHORS.md: 8B, batch 2 x 2048; and batch 1 x long sequences capped at 24 GiB)
+SUITES["qlora"] = [
+    ("snuggle", "8b", 2, 2048, "none", 24, NF4),
+    ("snuggle", "8b", 2, 2048, "plan", 24, NF4),
+    ("snuggle", "8b", 2, 2048, "offload", 0, NF4),
+]
+SUITES["qlora-long"] = [
+    ("snuggle", "8b", 1, 32768, "plan", 24, (*NF4, "--warmup", "1", "--steps", "2")),
+    ("snuggle", "8b", 1, 65536, "plan", 24, (*NF4, "--warmup", "1", "--steps", "2")),
+    ("snuggle", "8b", 1, 131072, "plan", 24, (*NF4, "--warmup", "1", "--steps", "1")),
+]
+SUITES["all"] = SUITES["1b"] + SUITES["8b"] + SUITES["qlora"] + SUITES["qlora-long"]
 SUITES["8b-cap"] = [c for c in SUITES["8b"] if c[5]]
 # peers' figures measured on one H100 with this setup (shared/ANCHORS.md), for rows we cannot run here
 ANCHORS = {
@@ -59,6 +71,24 @@ ANCHORS = {
     ("unsloth", "8b", "all"): (10569, 16.7),
     ("unsloth", "8b", "none"): (14665, 30.6),
 }
+# Unsloth QLoRA on one H100 (shared/ANCHORS.md), by (batch, seq, checkpointing): "none" is its fastest
+# configuration under a 24 GiB cap, "all" its smallest footprint; 65,536 tokens runs out of memory
+QLORA_ANCHORS = {
+    (2, 2048, "none"): (14104, 21.0),
+    (2, 2048, "all"): (9898, 7.0),
+    (1, 32768, "all"): (6356, 14.3),
+}
+
+
+def qlora_peer(r: dict) -> float | None:
+    """Unsloth's tokens/s for the QLoRA case this row matches: the smallest-footprint figure for an
+    offloaded row, else its fastest configuration that fits the same (or any) cap."""
+    if (r["batch"], r["seq"]) == (2, 2048):
+        return QLORA_ANCHORS[(2, 2048, "all" if r["ckpt"] in ("offload", "all") else "none")][0]
+    hit = QLORA_ANCHORS.get((r["batch"], r["seq"], "all"))
+    return hit[0] if hit else None
+
+
 DATASHEET_TFLOPS = 989.0
 
 
@@ -147,11 +177,15 @@ def run_case(case: tuple, timeout: int) -> dict:
         "cap_gib": cap,
         "error": err[:200],
         "kernels_off": "--no-kernels" in extra,
+        "quantize": "nf4" if "nf4" in extra else "none",
     }
 
 
 def label(r: dict) -> str:
     name = r["variant"] + (" (no kernels)" if r.get("kernels_off") else "")
+    name += " QLoRA" if r.get("quantize") == "nf4" else ""
+    if r.get("batch", 0) * r.get("seq", 0) > 8192:
+        name += f" {r['batch']}x{r['seq']}"
     ck = r["ckpt"] + ("+offload" if r.get("offload") and r["ckpt"].startswith("layers") else "")
     cap = f", cap {r['cap_gib']:g} GiB" if r.get("cap_gib") else ""
     return f"{r['model']} {name}, ckpt {ck}{cap}"
@@ -176,6 +210,11 @@ def main() -> None:
         print(json.dumps({k: v for k, v in r.items() if k != "losses"}), flush=True)
     # ratio to the best peer (same model) that ran here or is in ANCHORS.md
     for r in rows:
+        if r.get("quantize") == "nf4":
+            peer = qlora_peer(r)
+            if "tokens_per_s" in r and peer:
+                r["vs_best_peer"] = r["tokens_per_s"] / peer
+            continue
         peers = [
             p["tokens_per_s"]
             for p in rows
@@ -222,7 +261,16 @@ def main() -> None:
         + "; ".join(
             f"{k[0]} {k[1]} ckpt {k[2]}: {v[0]:,} tokens/s at {v[1]} GiB" for k, v in ANCHORS.items()
         ),
+        "",
+        "Unsloth QLoRA 8B (shared/ANCHORS.md): "
+        + "; ".join(
+            f"{b} x {s} ckpt {c}: {v[0]:,} tokens/s at {v[1]} GiB" for (b, s, c), v in QLORA_ANCHORS.items()
+        )
+        + "; 1 x 65536 capped at 24 GiB: out of memory. HF+PEFT+bitsandbytes: 2,556 tokens/s at 17.7 GiB.",
     ]
+    plans = [f"- {label(r)}: {r['plan']}" for r in rows if r.get("plan")]
+    if plans:
+        lines += ["", "Memory plans chosen (`--ckpt plan`, as the trainer does):", *plans]
     table = "\n".join(lines) + "\n"
     (out / f"{stem}.md").write_text(table)
     with open(out / f"{stem}.jsonl", "w") as fh:

@@ -213,10 +213,11 @@ def test_kernels_compile_for_hopper():
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
 
-        from snuggle.kernels import linear_ce, rmsnorm, rope, swiglu
+        from snuggle.kernels import linear_ce, nf4, rmsnorm, rope, swiglu
 
         F32 = {"W": "fp32", "RSTD": "fp32", "DW_PARTIAL": "fp32", "LOSS": "fp32", "SCALE": "fp32"}
         F32["LABELS"] = "i64"
+        F32.update(CODES="u8", ABSMAX_Q="i8", ABSMAX_SCALE="fp32", ABSMAX_MEAN="fp32", LEVELS="fp32")
         cases = [
             (rmsnorm._rmsnorm_fwd_kernel, {"BLOCK_R": 1, "BLOCK_C": 4096}),
             (rmsnorm._rmsnorm_fwd_kernel, {"BLOCK_R": 16, "BLOCK_C": 128}),
@@ -227,6 +228,7 @@ def test_kernels_compile_for_hopper():
             (linear_ce._ce_rows_kernel, {"COMPUTE_GRAD": True, "BLOCK_V": 4096}),
             (linear_ce._ce_rows_kernel, {"COMPUTE_GRAD": False, "BLOCK_V": 4096}),
             (linear_ce._scale_kernel, {"BLOCK": 2048}),
+            (nf4._nf4_dequant_kernel, {"QBLOCK": 64, "QGROUP": 256, "BLOCKS": 32}),
         ] + [
             (rmsnorm._rmsnorm_bwd_kernel, {"COMPUTE_DX": dx, "COMPUTE_DW": dw, "BLOCK_R": r, "BLOCK_C": c})
             for dx, dw in ((True, True), (True, False), (False, True))
@@ -254,7 +256,7 @@ def test_kernels_compile_for_hopper():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.strip() == "45"
+    assert out.stdout.strip() == "48"
 
 
 @pytest.mark.skipif(not (HAS_TRITON and IN_FRESH_PROCESS), reason="the kernel tests run in this process")
@@ -697,6 +699,51 @@ class TestLoRA:
         assert fast.scale == ref.scale and fast.r == ref.r
 
 
+# --------------------------------------------------------------------------------------------- NF4
+
+
+def _nf4_parts(out, n_in, seed, block=64, group=4):
+    from snuggle.quant.nf4 import quantize_nf4
+
+    w = torch.randn(out, n_in, generator=_seed(seed)) * 0.05
+    return quantize_nf4(w.to(DEV), block, group)
+
+
+@needs_triton
+class TestNF4:
+    @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+    @pytest.mark.parametrize("out,n_in", [(7, 67), (33, 130), (5, 1), (3, 1000), (1, 64)])
+    def test_dequant_matches_reference(self, out, n_in, dtype):
+        from snuggle.kernels.nf4 import dequantize_nf4
+        from snuggle.quant.nf4 import dequantize_nf4_reference
+
+        parts = _nf4_parts(out, n_in, 30)
+        a = dequantize_nf4(**parts, in_features=n_in, dtype=dtype, block=64, group=4)
+        e = dequantize_nf4_reference(**parts, in_features=n_in, dtype=dtype, block=64, group=4)
+        assert a.dtype == dtype and a.shape == (out, n_in)
+        assert_close(a, e, dtype, "dense")
+
+    @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+    def test_lora_on_nf4_base_matches_reference(self, dtype):
+        from snuggle.quant.nf4 import NF4Weight
+
+        g = _seed(31)
+        ref, fast = _lora_pair(100, 72, 4, bias=False)
+        nf4 = NF4Weight.from_dense(ref.weight.detach(), dtype=dtype)
+        for m in (ref, fast):
+            del m._parameters["weight"]
+            m.weight = nf4
+        x = torch.randn(2, 7, 100, generator=g).to(DEV, dtype)
+        gy = torch.randn(2, 7, 72, generator=g).to(DEV, dtype)
+        # no dense (72, 100) weight is kept for backward: it is dequantized again there
+        y = fast(x.clone().requires_grad_(True))
+        assert (72, 100) not in [tuple(t.shape) for t in y.grad_fn.saved_tensors if t is not None]
+        out0, out1 = _lora_grads(ref, x.detach(), gy), _lora_grads(fast, x.detach(), gy)
+        assert "LoRALinearFunction" in fn_name(out1[0])
+        for name, a, e in zip(("y", "dx", "dA", "dB"), out1, out0, strict=True):
+            assert_close(a, e, dtype, name)
+
+
 # --------------------------------------------------------------------------------------------- whole model
 
 
@@ -942,6 +989,16 @@ class TestLargeShapesGPU:
         assert float(dw1.abs().max()) > 0
         for name, a, e in (("loss", l1, l0), ("dh", dh1, dh0), ("dW", dw1, dw0)):
             assert_close(a, e, dtype, name)
+
+    @pytest.mark.parametrize("out,n_in", [(14336, 4096), (4096, 14336), (1023, 577)])
+    def test_nf4_dequant(self, out, n_in, dtype):
+        from snuggle.kernels.nf4 import dequantize_nf4
+        from snuggle.quant.nf4 import dequantize_nf4_reference
+
+        parts = _nf4_parts(out, n_in, 32, group=256)
+        a = dequantize_nf4(**parts, in_features=n_in, dtype=dtype)
+        e = dequantize_nf4_reference(**parts, in_features=n_in, dtype=dtype)
+        assert_close(a, e, dtype, "dense")
 
     @pytest.mark.parametrize("n_in,n_out,r", [(4096, 1024, 16), (576, 1536, 8)])
     def test_lora(self, n_in, n_out, r, dtype):

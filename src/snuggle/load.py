@@ -1,7 +1,9 @@
 """`snuggle.load`: a model and its tokenizer from an HF directory or a GGUF file, local paths only.
 
 The decoder is built on the meta device (no memory), then each checkpoint tensor is converted and
-assigned as it is read, so peak memory stays at about one copy of the weights.
+assigned as it is read, so peak memory stays at about one copy of the weights. With `quantize="nf4"`
+each block projection is quantized as it arrives (on the target device), so host and device hold
+about the 4-bit size plus one 16/32-bit tensor in flight.
 """
 
 from __future__ import annotations
@@ -17,8 +19,12 @@ from snuggle.errors import SnuggleError
 from snuggle.io import hf
 from snuggle.model.args import ModelArgs
 from snuggle.model.decoder import Decoder
+from snuggle.quant.bnb import bnb_dense_stream, is_bnb_4bit
+from snuggle.quant.nf4 import QUANTIZABLE, NF4Weight
 
-__all__ = ["load", "load_model_args", "resolve_dtype", "resolve_device"]
+__all__ = ["load", "load_model_args", "resolve_dtype", "resolve_device", "QUANTIZE", "QUANTIZABLE"]
+
+QUANTIZE = ("none", "nf4")
 
 _DTYPES = {
     "float32": torch.float32,
@@ -84,8 +90,11 @@ def load_model_args(path: str | Path) -> ModelArgs:
     return ModelArgs.from_hf(hf.read_hf_config(p))
 
 
-def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> bool:
-    """Put `tensor` in place of the (meta) parameter `name`; False if the model has no such parameter."""
+def _assign(model: nn.Module, name: str, tensor: torch.Tensor, nf4: NF4Weight | None = None) -> bool:
+    """Put `tensor` (or its 4-bit form `nf4`) in place of the (meta) parameter `name`.
+
+    False if the model has no such parameter.
+    """
     mod_name, _, leaf = name.rpartition(".")
     try:
         mod = model.get_submodule(mod_name)
@@ -98,21 +107,32 @@ def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> bool:
         raise SnuggleError(
             f"checkpoint tensor {name} has shape {tuple(tensor.shape)}, the config implies {tuple(old.shape)}"
         )
-    mod._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+    if nf4 is not None:
+        del mod._parameters[leaf]
+        setattr(mod, leaf, nf4)  # a submodule in the Parameter's place, under the same name
+    else:
+        mod._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
     return True
 
 
-def fill_weights(model: Decoder, tensors: Iterable[tuple[str, torch.Tensor]], dtype, device) -> None:
+def fill_weights(
+    model: Decoder, tensors: Iterable[tuple[str, torch.Tensor]], dtype, device, quantize: str = "none"
+) -> None:
     unexpected = []
     for name, t in tensors:
         if name.endswith(_IGNORED_SUFFIXES):
             continue
         if name == "lm_head.weight" and model.args.tie_word_embeddings:
             continue  # some tied checkpoints store the shared matrix twice
-        if not _assign(model, name, t.to(device=device, dtype=dtype)):
+        nf4 = None
+        if quantize == "nf4" and QUANTIZABLE.fullmatch(name) and t.ndim == 2:
+            # from the checkpoint's own precision, on the target device (fast on a GPU); the dense
+            # tensor is dropped as soon as its codes exist
+            nf4 = NF4Weight.from_dense(t.to(device), dtype=dtype)
+        if not _assign(model, name, t if nf4 is not None else t.to(device=device, dtype=dtype), nf4):
             unexpected.append(name)
     model.tie_weights()
-    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    missing = [n.removesuffix(".qweight") for n, p in model.named_parameters() if p.is_meta]
     if missing:
         more = f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""
         raise SnuggleError(f"checkpoint is missing tensors: {', '.join(missing[:5])}{more}")
@@ -128,11 +148,17 @@ def load(
     dtype: str | torch.dtype | None = None,
     device: str | torch.device | None = None,
     with_tokenizer: bool = True,
+    quantize: str = "none",
 ):
     """Load `(model, tokenizer)` from an HF model directory or a `.gguf` file.
 
     `model(input_ids)` returns logits (B, T, V). dtype None picks bf16 on a GPU, fp32 on CPU.
+    `quantize="nf4"` stores every block projection in 4 bits (QLoRA's frozen base; `dtype` is then the
+    dtype they compute in). A pre-quantized bitsandbytes 4-bit checkpoint loads either way: kept in
+    4 bits with "nf4", else dequantized to `dtype`.
     """
+    if quantize not in QUANTIZE:
+        raise SnuggleError(f"unknown model.quantize {quantize!r}; use one of {', '.join(QUANTIZE)}")
     p, kind = _source(path)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
@@ -143,12 +169,15 @@ def load(
         tensors = gguf.iter_gguf_tensors(p, torch.float32)
         tokenizer = gguf.load_gguf_tokenizer(p) if with_tokenizer else None
     else:
-        args = ModelArgs.from_hf(hf.read_hf_config(p))
+        hf_cfg = hf.read_hf_config(p)
+        args = ModelArgs.from_hf(hf_cfg)
         tensors = hf.iter_hf_tensors(p)
+        if is_bnb_4bit(hf_cfg):
+            tensors = bnb_dense_stream(tensors)
         tokenizer = hf.load_hf_tokenizer(p) if with_tokenizer else None
     with torch.device("meta"):
         model = Decoder(args)
-    fill_weights(model, tensors, dt, dev)
+    fill_weights(model, tensors, dt, dev, quantize)
     model.compute_dtype = dt
     model.source = str(p)
     model.eval()

@@ -18,6 +18,7 @@ from torch import nn
 
 from snuggle.errors import SnuggleError
 from snuggle.model.decoder import Decoder, Linear
+from snuggle.quant.nf4 import NF4Weight, as_dense
 
 __all__ = [
     "LoRALinear",
@@ -34,7 +35,10 @@ EMBEDDING_NAMES = ("model.embed_tokens.weight", "lm_head.weight")
 
 
 class LoRALinear(nn.Module):
-    """y = x W^T + b + scale * dropout(x) A^T B^T, with W frozen and A (r, in), B (out, r) trainable."""
+    """y = x W^T + b + scale * dropout(x) A^T B^T, with W frozen and A (r, in), B (out, r) trainable.
+
+    W is the base's weight as it is: a Parameter in the model dtype, or an `NF4Weight` (QLoRA).
+    """
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False):
         super().__init__()
@@ -59,7 +63,7 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        y = F.linear(x, self.weight.to(x.dtype), bias)
+        y = F.linear(x, as_dense(self.weight, x.dtype), bias)
         # low-rank order: (x A^T) B^T never forms an out x in matrix
         return (
             y
@@ -72,8 +76,10 @@ class LoRALinear(nn.Module):
 
     def merged(self) -> Linear:
         lin = Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        # a 4-bit base merges into its 16-bit dtype: the merged weight is the one training saw, dequantized
+        w = as_dense(self.weight, torch.float32)
         lin.weight = nn.Parameter(
-            (self.weight.float() + self.delta_weight()).to(self.weight.dtype), requires_grad=False
+            (w + self.delta_weight().to(w.device)).to(self.weight.dtype), requires_grad=False
         )
         lin.bias = self.bias
         return lin
@@ -132,6 +138,10 @@ def apply_lora(
 
 def enable_full_finetune(model: Decoder) -> Decoder:
     """Every parameter trains, as an fp32 copy (tied embeddings stay tied)."""
+    if any(isinstance(m, NF4Weight) for m in model.modules()):
+        raise SnuggleError(
+            "full fine-tuning cannot train 4-bit weights: set model.quantize=none or enable LoRA"
+        )
     for mod in model.modules():
         for leaf, p in list(mod._parameters.items()):
             if p is not None and not (mod is model.lm_head and model.args.tie_word_embeddings):

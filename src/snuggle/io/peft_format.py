@@ -9,6 +9,7 @@ as PEFT `modules_to_save`, whose saved keys are the plain module keys (`base_mod
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -24,12 +25,14 @@ from snuggle.errors import SnuggleError
 from snuggle.io.hf import write_json_atomic
 from snuggle.lora import ALL_LINEAR, LoRALinear, apply_lora
 from snuggle.model.decoder import Decoder
+from snuggle.quant.nf4 import NF4Weight
 
 __all__ = [
     "save_peft_adapter",
     "load_peft_adapter",
     "peft_lora_settings",
     "merged_state_dict",
+    "check_base_shape",
     "ADAPTER_CONFIG",
     "ADAPTER_WEIGHTS",
 ]
@@ -116,14 +119,43 @@ def save_peft_adapter(model: Decoder, lora_cfg: LoraConfig, base_model_path: str
     write_json_atomic(out / ADAPTER_CONFIG, config)
 
 
+def _read_config(cfg_file: Path) -> dict[str, Any]:
+    """adapter_config.json, with the values snuggle uses checked for type and range: it is input, and a
+    wrong type would otherwise surface as a traceback deep in apply_lora (or an r of 0, an alpha of NaN,
+    as a silently broken model)."""
+    try:
+        cfg = json.loads(cfg_file.read_bytes())
+    except OSError as e:
+        raise SnuggleError(f"{cfg_file}: unreadable adapter config ({e.strerror or e})") from None
+    except (ValueError, RecursionError) as e:  # malformed JSON, not UTF-8, absurd numbers, deep nesting
+        msg = " ".join(str(e).split())[:160] or type(e).__name__
+        raise SnuggleError(f"{cfg_file}: unreadable adapter config ({msg})") from None
+    if not isinstance(cfg, dict):
+        raise SnuggleError(f"{cfg_file}: unreadable adapter config (a JSON object expected)")
+
+    def number(key: str, ok, want: str, default: Any = None) -> None:
+        v = cfg.get(key, default)
+        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or not ok(v):
+            raise SnuggleError(f"{cfg_file}: {key} must be {want}, got {str(v)[:40]!r}")
+
+    number("r", lambda v: isinstance(v, int) and 1 <= v <= 1 << 20, "an integer >= 1")
+    number("lora_alpha", lambda v: v > 0, "a number > 0")
+    if cfg.get("lora_dropout") is not None:
+        number("lora_dropout", lambda v: 0 <= v < 1, "a number in [0, 1)")
+    mts = cfg.get("modules_to_save")
+    if mts is not None and not (isinstance(mts, list) and all(isinstance(m, str) for m in mts)):
+        raise SnuggleError(f"{cfg_file}: modules_to_save must be a list of module names or null")
+    base = cfg.get("base_model_name_or_path")
+    if base is not None and not isinstance(base, str):
+        raise SnuggleError(f"{cfg_file}: base_model_name_or_path must be a string or null")
+    return cfg
+
+
 def _read_adapter(adapter_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     cfg_file, weights = adapter_dir / ADAPTER_CONFIG, adapter_dir / ADAPTER_WEIGHTS
     if not cfg_file.is_file():
         raise SnuggleError(f"{adapter_dir}: not a PEFT adapter directory (no {ADAPTER_CONFIG})")
-    try:
-        cfg = json.loads(cfg_file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SnuggleError(f"{cfg_file}: unreadable adapter config ({e})") from None
+    cfg = _read_config(cfg_file)
     if not weights.is_file():
         if (adapter_dir / "adapter_model.bin").is_file():
             raise SnuggleError(
@@ -190,11 +222,11 @@ def peft_lora_settings(adapter_dir: Path) -> dict[str, Any]:
     r, alpha, rslora, targets (in ALL_LINEAR order), train_embeddings, base (base_model_name_or_path)."""
     adapter_dir = Path(adapter_dir)
     cfg_file, weights = adapter_dir / ADAPTER_CONFIG, adapter_dir / ADAPTER_WEIGHTS
+    cfg = _read_config(cfg_file)
     try:
-        cfg = json.loads(cfg_file.read_text())
         with safe_open(str(weights), framework="pt") as st:
             keys = list(st.keys())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, SafetensorError) as e:
+    except (OSError, SafetensorError) as e:
         raise SnuggleError(f"{adapter_dir}: unreadable PEFT adapter ({e})") from None
     _check_supported(cfg, adapter_dir)
     leaves, emb = set(), False
@@ -216,6 +248,70 @@ def peft_lora_settings(adapter_dir: Path) -> dict[str, Any]:
         "train_embeddings": emb,
         "base": cfg.get("base_model_name_or_path"),
     }
+
+
+_LAYER = re.compile(r"(?:^|\.)layers\.([0-9]{1,6})\.")
+_FACTOR = re.compile(r"\.(?P<proj>[a-z_]+_proj)\.lora_(?P<part>[AB])\b")
+_HIDDEN_IN = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")  # lora_A is (r, hidden)
+_HIDDEN_OUT = ("o_proj", "down_proj")  # lora_B is (hidden, r)
+
+
+def base_shape_of(shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:
+    """What the shapes of adapter or checkpoint tensors tell of the base model they were trained on:
+    `hidden` size, `layers` (one past the highest layer index) and `vocab` (embedding rows), as known.
+
+    Names are HF names with `lora_A`/`lora_B` (a snuggle checkpoint) or `lora_A.weight` (PEFT)."""
+    out: dict[str, int] = {}
+    top = -1
+    for name, shape in shapes.items():
+        if m := _LAYER.search(name):
+            top = max(top, int(m.group(1)))
+        if len(shape) != 2:
+            continue
+        if m := _FACTOR.search(name):
+            if m["part"] == "A" and m["proj"] in _HIDDEN_IN:
+                out.setdefault("hidden", shape[1])
+            elif m["part"] == "B" and m["proj"] in _HIDDEN_OUT:
+                out.setdefault("hidden", shape[0])
+        elif name.endswith(tuple(_EMBEDDINGS)):
+            out["vocab"] = shape[0]
+            out.setdefault("hidden", shape[1])
+    if top >= 0:
+        out["layers"] = top + 1
+    return out
+
+
+def _describe(d: dict[str, int]) -> str:
+    parts = []
+    if "hidden" in d:
+        parts.append(f"hidden {d['hidden']}")
+    if "layers" in d:
+        parts.append(f"{d['layers']} layers")
+    if "vocab" in d:
+        parts.append(f"vocabulary {d['vocab']}")
+    return ", ".join(parts)
+
+
+def check_base_shape(
+    shapes: dict[str, tuple[int, ...]], model: Decoder, what: str, every_layer: bool = True
+) -> None:
+    """Refuse trained tensors (by name -> shape) whose base model differs from `model` in hidden size,
+    vocabulary or layer count, naming both: "adapter X was trained on a model with hidden 576, 30 layers;
+    this model has hidden 64, 2 layers". `every_layer`: the tensors cover every layer (a snuggle run, a
+    PEFT adapter with a target list and no layer selection), so fewer layers is a mismatch too."""
+    have = base_shape_of(shapes)
+    ours = {"hidden": model.args.hidden_size, "layers": model.args.num_layers, "vocab": model.args.vocab_size}
+    differ = [k for k in ("hidden", "vocab") if k in have and have[k] != ours[k]]
+    if "layers" in have and (
+        have["layers"] > ours["layers"] or (every_layer and have["layers"] < ours["layers"])
+    ):
+        differ.append("layers")
+    if differ:
+        mine = {k: ours[k] for k in have}
+        raise SnuggleError(
+            f"{what} was trained on a different base model: a model with {_describe(have)}; "
+            f"this model has {_describe(mine)}"
+        )
 
 
 def load_peft_adapter(model: Decoder, adapter_dir: Path) -> Decoder:
@@ -240,6 +336,17 @@ def load_peft_adapter(model: Decoder, adapter_dir: Path) -> Decoder:
 
     def mismatch(detail: str) -> SnuggleError:
         return SnuggleError(f"adapter {adapter_dir} was trained on a different base model: {detail}")
+
+    # the base as a whole first (hidden size, layer count, vocabulary), whatever the recorded base name
+    # says: one line naming both models beats the first of many tensors that do not fit
+    every_layer = (
+        isinstance(cfg.get("target_modules"), list)
+        and cfg.get("layers_to_transform") is None
+        and not cfg.get("layers_pattern")
+        and not cfg.get("exclude_modules")
+    )
+    shapes = {k.removeprefix(_PREFIX): tuple(t.shape) for k, t in tensors.items()}
+    check_base_shape(shapes, model, f"adapter {adapter_dir}", every_layer=every_layer)
 
     # validate every shape before touching the model. The targets come from the tensors, not from
     # target_modules, which PEFT also allows as a regex or 'all-linear'.
@@ -281,7 +388,7 @@ def load_peft_adapter(model: Decoder, adapter_dir: Path) -> Decoder:
         model,
         r=r,
         alpha=alpha,
-        dropout=float(cfg.get("lora_dropout") or 0.0),
+        dropout=float(cfg.get("lora_dropout") or 0.0),  # checked by _read_config
         rslora=bool(cfg.get("use_rslora", False)),
         targets=[t for t in ALL_LINEAR if t in targets],
         train_embeddings=bool(emb),
@@ -301,7 +408,11 @@ def load_peft_adapter(model: Decoder, adapter_dir: Path) -> Decoder:
 
 
 def _storage_dtype(model: Decoder) -> torch.dtype:
-    # frozen weights keep the checkpoint's dtype; trained copies are fp32 whatever the base was
+    # frozen weights keep the checkpoint's dtype; trained copies are fp32 whatever the base was; a 4-bit
+    # base exports in the 16-bit dtype it was quantized from
+    for m in model.modules():
+        if isinstance(m, NF4Weight):
+            return m.dtype
     for p in model.parameters():
         if not p.requires_grad and p.is_floating_point():
             return p.dtype
@@ -317,11 +428,22 @@ def merged_state_dict(model: Decoder) -> dict[str, torch.Tensor]:
     """
     dtype = _storage_dtype(model)
     loras = _lora_modules(model)
+    nf4 = {name: m for name, m in model.named_modules() if isinstance(m, NF4Weight)}
     out: dict[str, torch.Tensor] = {}
     for name, t in model.state_dict(keep_vars=True).items():
         if name == "lm_head.weight" and model.args.tie_word_embeddings:
             continue
         module, _, leaf = name.rpartition(".")
+        if module in nf4:
+            # a 4-bit weight's parts (qweight, absmax_q, ...): written once, dequantized, under its own name
+            if leaf == "qweight":
+                parent = module.rpartition(".")[0]
+                with torch.no_grad():
+                    w = nf4[module].dequantize(torch.float32)
+                    if parent in loras:
+                        w += loras[parent].delta_weight().to(w.device)
+                out[module] = w.to(dtype)
+            continue
         if module in loras:
             if leaf.startswith("lora_"):
                 continue

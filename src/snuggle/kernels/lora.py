@@ -23,6 +23,7 @@ from torch import nn
 
 from snuggle.kernels._utils import rebind
 from snuggle.kernels.reference import LoRALinear
+from snuggle.quant.nf4 import NF4Weight, as_dense
 
 __all__ = ["LoRALinearFunction", "lora_linear", "FastLoRALinear"]
 
@@ -33,23 +34,28 @@ class LoRALinearFunction(torch.autograd.Function):
         dt = x.dtype
         x2 = x.reshape(-1, x.shape[-1])  # (n, in)
         xa = x2 @ lora_A.to(dt).t()  # (n, r)
-        w = weight.to(dt)  # (out, in); a no-op when stored in the activation dtype
+        w = as_dense(weight, dt)  # (out, in); a no-op cast when stored in the activation dtype
         y = torch.addmm(bias.to(dt), x2, w.t()) if bias is not None else x2 @ w.t()  # (n, out)
+        del w  # a dequantized 4-bit weight: freed now, made again in backward
         y.addmm_(xa, lora_B.to(dt).t(), alpha=scale)  # the low-rank update, accumulated in place
         ctx.scale = scale
-        ctx.save_for_backward(x2, xa, weight, lora_A, lora_B, bias)
+        # an NF4Weight is a module, not a tensor: kept on ctx (its tensors live in the model anyway)
+        ctx.nf4 = weight if isinstance(weight, NF4Weight) else None
+        ctx.save_for_backward(x2, xa, None if ctx.nf4 is not None else weight, lora_A, lora_B, bias)
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         x2, xa, weight, lora_A, lora_B, bias = ctx.saved_tensors
+        if ctx.nf4 is not None:
+            weight = ctx.nf4
         need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
         s, dt = ctx.scale, g.dtype
         g2 = g.reshape(-1, g.shape[-1])  # (n, out)
         gB = g2 @ lora_B.to(dt)  # (n, r)
         dx = dw = db = dA = dB = None
         if need_x:
-            dx = g2 @ weight.to(dt)  # (n, in)
+            dx = g2 @ as_dense(weight, dt)  # (n, in)
             dx.addmm_(gB, lora_A.to(dt), alpha=s)
             dx = dx.view(*g.shape[:-1], dx.shape[-1])
         if need_a:

@@ -20,8 +20,9 @@ def apply_fast_path(model: nn.Module) -> list[str]:
 
     RMSNorm modules (the Qwen3 q_norm/k_norm included) become FastRMSNorm, LoRALinear modules without
     dropout become FastLoRALinear, each Attention.rope_fn and MLP.act_fn the fused kernels, and
-    `model.loss_fn` the fused linear cross-entropy. Without triton (or without CUDA and TRITON_INTERPRET=1)
-    nothing changes and the list is empty.
+    `model.loss_fn` the fused linear cross-entropy, and, on CUDA, packed documents' attention goes
+    through FlexAttention (`model.attention = "flex"`). Without triton (or without CUDA and
+    TRITON_INTERPRET=1) nothing changes and the list is empty.
     """
     if not triton_available():
         return []
@@ -33,6 +34,7 @@ def apply_fast_path(model: nn.Module) -> list[str]:
     from snuggle.kernels.rope import fast_rope_qk
     from snuggle.kernels.swiglu import fast_swiglu
     from snuggle.model.decoder import MLP, Attention
+    from snuggle.model.flex import flex_available
 
     swapped: list[str] = []
     for prefix, parent in list(model.named_modules()):
@@ -53,4 +55,9 @@ def apply_fast_path(model: nn.Module) -> list[str]:
     if getattr(model, "loss_fn", None) is cross_entropy_sum:
         model.loss_fn = fused_linear_cross_entropy
         swapped.append("loss_fn")
+    weight = getattr(getattr(model, "lm_head", None), "weight", None)
+    flex_ok = weight is not None and flex_available(weight.device) and model.args.head_dim >= 16
+    if getattr(model, "attention", None) == "sdpa" and flex_ok:  # its CUDA kernel needs head_dim >= 16
+        model.attention = "flex"  # packed documents through block-sparse FlexAttention
+        swapped.append("attention")
     return swapped

@@ -19,7 +19,10 @@ from torch import nn
 
 from snuggle.model.args import ModelArgs
 from snuggle.model.checkpointing import run_block
+from snuggle.model.flex import document_block_mask, flex_attention
 from snuggle.model.loss import cross_entropy_sum
+from snuggle.model.tiling import tiled_mlp
+from snuggle.quant.nf4 import as_dense
 
 __all__ = [
     "Decoder",
@@ -35,11 +38,14 @@ __all__ = [
 
 
 class Linear(nn.Linear):
-    """nn.Linear that casts its weight to the input's dtype (no-op when they already agree)."""
+    """nn.Linear that casts its weight to the input's dtype (no-op when they already agree).
+
+    The weight may also be an `NF4Weight` (QLoRA's 4-bit frozen base), dequantized per call.
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.weight.to(x.dtype), bias)
+        return F.linear(x, as_dense(self.weight, x.dtype), bias)
 
 
 class RMSNorm(nn.Module):
@@ -170,7 +176,10 @@ class Attention(nn.Module):
                 k, v = torch.cat((cache.k[i], k), dim=2), torch.cat((cache.v[i], v), dim=2)
                 causal = False  # no mask here means one new token that sees every cached one
             cache.k[i], cache.v[i] = k, v
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
+        if hasattr(mask, "kv_num_blocks"):  # a FlexAttention BlockMask (packed documents on CUDA)
+            y = flex_attention(q, k, v, mask)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, C)
 
 
@@ -182,8 +191,15 @@ class MLP(nn.Module):
         self.up_proj = Linear(h, f, bias=args.mlp_bias)
         self.down_proj = Linear(f, h, bias=args.mlp_bias)
         self.act_fn = swiglu  # swap point for the fused kernel
+        # tokens per tile on long sequences (0: untiled); set by the memory plan, see model.tiling
+        self.tile_tokens = 0
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C)
+        if self.tile_tokens:
+            return tiled_mlp(self._forward, x, self.tile_tokens, self.parameters())
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act_fn(self.gate_proj(x), self.up_proj(x)))
 
 
@@ -226,6 +242,8 @@ class Decoder(nn.Module):
         self.offloader = None
         # (hidden (B,T,C), lm_head weight (V,C), labels (B,T)) -> summed loss; swap point for the fused kernel
         self.loss_fn = cross_entropy_sum
+        # packed documents: "sdpa" with a boolean mask, or "flex" (block-sparse, memory-linear; CUDA)
+        self.attention = "sdpa"
 
     def tie_weights(self) -> None:
         if self.args.tie_word_embeddings:
@@ -248,7 +266,12 @@ class Decoder(nn.Module):
         x = F.embedding(input_ids, emb).to(self.compute_dtype)  # (B, T, C)
         inv_freq = rope_inv_freq(self.args, device=input_ids.device)
         cos, sin = rope_cos_sin(inv_freq, position_ids, x.dtype)
-        mask = attention_mask(doc_ids, T, self.args.sliding_window, input_ids.device, past)
+        if doc_ids is not None and cache is None and bool((doc_ids == doc_ids[:, :1]).all()):
+            doc_ids = None  # one document a row: plain causal attention, SDPA's flash kernel
+        if doc_ids is not None and cache is None and self.attention == "flex":
+            mask = document_block_mask(doc_ids, self.args.sliding_window)
+        else:
+            mask = attention_mask(doc_ids, T, self.args.sliding_window, input_ids.device, past)
         if self.offloader is not None and torch.is_grad_enabled() and not x.requires_grad:
             # an offloaded block is an autograd Function: it only gets a backward if an input needs grad
             x.requires_grad_(True)

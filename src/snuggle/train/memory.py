@@ -1,0 +1,299 @@
+"""The memory plan: the cheapest activation savings that fit `train.memory_budget_gib`, chosen before step 0.
+
+Peak memory of a training step is predicted from the model as built (its tensors' real bytes: 4-bit
+or 16-bit base, fp32 trainables) and from what one block keeps for backward, counted from the
+shapes (activation dtype, per token of a micro-batch):
+
+    stored block     4h + 2q + 2kv + 3f   inputs and outputs of the norms, q, k, v, the attention
+                                          output (o_proj's input), the residual, and gate, up and
+                                          their product
+    tiled MLP        4h + 2q + 2kv        the MLP keeps only its input; one tile's 3f at a time
+    recomputed block h                    its input only (0 on the GPU when offloaded to CPU)
+
+plus one recomputed block's full activations and the gradients in flight during backward, the loss
+(hidden states and their gradient; one chunk of logits) and the trainables' gradients and AdamW state.
+With h = hidden, q = heads x head_dim, kv = kv heads x head_dim, f = intermediate size.
+
+Savings, in the order they are taken (each costs time, so a run takes only what it needs): recompute
+the fewest blocks that fit (each recomputed block costs one more block forward); then keep their
+inputs in pinned CPU memory (copies hidden under recomputation); then run the MLP in sequence tiles
+(long context). If the most frugal plan does not fit either, the run stops before training and says
+which sequence length or batch size would fit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from snuggle.errors import SnuggleError
+from snuggle.model.args import ModelArgs
+
+__all__ = [
+    "MemoryPlan",
+    "plan_memory",
+    "predict_bytes",
+    "memory_plan_for",
+    "apply_memory_plan",
+    "enforce_budget",
+    "static_bytes",
+    "device_budget_gib",
+]
+
+GIB = 2**30
+# the caching allocator's slack beyond the live tensors: rounding to blocks, fragmentation
+_FRAGMENTATION = 1.02
+_FIXED_SLACK = 0.25 * GIB
+_LOGITS_CHUNK = 1 << 28  # bytes of one chunk of logits in the chunked loss (see kernels.linear_ce)
+_TILE_TOKENS = 8192  # MLP tile: (8192, f) activations, 224 MiB for Llama-3 8B
+
+
+@dataclasses.dataclass
+class MemoryPlan:
+    checkpoint_layers: int  # the first n blocks are recomputed in backward
+    offload: bool  # their inputs wait in pinned CPU memory
+    tile_tokens: int  # MLP sequence tile (0: untiled)
+    predicted_gib: float
+    budget_gib: float
+    static_gib: float  # weights, trainables' gradients and optimizer state
+    num_layers: int
+
+    def describe(self) -> str:
+        if self.checkpoint_layers == 0:
+            ckpt = "no activation checkpointing"
+        else:
+            ckpt = f"checkpointing {self.checkpoint_layers} of {self.num_layers} blocks"
+            if self.offload:
+                ckpt += " (inputs offloaded to CPU)"
+        tiles = f", MLP in tiles of {self.tile_tokens} tokens" if self.tile_tokens else ""
+        return (
+            f"memory plan for {self.budget_gib:.1f} GiB: {ckpt}{tiles}; predicted peak "
+            f"{self.predicted_gib:.1f} GiB ({self.static_gib:.1f} weights and optimizer state)"
+        )
+
+
+def _local_bytes(t: torch.Tensor) -> int:
+    # FSDP: a DTensor's numel is global; this rank holds its shard
+    local = t.to_local() if hasattr(t, "to_local") else t
+    return local.numel() * local.element_size()
+
+
+def static_bytes(model: nn.Module, optimizer: str = "adamw") -> int:
+    """Bytes that live through the whole step: every tensor of the model, plus gradient and
+    optimizer state of the trainable ones (fp32 gradient; AdamW 8 bytes, 8-bit AdamW ~2)."""
+    total = 0
+    seen: set[int] = set()
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        n = _local_bytes(t)
+        total += n
+        if t.requires_grad:
+            numel = n // t.element_size()
+            total += 4 * numel + (8 * numel if optimizer == "adamw" else 2 * numel + numel // 64)
+    return total
+
+
+def _block_bytes(args: ModelArgs, tokens: int, mlp_tokens: int, act_bytes: int) -> tuple[float, float]:
+    """(one block's saved activations, its gradients in flight in backward) for `tokens` tokens whose
+    MLP runs `mlp_tokens` at a time (= tokens when untiled)."""
+    h, f = args.hidden_size, args.intermediate_size
+    q, kv = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
+    attn = (4 * h + 2 * q + 2 * kv) * tokens
+    saved = attn + 3 * f * mlp_tokens
+    # d(activations) alive at once: the MLP's (d of the SwiGLU output, dx), or attention's (dq, dk, dv,
+    # do, and the flash backward's fp32 dq accumulator)
+    mlp_grads = act_bytes * (f * mlp_tokens + 2 * h * tokens)
+    attn_grads = (act_bytes * (2 * q + 2 * kv + h) + 4 * q) * tokens
+    return act_bytes * saved, max(mlp_grads, attn_grads)
+
+
+def predict_bytes(
+    args: ModelArgs,
+    tokens: int,
+    static: int,
+    act_bytes: int,
+    checkpoint_layers: int,
+    offload: bool,
+    tile_tokens: int,
+    trainable_head: bool = False,
+    transient: int = 0,
+) -> int:
+    """Predicted peak bytes of one training step with `tokens` tokens per micro-batch.
+
+    `transient`: bytes of short-lived buffers beside the activations (a dequantized 4-bit weight).
+    """
+    L = args.num_layers
+    mlp_tokens = tile_tokens if tile_tokens and tile_tokens < tokens else tokens
+    block, work = _block_bytes(args, tokens, mlp_tokens, act_bytes)
+    # backward runs from the last block down: by the time the first k (checkpointed) blocks are
+    # recomputed, the stored blocks' activations are freed, so one recomputed block counts as one
+    # stored block when none is stored
+    acts = max(L - checkpoint_layers, 1 if checkpoint_layers else 0) * block
+    if checkpoint_layers and not offload:
+        acts += checkpoint_layers * act_bytes * args.hidden_size * tokens
+    # loss: final hidden states and their gradient, one chunk of logits; a trainable head's fp32 dW
+    loss = 2 * act_bytes * args.hidden_size * tokens + min(
+        _LOGITS_CHUNK, act_bytes * args.vocab_size * tokens
+    )
+    if trainable_head:
+        loss += 4 * args.vocab_size * args.hidden_size
+    # the embedding output and the residual stream entering the first block
+    acts += 2 * act_bytes * args.hidden_size * tokens
+    return int((static + acts + work + loss + transient) * _FRAGMENTATION + _FIXED_SLACK)
+
+
+def _candidates(L: int):
+    """(checkpoint_layers, offload, tiled) from the fastest to the most frugal."""
+    for k in range(L + 1):
+        yield k, False, False
+    for k in range(1, L + 1):
+        yield k, True, False
+    yield L, True, True
+
+
+def plan_memory(
+    args: ModelArgs,
+    static: int,
+    batch_size: int,
+    seq_len: int,
+    budget_gib: float,
+    act_bytes: int = 2,
+    trainable_head: bool = False,
+    can_offload: bool = True,
+    transient: int = 0,
+) -> MemoryPlan:
+    """The fastest plan whose predicted peak fits the budget, or a SnuggleError saying what would fit."""
+    tokens = batch_size * seq_len
+    budget = budget_gib * GIB
+    for k, off, tiled in _candidates(args.num_layers):
+        if off and not can_offload:
+            continue
+        tile = _TILE_TOKENS if tiled else 0
+        peak = predict_bytes(args, tokens, static, act_bytes, k, off, tile, trainable_head, transient)
+        if peak <= budget:
+            return MemoryPlan(
+                k, off, tile if tile < tokens else 0, peak / GIB, budget_gib, static / GIB, args.num_layers
+            )
+    frugal = predict_bytes(
+        args, tokens, static, act_bytes, args.num_layers, can_offload, _TILE_TOKENS, trainable_head, transient
+    )
+    if static * _FRAGMENTATION + _FIXED_SLACK > budget:
+        raise SnuggleError(
+            f"the model alone needs {(static * _FRAGMENTATION + _FIXED_SLACK) / GIB:.2f} GiB (weights, "
+            f"gradients, optimizer state, allocator reserve), above train.memory_budget_gib={budget_gib:g}: "
+            "use model.quantize=nf4, "
+            "train.optimizer=adamw8bit, fewer trainable parameters, or a larger budget"
+        )
+
+    # the longest sequence (at this batch size) and the largest batch (at this length) that would fit
+    def fits(b: int, s: int) -> bool:
+        p = predict_bytes(
+            args,
+            b * s,
+            static,
+            act_bytes,
+            args.num_layers,
+            can_offload,
+            _TILE_TOKENS,
+            trainable_head,
+            transient,
+        )
+        return p <= budget
+
+    lo, hi = 0, seq_len
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(batch_size, mid) else (lo, mid - 1)
+    best_b = max((b for b in range(1, batch_size) if fits(b, seq_len)), default=0)
+    advice = f"data.seq_len <= {lo // 64 * 64}" if lo >= 64 else "a much shorter data.seq_len"
+    if best_b:
+        advice += f" or train.batch_size <= {best_b}"
+    raise SnuggleError(
+        f"predicted peak {frugal / GIB:.1f} GiB for batch {batch_size} x {seq_len} tokens, even with every "
+        f"block recomputed{' and offloaded' if can_offload else ''} and the MLP tiled, is above "
+        f"train.memory_budget_gib={budget_gib:g}: {advice} would fit"
+    )
+
+
+def device_budget_gib(device: torch.device) -> float:
+    """What the card offers this process: its memory, times the per-process fraction if one is set."""
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    total = torch.cuda.get_device_properties(idx).total_memory
+    get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    fraction = float(get_fraction(idx)) if get_fraction is not None else 1.0
+    return total * min(1.0, fraction) / GIB
+
+
+def apply_memory_plan(model: nn.Module, plan: MemoryPlan) -> None:
+    """Set the plan's tiling on every MLP; checkpointing is set by `configure_checkpointing`."""
+    for block in model.model.layers:
+        block.mlp.tile_tokens = plan.tile_tokens
+
+
+def memory_plan_for(cfg, model: nn.Module, device: torch.device) -> MemoryPlan | None:
+    """The plan for this run, or None when the config settles checkpointing itself.
+
+    Planned when `train.gradient_checkpointing` is left unset (auto) and there is a budget: on a GPU
+    always (default: what the card has), elsewhere only with an explicit `train.memory_budget_gib`.
+    """
+    t = cfg.train
+    if t.gradient_checkpointing is not None:
+        return None
+    if t.memory_budget_gib is None and device.type != "cuda":
+        return None
+    budget = t.memory_budget_gib if t.memory_budget_gib is not None else device_budget_gib(device)
+    from snuggle.quant.nf4 import NF4Weight
+
+    dense = [m.shape.numel() for m in model.modules() if isinstance(m, NF4Weight)]
+    act_bytes = torch.empty((), dtype=model.compute_dtype).element_size()
+    return plan_memory(
+        model.args,
+        static_bytes(model, t.optimizer),
+        t.batch_size,
+        cfg.data.seq_len,
+        budget,
+        act_bytes=act_bytes,
+        trainable_head=bool(model.lm_head.weight.requires_grad),
+        can_offload=device.type == "cuda",
+        transient=2 * act_bytes * max(dense, default=0),  # one dequantized weight in forward, one in backward
+    )
+
+
+def enforce_budget(budget_gib: float | None, device: torch.device) -> None:
+    """An explicit budget binds: the allocator refuses to grow the process past it on this GPU."""
+    if budget_gib is None or device.type != "cuda":
+        return
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    total = torch.cuda.get_device_properties(idx).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, budget_gib * GIB / total), idx)
+
+
+def estimate_weight_bytes(args: ModelArgs, dtype_bytes: int, quantize: str = "none") -> int:
+    """The model's weights before it is built, from its shapes: what one card must hold to replicate it."""
+    h, f, L = args.hidden_size, args.intermediate_size, args.num_layers
+    q, kv = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
+    block = h * (q + 2 * kv) + q * h + 3 * h * f
+    per_weight = 4.13 / 8 if quantize == "nf4" else dtype_bytes  # NF4: ~4.13 bits a weight
+    embeddings = args.vocab_size * h * (1 if args.tie_word_embeddings else 2)
+    return int(L * block * per_weight + (embeddings + (2 * L + 1) * h) * dtype_bytes)
+
+
+def auto_strategy_fits(cfg, device: torch.device) -> tuple[bool, str]:
+    """Whether the base model fits one card with room to train, and the figures, for `parallel: auto`."""
+    if device.type != "cuda":
+        return True, ""
+    from snuggle.load import load_model_args, resolve_dtype
+
+    args = load_model_args(cfg.model.path)
+    dtype_bytes = torch.empty((), dtype=resolve_dtype(cfg.model.dtype, device)).element_size()
+    need = estimate_weight_bytes(args, dtype_bytes, cfg.model.quantize)
+    budget = (
+        cfg.train.memory_budget_gib if cfg.train.memory_budget_gib is not None else device_budget_gib(device)
+    )
+    # replicated weights may take at most ~3/4 of the card: the rest is activations and LoRA state
+    fits = need <= 0.75 * budget * GIB
+    return fits, f"weights {need / GIB:.1f} GiB, {budget:.1f} GiB a card"

@@ -1,0 +1,528 @@
+"""QLoRA and long context on CPU: NF4 weights, bnb checkpoints, the memory plan, tiled MLP, 8-bit AdamW.
+
+The Triton dequantization kernel is tested against `dequantize_nf4_reference` in test_kernels.py; here
+the reference itself is held to error bounds, and to bitsandbytes (an independent implementation of the
+same format) where that package is installed.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from tests.test_train import learnable_docs, make_cfg, read_metrics, write_jsonl
+
+from snuggle.errors import SnuggleError
+from snuggle.load import QUANTIZABLE, load
+from snuggle.lora import LoRALinear, apply_lora
+from snuggle.model.args import ModelArgs
+from snuggle.model.decoder import Decoder
+from snuggle.quant.nf4 import NF4_CODE, NF4Weight, dequantize_nf4_reference, quantize_nf4
+from snuggle.train.adamw8bit import AdamW8bit, decode, encode
+from snuggle.train.loop import train
+from snuggle.train.memory import GIB, plan_memory, predict_bytes, static_bytes
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+# widest gap between neighbouring NF4 levels (between 0.7230 and 1.0): half of it bounds the rounding
+HALF_GAP = float((NF4_CODE[1:] - NF4_CODE[:-1]).max()) / 2
+
+
+def _absmax_seen(parts: dict, group: int) -> torch.Tensor:
+    g = torch.arange(parts["absmax_q"].shape[1]) // group
+    return parts["absmax_q"].float() * parts["absmax_scale"][:, g] + parts["absmax_mean"][:, g]
+
+
+# --- NF4 format ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(7, 67), (33, 130), (5, 1), (3, 1000), (64, 64)])
+@pytest.mark.parametrize("group", [1, 4, 256])
+def test_nf4_round_trip_error_is_bounded(shape, group):
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 0.03
+    w[0, 0] = 0.5  # an outlier: its block's other weights lose resolution, but stay within the bound
+    parts = quantize_nf4(w, block=64, group=group)
+    d = dequantize_nf4_reference(**parts, in_features=shape[1], block=64, group=group)
+    assert d.shape == w.shape and parts["qweight"].dtype == torch.uint8
+    nb = math.ceil(shape[1] / 64)
+    true = F.pad(w.abs(), (0, nb * 64 - shape[1])).view(shape[0], nb, 64).amax(-1)
+    seen = _absmax_seen(parts, group)
+    # the 8-bit second quantization of absmax: half a step of its group's scale
+    g = torch.arange(nb) // group
+    assert ((seen - true).abs() <= parts["absmax_scale"][:, g] * 0.5 + 1e-7).all()
+    # each weight: half the widest level gap of its block's (reconstructed) absmax, plus the absmax error
+    bound = (HALF_GAP * seen + (seen - true).abs() + 1e-7).repeat_interleave(64, dim=1)[:, : shape[1]]
+    assert ((d - w).abs() <= bound).all()
+    # and the codes are the nearest levels, not merely close ones
+    ratio = (w / seen.repeat_interleave(64, dim=1)[:, : shape[1]]).clamp(-1, 1)
+    nearest = NF4_CODE[(ratio[..., None] - NF4_CODE).abs().argmin(-1)]
+    got = d / seen.repeat_interleave(64, dim=1)[:, : shape[1]]
+    torch.testing.assert_close(got, nearest, atol=1e-6, rtol=0)
+
+
+def test_nf4_zero_and_constant_blocks():
+    w = torch.zeros(3, 130)
+    w[1] = 0.25
+    d = NF4Weight.from_dense(w).dequantize(torch.float32)
+    torch.testing.assert_close(d, w)
+
+
+def test_nf4_weight_size_is_about_4_bits():
+    w = torch.randn(256, 1024)
+    q = NF4Weight.from_dense(w.to(torch.bfloat16))
+    assert q.shape == (256, 1024) and q.dtype == torch.bfloat16
+    bits = 8 * q.nbytes() / w.numel()
+    assert 4.0 < bits < 4.3, bits
+
+
+def test_nf4_matches_bitsandbytes_quality():
+    """bitsandbytes' NF4 (double quant, block 64) on the same weights: our error is no larger."""
+    bnb_f = pytest.importorskip("bitsandbytes.functional")
+    w = torch.randn(96, 640, generator=torch.Generator().manual_seed(1)) * 0.02
+    packed, state = bnb_f.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+    theirs = bnb_f.dequantize_4bit(packed, state)
+    ours = NF4Weight.from_dense(w).dequantize(torch.float32)
+    e_ours, e_theirs = (ours - w).abs().mean(), (theirs - w).abs().mean()
+    assert e_ours <= 1.02 * e_theirs, (float(e_ours), float(e_theirs))
+    # the same nearest-level codes, up to a handful of ties moved by the two absmax roundings
+    ours_codes = quantize_nf4(w)["qweight"].reshape(-1)
+    assert (ours_codes == packed.reshape(-1)).float().mean() > 0.97
+
+
+# --- loading ---------------------------------------------------------------------------------------
+
+
+def _nf4_modules(model) -> dict[str, NF4Weight]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, NF4Weight)}
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_load_quantizes_every_block_projection(tiny_hf_model, tmp_path, family):
+    path, _ = tiny_hf_model(family, False, tmp_path)
+    dense, _ = load(path, with_tokenizer=False, device="cpu")
+    q, _ = load(path, with_tokenizer=False, quantize="nf4", device="cpu")
+    mods = _nf4_modules(q)
+    assert len(mods) == 7 * dense.args.num_layers
+    assert all(QUANTIZABLE.fullmatch(n) for n in mods)
+    assert not isinstance(q.lm_head.weight, NF4Weight)
+    ids = torch.randint(0, dense.args.vocab_size, (2, 19))
+    with torch.no_grad():
+        a, b = q(ids), dense(ids)
+        # 4-bit weights move the logits (on this 48-wide model, by ~1/4 of their spread) ...
+        assert (a - b).abs().mean() < 0.5 * (b - b.mean()).abs().mean()
+        # ... and the 4-bit model is exactly the dense model with its weights dequantized
+        params = dict(dense.named_parameters())
+        for name, m in mods.items():
+            params[name].copy_(m.dequantize(torch.float32))
+        torch.testing.assert_close(a, dense(ids), atol=1e-5, rtol=1e-5)
+
+
+def test_unknown_quantize_and_full_finetune_are_refused(tiny_hf_model, tmp_path):
+    path, _ = tiny_hf_model("llama", False, tmp_path)
+    with pytest.raises(SnuggleError, match="quantize"):
+        load(path, quantize="int3")
+    corpus = write_jsonl(tmp_path / "c.jsonl", learnable_docs(10))
+    with pytest.raises(SnuggleError, match="quantize must be"):
+        make_cfg(path, corpus, tmp_path / "o", "model.quantize=int3")
+    with pytest.raises(SnuggleError, match="needs LoRA"):
+        make_cfg(path, corpus, tmp_path / "o", "model.quantize=nf4", "lora=null")
+
+
+def _write_bnb_checkpoint(src: Path, dst: Path) -> dict[str, tuple]:
+    """`src` as transformers saves a bitsandbytes 4-bit model (double quant, NF4), written by bitsandbytes."""
+    bnb_f = pytest.importorskip("bitsandbytes.functional")
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(src / "model.safetensors"))
+    out, quantized = {}, {}
+    for name, t in tensors.items():
+        if not QUANTIZABLE.fullmatch(name):
+            out[name] = t
+            continue
+        packed, state = bnb_f.quantize_4bit(t, blocksize=64, compress_statistics=True, quant_type="nf4")
+        out[name] = packed
+        for k, v in state.as_dict(packed=True).items():
+            out[f"{name}.{k}"] = v
+        quantized[name] = (packed, state)
+    dst.mkdir()
+    save_file(out, str(dst / "model.safetensors"))
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["quantization_config"] = {
+        "quant_method": "bitsandbytes",
+        "load_in_4bit": True,
+        "bnb_4bit_quant_type": "nf4",
+        "bnb_4bit_use_double_quant": True,
+    }
+    (dst / "config.json").write_text(json.dumps(cfg))
+    for f in src.iterdir():
+        if f.name not in ("config.json", "model.safetensors"):
+            (dst / f.name).write_bytes(f.read_bytes())
+    return quantized
+
+
+def test_bnb_4bit_checkpoint_loads_dequantized_and_requantized(tiny_hf_model, tmp_path):
+    bnb_f = pytest.importorskip("bitsandbytes.functional")
+    # rows of whole 64-weight blocks, as real models have: bitsandbytes' own CPU dequantization kernel
+    # (the oracle here) mis-decodes rows that end inside a block
+    src, _ = tiny_hf_model("llama", True, tmp_path, hidden_size=64, intermediate_size=128, head_dim=16)
+    quantized = _write_bnb_checkpoint(src, tmp_path / "bnb-4bit")
+    dense, _ = load(tmp_path / "bnb-4bit", with_tokenizer=False, device="cpu")
+    params = dict(dense.named_parameters())
+    for name, (packed, state) in quantized.items():
+        torch.testing.assert_close(params[name], bnb_f.dequantize_4bit(packed, state), atol=0, rtol=0)
+    q, tok = load(tmp_path / "bnb-4bit", quantize="nf4", device="cpu")
+    assert tok is not None and len(_nf4_modules(q)) == len(quantized)
+    for name, m in _nf4_modules(q).items():
+        # requantizing bitsandbytes' own levels finds the same level for (almost) every weight
+        torch.testing.assert_close(m.dequantize(torch.float32), params[name], atol=2e-3, rtol=0.02)
+
+
+def test_bnb_8bit_checkpoint_is_refused(tiny_hf_model, tmp_path):
+    src, _ = tiny_hf_model("llama", True, tmp_path)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_8bit": True}
+    (src / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(SnuggleError, match="8-bit"):
+        load(src, with_tokenizer=False)
+
+
+# --- QLoRA training --------------------------------------------------------------------------------
+
+
+def test_qlora_on_nf4_base_tracks_lora(tiny_hf_model, tmp_path):
+    """A short CPU run with a 4-bit base follows the 16-bit-base LoRA curve; export merges to 16-bit."""
+    path, _ = tiny_hf_model("llama", False, tmp_path, hidden_size=64, intermediate_size=128)
+    corpus = write_jsonl(tmp_path / "c.jsonl", learnable_docs(80))
+    curves = {}
+    for q in ("none", "nf4"):
+        out = tmp_path / f"run-{q}"
+        overrides = (
+            f"model.quantize={q}",
+            "train.steps=12",
+            "train.lr=0.02",
+            "train.batch_size=4",
+            "model.device=cpu",
+        )
+        train(make_cfg(path, corpus, out, *overrides))
+        curves[q] = [r["loss"] for r in read_metrics(out) if "loss" in r]
+    lora, qlora = torch.tensor(curves["none"]), torch.tensor(curves["nf4"])
+    assert lora[-1] < 0.7 * lora[0]  # it learns
+    # a 64-wide model is the worst case for 4 bits (one block a row); the curves still agree within 10%
+    assert ((qlora - lora).abs() / lora).max() < 0.1, (curves["nf4"], curves["none"])
+
+    from transformers import AutoModelForCausalLM
+
+    from snuggle.cli import main
+    from snuggle.run_dir import load_run
+
+    assert (
+        main(["export", str(tmp_path / "run-nf4"), "--format", "hf", "--out", str(tmp_path / "merged")]) == 0
+    )
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32).eval()
+    model, _, _ = load_run(tmp_path / "run-nf4")
+    assert _nf4_modules(model)  # the run rebuilds its 4-bit base ...
+    ids = torch.randint(0, model.args.vocab_size, (2, 13))
+    with torch.no_grad():
+        # ... and the merged 16-bit export computes what the trained 4-bit model does
+        torch.testing.assert_close(hf(input_ids=ids).logits, model(ids), atol=1e-4, rtol=1e-4)
+
+
+def test_lora_on_nf4_base_equals_lora_on_its_dequantized_weights():
+    torch.manual_seed(0)
+    base = torch.nn.Linear(70, 33, bias=False)
+    nf4 = NF4Weight.from_dense(base.weight.detach())
+    with torch.no_grad():
+        base.weight.copy_(nf4.dequantize(torch.float32))
+    dense = LoRALinear(base, 4, 8)
+    quant = LoRALinear(torch.nn.Linear(70, 33, bias=False), 4, 8)
+    del quant._parameters["weight"]
+    quant.weight = nf4
+    with torch.no_grad():
+        quant.lora_A.copy_(dense.lora_A)
+        dense.lora_B.normal_()
+        quant.lora_B.copy_(dense.lora_B)
+    x = torch.randn(5, 70)
+    for m in (dense, quant):
+        m(x).square().sum().backward()
+    torch.testing.assert_close(quant(x), dense(x))
+    torch.testing.assert_close(quant.lora_A.grad, dense.lora_A.grad)
+    torch.testing.assert_close(quant.merged().weight, dense.merged().weight)
+
+
+# --- long context: tiled MLP -----------------------------------------------------------------------
+
+
+def _tiny_decoder(dropout: float = 0.0) -> Decoder:
+    torch.manual_seed(0)
+    cfg = dict(
+        model_type="llama",
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=72,
+        vocab_size=97,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+    )
+    m = Decoder(ModelArgs.from_hf(cfg))
+    apply_lora(m, 4, 8, dropout=dropout, train_embeddings=True)
+    for mod in m.modules():
+        if isinstance(mod, LoRALinear):
+            torch.nn.init.normal_(mod.lora_B, std=0.05)
+    return m.train()
+
+
+def _loss_and_grads(m: Decoder, ids, tile: int):
+    for b in m.model.layers:
+        b.mlp.tile_tokens = tile
+    m.zero_grad()
+    torch.manual_seed(7)
+    loss = m(ids, labels=torch.roll(ids, -1, 1))
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("tile", [1, 10, 16, 74])
+def test_tiled_mlp_gives_the_untiled_loss_and_gradients(tile):
+    m = _tiny_decoder()
+    ids = torch.randint(0, 97, (2, 37), generator=torch.Generator().manual_seed(3))
+    l0, g0 = _loss_and_grads(m, ids, 0)
+    l1, g1 = _loss_and_grads(m, ids, tile)
+    torch.testing.assert_close(l1, l0, atol=1e-4, rtol=1e-6)
+    for k in g0:
+        torch.testing.assert_close(g1[k], g0[k], atol=1e-6, rtol=1e-5, msg=k)
+    with torch.no_grad():  # evaluation takes the tiles too
+        for b in m.model.layers:
+            b.mlp.tile_tokens = tile
+        tiled = m(ids)
+        for b in m.model.layers:
+            b.mlp.tile_tokens = 0
+        torch.testing.assert_close(tiled, m(ids), atol=1e-5, rtol=1e-5)
+
+
+def test_tiled_mlp_recomputes_with_the_forward_dropout_masks(monkeypatch):
+    """With LoRA dropout, backward's recomputation must see the masks the forward drew."""
+    import snuggle.model.decoder as decoder
+
+    m = _tiny_decoder(dropout=0.3)
+    ids = torch.randint(0, 97, (2, 37), generator=torch.Generator().manual_seed(4))
+    l1, g1 = _loss_and_grads(m, ids, 16)
+
+    def per_tile(fn, x, tile, params):  # the same tiles through plain autograd: the oracle
+        flat = x.reshape(-1, x.shape[-1])
+        return torch.cat([fn(flat[s : s + tile]) for s in range(0, flat.shape[0], tile)]).view_as(x)
+
+    monkeypatch.setattr(decoder, "tiled_mlp", per_tile)
+    l0, g0 = _loss_and_grads(m, ids, 16)
+    torch.testing.assert_close(l1, l0)
+    for k in g0:
+        torch.testing.assert_close(g1[k], g0[k], atol=1e-6, rtol=1e-5, msg=k)
+
+
+# --- the memory plan -------------------------------------------------------------------------------
+
+LLAMA3_8B = ModelArgs.from_hf(
+    dict(
+        model_type="llama",
+        hidden_size=4096,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        intermediate_size=14336,
+        vocab_size=128256,
+    )
+)
+
+
+def test_plan_takes_the_cheapest_savings_that_fit():
+    static = 6 * GIB
+    roomy = plan_memory(LLAMA3_8B, static, 2, 2048, 80.0)
+    assert (roomy.checkpoint_layers, roomy.offload, roomy.tile_tokens) == (0, False, 0)
+    some = plan_memory(LLAMA3_8B, static, 2, 2048, 16.0)
+    assert 0 < some.checkpoint_layers < 32 and not some.offload and some.predicted_gib <= 16.0
+    long = plan_memory(LLAMA3_8B, static, 1, 131072, 24.0)
+    assert (long.checkpoint_layers, long.offload) == (32, True) and long.tile_tokens > 0
+    assert long.predicted_gib <= 24.0
+    # every plan fits and costs more savings as the budget shrinks
+    plans = [plan_memory(LLAMA3_8B, static, 1, 32768, b) for b in (80, 40, 24, 16)]
+    keys = [(p.tile_tokens > 0, p.offload, p.checkpoint_layers) for p in plans]
+    assert keys == sorted(keys)
+    assert "predicted peak" in long.describe() and "tiles" in long.describe()
+
+
+def test_plan_that_cannot_fit_names_what_would():
+    with pytest.raises(SnuggleError, match=r"data.seq_len <= (\d+)") as e:
+        plan_memory(LLAMA3_8B, 6 * GIB, 1, 1 << 20, 24.0)
+    fits = int(e.value.args[0].split("data.seq_len <= ")[1].split()[0])
+    plan_memory(LLAMA3_8B, 6 * GIB, 1, fits, 24.0)  # the advice holds
+    with pytest.raises(SnuggleError, match="model alone needs .*model.quantize=nf4"):
+        plan_memory(LLAMA3_8B, 30 * GIB, 1, 2048, 24.0)
+
+
+def test_predicted_bytes_grow_with_tokens_and_shrink_with_savings():
+    p = [predict_bytes(LLAMA3_8B, n, 0, 2, 0, False, 0) for n in (1024, 2048, 4096)]
+    assert p[0] < p[1] < p[2]
+    assert predict_bytes(LLAMA3_8B, 4096, 0, 2, 32, False, 0) < p[2]
+    assert predict_bytes(LLAMA3_8B, 4096, 0, 2, 32, True, 0) < predict_bytes(
+        LLAMA3_8B, 4096, 0, 2, 32, False, 0
+    )
+
+
+def test_training_with_a_budget_plans_and_keeps_the_curve(tiny_hf_model, tmp_path, capsys):
+    path, _ = tiny_hf_model("llama", False, tmp_path)
+    corpus = write_jsonl(tmp_path / "c.jsonl", learnable_docs(40))
+    cfg = make_cfg(path, corpus, tmp_path / "free", "model.device=cpu")
+    train(cfg)
+    # a budget between the predicted peaks with and without recomputing every block (CPU: no offload)
+    from snuggle.train.setup import build_model
+
+    model, _ = build_model(cfg)
+    static, tokens, L = static_bytes(model), cfg.train.batch_size * cfg.data.seq_len, model.args.num_layers
+    lo = predict_bytes(model.args, tokens, static, 4, L, False, 0)
+    hi = predict_bytes(model.args, tokens, static, 4, 0, False, 0)
+    assert lo < hi
+    budget = (lo + hi) / 2 / GIB
+    train(make_cfg(path, corpus, tmp_path / "tight", "model.device=cpu", f"train.memory_budget_gib={budget}"))
+    err = capsys.readouterr().err
+    assert "memory plan for 0.3 GiB: checkpointing 1 of 2 blocks" in err, err
+    a = [r["loss"] for r in read_metrics(tmp_path / "free") if "loss" in r]
+    b = [r["loss"] for r in read_metrics(tmp_path / "tight") if "loss" in r]
+    torch.testing.assert_close(torch.tensor(b), torch.tensor(a), atol=1e-6, rtol=1e-6)
+    out = tmp_path / "impossible"
+    with pytest.raises(SnuggleError, match="memory_budget_gib"):
+        train(make_cfg(path, corpus, out, "model.device=cpu", "train.memory_budget_gib=0.01"))
+    assert not (out / "metrics.jsonl").exists()
+
+
+# --- 8-bit AdamW -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_8bit_state_codes_keep_relative_precision(signed):
+    x = torch.randn(5000, generator=torch.Generator().manual_seed(0)) * torch.logspace(-5, 0, 5000)
+    x = x if signed else x.abs()
+    codes, absmax = encode(x, signed)
+    assert codes.dtype == torch.uint8 and codes.numel() == x.numel()
+    y = decode(codes, absmax, signed, x.shape)
+    block_max = absmax.repeat_interleave(256)[: x.numel()]
+    big = x.abs() > 1e-5 * block_max  # inside the code's range
+    rel = ((y - x).abs() / x.abs())[big]
+    assert rel.max() < 0.06 and rel.median() < 0.03
+    if not signed:
+        assert (y[x > 0] > 0).all()  # a second moment never decodes to 0 (it divides the step)
+
+
+def _fit(opt_cls, steps=150, **kw):
+    torch.manual_seed(1)
+    w = torch.nn.Parameter(torch.randn(64, 128) * 0.1)
+    x, y = torch.randn(256, 128), torch.randn(256, 64)
+    opt = opt_cls([w], lr=3e-3, weight_decay=0.01, **kw)
+    losses = []
+    for _ in range(steps):
+        loss = F.mse_loss(x @ w.t(), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    return losses, opt, w
+
+
+def test_adamw8bit_tracks_adamw_and_resumes_from_its_state_dict():
+    ref, _, _ = _fit(torch.optim.AdamW)
+    got, opt, w = _fit(AdamW8bit, min_8bit_size=1)
+    assert got[-1] < 0.5 * got[0]
+    assert max(abs(a - b) / b for a, b in zip(got, ref, strict=True)) < 0.02
+    state = opt.state[w]
+    assert state["exp_avg_q"].dtype == torch.uint8 and state["exp_avg_sq_q"].dtype == torch.uint8
+    assert sum(t.numel() * t.element_size() for t in state.values()) < 2.1 * w.numel()
+    # a fresh optimizer from the state dict continues exactly
+    opt2 = AdamW8bit([w], lr=3e-3, weight_decay=0.01, min_8bit_size=1)
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))  # as from a file: no tensor shared
+    w.grad = torch.randn_like(w)
+    w0 = w.detach().clone()
+    opt.step()
+    a = w.detach().clone()
+    with torch.no_grad():
+        w.copy_(w0)
+    opt2.step()
+    torch.testing.assert_close(w.detach(), a, atol=0, rtol=0)
+
+
+def test_full_finetune_with_adamw8bit_resumes_exactly(tiny_hf_model, tmp_path):
+    path, _ = tiny_hf_model("llama", True, tmp_path)
+    corpus = write_jsonl(tmp_path / "c.jsonl", learnable_docs(40))
+    common = (
+        "lora=null",
+        "train.optimizer=adamw8bit",
+        "train.lr=0.001",
+        "train.schedule=constant",
+        "model.device=cpu",
+    )
+    train(make_cfg(path, corpus, tmp_path / "whole", *common, "train.steps=6"))
+    # stopped after 3 steps, then continued to 6 (with a constant lr the shorter schedule is the same)
+    train(make_cfg(path, corpus, tmp_path / "split", *common, "train.steps=3"))
+    resume = ("train.steps=6", "train.resume=true", "train.allow_config_change=true")
+    train(make_cfg(path, corpus, tmp_path / "split", *common, *resume))
+    whole = [r["loss"] for r in read_metrics(tmp_path / "whole") if "loss" in r]
+    split = [r["loss"] for r in read_metrics(tmp_path / "split") if "loss" in r]
+    assert whole[-1] < whole[0]
+    assert split == whole
+
+
+@pytest.mark.parametrize("quantize", ["none", "nf4"])
+def test_weight_estimate_from_shapes_matches_the_built_model(tiny_hf_model, tmp_path, quantize):
+    from snuggle.train.memory import estimate_weight_bytes
+
+    path, _ = tiny_hf_model("llama", False, tmp_path, hidden_size=64, intermediate_size=128, head_dim=16)
+    model, _ = load(path, with_tokenizer=False, device="cpu", quantize=quantize)
+    built = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    est = estimate_weight_bytes(model.args, 4, quantize)
+    assert abs(est - built) <= 0.1 * built, (est, built)
+
+
+def test_auto_parallel_shards_a_model_too_large_for_one_card():
+    from snuggle.train.parallel import resolve_strategy
+
+    assert resolve_strategy("auto", 2, use_lora=True) == "ddp"
+    assert resolve_strategy("auto", 2, use_lora=True, fits_one_card=False) == "fsdp"
+    assert resolve_strategy("auto", 2, use_lora=False) == "fsdp"
+    assert resolve_strategy("auto", 1, use_lora=True, fits_one_card=False) == "none"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_qlora_trainer_end_to_end_on_gpu(tiny_hf_model, tmp_path, capsys, monkeypatch):
+    """The whole GPU path through the trainer: 4-bit load, memory plan, kernels, FlexAttention on packed
+    documents, 8-bit AdamW on trained embeddings, then a 16-bit export."""
+    path, _ = tiny_hf_model(
+        "llama", False, tmp_path, hidden_size=128, intermediate_size=256, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, max_position_embeddings=512,
+    )  # fmt: skip
+    import snuggle.train.loop as loop
+
+    built = []
+    real_build = loop.build_model
+    monkeypatch.setattr(loop, "build_model", lambda cfg: built.append(real_build(cfg)) or built[-1])
+    corpus = write_jsonl(tmp_path / "c.jsonl", learnable_docs(400))
+    out = tmp_path / "run"
+    cfg = make_cfg(
+        path, corpus, out, "model.quantize=nf4", "data.seq_len=256", "train.steps=30", "train.lr=0.003",
+        "lora.train_embeddings=true", "train.optimizer=adamw8bit", "train.memory_budget_gib=20",
+    )  # fmt: skip
+    train(cfg)
+    err = capsys.readouterr().err
+    assert "memory plan for 20.0 GiB: no activation checkpointing" in err, err
+    model = built[-1][0]
+    assert model.attention == "flex" and _nf4_modules(model) and model.lm_head.weight.is_cuda
+    losses = [r["loss"] for r in read_metrics(out) if "loss" in r]
+    assert losses[-1] < 0.7 * losses[0]
+    from snuggle.cli import main
+
+    assert main(["export", str(out), "--format", "hf", "--out", str(tmp_path / "merged")]) == 0
