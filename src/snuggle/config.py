@@ -8,7 +8,9 @@ Every key is documented in docs/config.md.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -44,6 +46,8 @@ class ModelConfig:
     # start from trained LoRA factors: a snuggle run directory (its latest checkpoint) or a PEFT adapter
     # directory; a new stage, so the optimizer and the step counter start afresh
     adapter: str | None = None
+    # none | nf4: QLoRA's 4-bit frozen base (every block projection; LoRA trains on top in `dtype`)
+    quantize: str = "none"
 
 
 @dataclass
@@ -82,6 +86,9 @@ class TrainConfig:
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     min_lr_ratio: float = 0.0  # lr at the end of the schedule, as a fraction of the peak
     max_grad_norm: float | None = 1.0  # clip the global gradient norm; null disables
+    # adamw8bit: 8-bit moments (2 bytes a trainable parameter, not 8); for full fine-tuning and embeddings
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
+    max_bad_steps: int = 5  # stop (with a checkpoint) after this many non-finite steps in a row; 0: never
     eval_every: int = 0  # steps between evaluations (0: only at the end)
     eval_rows: int | None = None  # cap on held-out rows per evaluation (None: all)
     save_every: int = 0  # steps between checkpoints (0: only at the end)
@@ -90,7 +97,12 @@ class TrainConfig:
     output_dir: str = "runs/snuggle"
     seed: int = 3407
     resume: bool = False
-    gradient_checkpointing: bool = False  # recompute blocks in backward (less memory, ~30% slower)
+    allow_config_change: bool = False  # resume even though settings that shape the curve changed
+    # recompute blocks in backward (less memory, ~30% slower); null (auto): as the memory plan needs
+    gradient_checkpointing: bool | None = None
+    # GiB this process may use on its GPU (null: the whole card); the plan fits checkpointing, offload
+    # and MLP tiling into it, and the allocator is held to it
+    memory_budget_gib: float | None = None
     checkpoint_layers: int | None = None  # with gradient_checkpointing: how many blocks (None: all)
     offload_activations: bool = False  # checkpointed blocks keep their inputs in pinned CPU memory
     kernels: Literal["auto", "triton", "torch"] = "auto"  # auto: Triton fast path on CUDA, PyTorch elsewhere
@@ -124,6 +136,7 @@ class RunConfig:
             ("train.save_every", t.save_every, 0),
             ("train.log_every", t.log_every, 1),
             ("train.keep_checkpoints", t.keep_checkpoints, 1),
+            ("train.seed", t.seed, 0),  # numpy's generators take non-negative seeds only
         ):
             if val < lo:
                 raise SnuggleError(f"{key} must be >= {lo}, got {val}")
@@ -168,6 +181,13 @@ class RunConfig:
             raise SnuggleError(
                 "model.adapter needs LoRA (lora.enabled=true); to fully fine-tune a trained model, "
                 "export it with `snuggle export RUN --format hf` and give that as model.path"
+            )
+        if self.model.quantize not in ("none", "nf4"):
+            raise SnuggleError(f"model.quantize must be none or nf4, got {self.model.quantize!r}")
+        if self.model.quantize != "none" and not self.use_lora:
+            raise SnuggleError(
+                "model.quantize=nf4 freezes the base in 4 bits: it needs LoRA (lora.enabled=true); "
+                "full fine-tuning trains 16-bit weights"
             )
         if self.lora is not None and self.lora.enabled:
             if self.lora.r < 1:
@@ -215,18 +235,53 @@ def _type_ok(value: Any, tp: Any) -> tuple[bool, Any]:
             out.append(v2)
         return True, out
     if tp is float:
+        # NaN and inf are never meant: `lr: .nan` would pass every `<= 0` check and train on garbage
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return True, float(value)
+            return _finite(value), float(value) if _finite(value) else value
         if isinstance(value, str) and _SCI_FLOAT.fullmatch(value.strip()):
-            return True, float(value)
+            return _finite(float(value)), float(value)
         return False, value
     if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool), value
+        # int64: every count, size and seed ends up in numpy or torch
+        ok = isinstance(value, int) and not isinstance(value, bool) and _INT64[0] <= value <= _INT64[1]
+        return ok, value
     if tp is bool:
         return isinstance(value, bool), value
     if tp is str:
-        return isinstance(value, str), value
+        # a NUL byte is never part of a path, name or template (the OS rejects it in paths with a traceback)
+        return isinstance(value, str) and "\x00" not in value, value
     return isinstance(value, tp), value
+
+
+_INT64 = (-(2**63), 2**63 - 1)
+# values quoted in error messages: a YAML alias bomb or a megabyte string still gives one short line
+_REPR = reprlib.Repr()
+_REPR.maxstring, _REPR.maxother, _REPR.maxlevel = 80, 80, 3
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 6
+_MAX_CONFIG_BYTES = 16 << 20  # a config is a small YAML file; reading stops here (think /dev/zero)
+
+
+def _finite(value: int | float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
+
+
+def _quote(value: Any) -> str:
+    r = _REPR.repr(value)
+    return r if len(r) <= 160 else r[:157] + "..."
+
+
+def _why(value: Any, tp: Any) -> str:
+    """What is wrong with a value that failed _type_ok, beyond its type."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return " (a finite number)"
+    if isinstance(value, int) and not isinstance(value, bool) and not _INT64[0] <= value <= _INT64[1]:
+        return " (within the 64-bit integer range)"
+    if isinstance(value, str) and "\x00" in value:
+        return " (without NUL characters)"
+    return ""
 
 
 def _type_name(tp: Any) -> str:
@@ -243,7 +298,8 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     kwargs = {}
     for key, value in data.items():
         if key not in fields:
-            raise SnuggleError(f"unknown config key '{prefix}{key}'; known: {', '.join(fields)}")
+            name = _quote(key)[1:-1] if isinstance(key, str) else _quote(key)
+            raise SnuggleError(f"unknown config key '{prefix}{name}'; known: {', '.join(fields)}")
         tp = hints[key]
         sub = _dataclass_arm(tp)
         if sub is not None and isinstance(value, dict):
@@ -251,7 +307,9 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
             continue
         ok, v = _type_ok(value, tp)
         if not ok:
-            raise SnuggleError(f"config key '{prefix}{key}' must be {_type_name(tp)}, got {value!r}")
+            raise SnuggleError(
+                f"config key '{prefix}{key}' must be {_type_name(tp)}{_why(value, tp)}, got {_quote(value)}"
+            )
         kwargs[key] = v
     return cls(**kwargs)
 
@@ -273,33 +331,62 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
+def _read_config(p: Path) -> str:
+    try:
+        with open(p, "rb") as f:
+            raw = f.read(_MAX_CONFIG_BYTES + 1)
+    except OSError as e:
+        raise SnuggleError(f"cannot read config {p}: {e.strerror or e}") from None
+    if len(raw) > _MAX_CONFIG_BYTES:
+        raise SnuggleError(f"{p}: larger than {_MAX_CONFIG_BYTES >> 20} MiB; a config is a small YAML file")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise SnuggleError(f"{p}: not UTF-8 text (invalid byte at offset {e.start})") from None
+
+
+def _parse_yaml(text: str, where: str) -> Any:
+    """yaml.safe_load, every failure one line: syntax errors, but also what PyYAML lets escape from its
+    constructors (an impossible date is a ValueError, 5000-digit integers too) and deep nesting."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise SnuggleError(f"{where}: invalid YAML ({first})") from None
+    except (ValueError, OverflowError) as e:
+        raise SnuggleError(f"{where}: invalid YAML value ({' '.join(str(e).split())[:120]})") from None
+    except RecursionError:
+        raise SnuggleError(f"{where}: invalid YAML (nested too deeply)") from None
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
     """YAML file (may be None) + `a.b=value` overrides (values parsed as YAML) -> validated RunConfig."""
     tree: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
-        try:
-            tree = yaml.safe_load(p.read_text()) or {}
-        except OSError as e:
-            raise SnuggleError(f"cannot read config {p}: {e.strerror}") from None
-        except yaml.YAMLError as e:
-            raise SnuggleError(f"{p}: invalid YAML ({str(e).splitlines()[0]})") from None
+        tree = _parse_yaml(_read_config(p), str(p)) or {}
         if not isinstance(tree, dict):
             raise SnuggleError(f"{p}: the config must be a YAML mapping")
     for ov in overrides:
         key, sep, raw = ov.partition("=")
-        if not sep or not key:
-            raise SnuggleError(f"override {ov!r} must look like section.key=value")
+        if not sep or not key.strip():
+            raise SnuggleError(f"override {_quote(ov)} must look like section.key=value")
+        if "\x00" in ov:
+            raise SnuggleError(f"override {_quote(ov)} contains a NUL character")
         try:
             value = yaml.safe_load(raw) if raw else ""
-        except yaml.YAMLError:
-            value = raw
+        except (yaml.YAMLError, ValueError, OverflowError):
+            value = raw  # not YAML: the text itself (a path with a ': ' in it, ...)
+        except RecursionError:
+            raise SnuggleError(f"override {_quote(ov)}: value nested too deeply") from None
         _set_dotted(tree, key.strip(), value)
     return config_from_dict(tree)
 
 
 def config_from_dict(tree: dict[str, Any]) -> RunConfig:
     """A validated RunConfig from a nested dict (a parsed YAML file or a saved run's config)."""
+    if not isinstance(tree, dict):
+        raise SnuggleError(f"the config must be a mapping of sections, got {type(tree).__name__}")
     tree = dict(tree)
     if "lora" in tree and tree["lora"] is None:
         tree["lora"] = {"enabled": False}  # `lora: null` means full fine-tuning

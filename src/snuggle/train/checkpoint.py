@@ -17,33 +17,53 @@ safetensors file, so export, eval and `load_run` read it without any process gro
 
 A crash at any instant leaves either the previous complete checkpoint or the new one, never a torn
 one: every rank writes into a temp directory; after a barrier rank 0 fsyncs it, renames it into place
-and replaces `latest`, the only pointer readers trust.
+and replaces `latest`, the only pointer readers trust. A write that fails (full disk, quota, I/O
+error) on any rank removes the partial checkpoint and raises one SnuggleError on every rank, naming the
+directory and its free space; `latest` still names the previous complete checkpoint.
+
+meta.json also records the settings that shape the loss curve (`curve_fingerprint`): resuming with
+other values is refused with each changed key named (`fingerprint_changes`), unless
+`train.allow_config_change` says the change is meant.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import shutil
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
+from snuggle.config import RunConfig
 from snuggle.errors import SnuggleError
+from snuggle.lora import resolve_targets
 from snuggle.train.parallel import DistContext, unwrap
 
-__all__ = ["save_checkpoint", "latest_checkpoint", "load_checkpoint", "load_trainables", "TRAINABLE_FILE"]
+__all__ = [
+    "save_checkpoint",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "load_trainables",
+    "read_meta",
+    "curve_fingerprint",
+    "fingerprint_changes",
+    "TRAINABLE_FILE",
+]
 
 _PREFIX = "checkpoint-"
+_TMP_PREFIX = f".tmp-{_PREFIX}"
 TRAINABLE_FILE = "trainable.safetensors"
 _OPTIMIZER_DIR = "optimizer"
 
@@ -104,15 +124,75 @@ def save_checkpoint(
     keep: int = 2,
     ctx: DistContext | None = None,
 ) -> Path:
-    """Write checkpoint `step` of `model` (plain, DDP or FSDP) collectively; every rank must call it."""
+    """Write checkpoint `step` of `model` (plain, DDP or FSDP) collectively; every rank must call it.
+
+    Four phases, each ended by an agreement of all ranks (so a rank that fails never leaves the others
+    waiting in a collective): rank 0 makes a fresh temp directory; every rank writes its DCP shards;
+    rank 0 adds scheduler/RNG state and meta.json and fsyncs the tree; rank 0 renames it into place and
+    points `latest` at it. A failed write removes the temp directory before anyone raises.
+    """
     ctx = ctx or DistContext()
     final = run_dir / f"{_PREFIX}{step:07d}"
-    tmp = run_dir / f".tmp-{_PREFIX}{step:07d}"
-    if ctx.is_main:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-    ctx.barrier()
+    tmp = run_dir / f"{_TMP_PREFIX}{step:07d}"
+
+    def phase(fn: Callable[[], None], everywhere: bool = False) -> None:
+        error = _attempt(fn) if everywhere or ctx.is_main else None
+        if not any(ctx.all_gather_object(error is not None)):
+            return
+        if ctx.is_main:
+            _discard(run_dir, tmp, final)
+        ctx.barrier()  # every rank then reports the free space after the cleanup: one message
+        if isinstance(error, _WriteFailure):
+            error = _disk_error(run_dir, step, error.cause)
+        ctx.agree(error)
+
+    phase(lambda: _fresh_tmp(run_dir, tmp))
+    phase(lambda: _write_shards(tmp, model, optimizer, ctx), everywhere=True)
+    rngs = ctx.all_gather_object(_rng_state())
+    phase(lambda: _write_state(tmp, step, scheduler, rngs, meta))
+    phase(lambda: _publish(run_dir, tmp, final, keep))
+    # the checkpoint is complete (and `latest` names it) when any rank returns
+    return final
+
+
+class _WriteFailure(Exception):
+    """A write refused by the filesystem (the OSError inside `cause`), as opposed to a bug."""
+
+    def __init__(self, cause: OSError):
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+def _attempt(fn: Callable[[], None]) -> BaseException | None:
+    """Run one phase; return its failure instead of raising it, so that every rank can agree on it.
+
+    DCP reports a failed write as CheckpointException (a BaseException, not an Exception) holding
+    each rank's OSError; those and plain OSErrors become _WriteFailure. Anything else is a bug and
+    is returned as is (the failing rank re-raises it with its traceback).
+    """
+    try:
+        fn()
+    except OSError as e:
+        return _WriteFailure(e)
+    except CheckpointException as e:
+        causes = [f[0] if isinstance(f, tuple) else f for f in e.failures.values()]
+        oserr = next((c for c in causes if isinstance(c, OSError)), None)
+        return _WriteFailure(oserr) if oserr is not None else RuntimeError(f"checkpoint write failed: {e}")
+    except Exception as e:
+        return e
+    return None
+
+
+def _fresh_tmp(run_dir: Path, tmp: Path) -> None:
+    # temp directories of earlier attempts that died mid-write (one run writes one checkpoint at a
+    # time, so every one found here is dead) would otherwise hold their disk space forever
+    for stale in run_dir.glob(f"{_TMP_PREFIX}*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    (run_dir / "latest.tmp").unlink(missing_ok=True)
+    tmp.mkdir(parents=True)
+
+
+def _write_shards(tmp: Path, model: nn.Module, optimizer: torch.optim.Optimizer, ctx: DistContext) -> None:
     model_sd, optim_sd = _state_dicts(model, optimizer)
     with _dcp_quiet():
         writer = dcp.HuggingFaceStorageWriter(
@@ -120,26 +200,74 @@ def save_checkpoint(
         )
         dcp.save(model_sd, storage_writer=writer, no_dist=not ctx.enabled)
         dcp.save(optim_sd, checkpoint_id=str(tmp / _OPTIMIZER_DIR), no_dist=not ctx.enabled)
-    rngs = ctx.all_gather_object(_rng_state())
-    if ctx.is_main:
-        torch.save({"scheduler": scheduler.state_dict(), "rng": rngs}, tmp / "state.pt")
-        (tmp / "meta.json").write_text(json.dumps({"step": step, **meta}, indent=2, sort_keys=True))
-        _settle_trainable_file(tmp)
-        _fsync_tree(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        latest_tmp = run_dir / "latest.tmp"
-        latest_tmp.write_text(final.name)
-        with open(latest_tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(latest_tmp, run_dir / "latest")
-        _fsync_dir(run_dir)
-        for old in sorted(run_dir.glob(f"{_PREFIX}*"))[:-keep]:
-            if old != final:
-                shutil.rmtree(old, ignore_errors=True)
-    ctx.barrier()  # the checkpoint is complete (and `latest` names it) when any rank returns
-    return final
+
+
+def _write_state(tmp: Path, step: int, scheduler: Any, rngs: list, meta: dict[str, Any]) -> None:
+    # serialised in memory first: torch.save straight into a file on a full disk fails with an opaque
+    # RuntimeError ("unexpected pos ..."); a plain write fails with the OSError that names the cause
+    buf = io.BytesIO()
+    torch.save({"scheduler": scheduler.state_dict(), "rng": rngs}, buf)
+    (tmp / "state.pt").write_bytes(buf.getvalue())
+    (tmp / "meta.json").write_text(json.dumps({"step": step, **meta}, indent=2, sort_keys=True))
+    _settle_trainable_file(tmp)
+    _fsync_tree(tmp)
+
+
+def _publish(run_dir: Path, tmp: Path, final: Path, keep: int) -> None:
+    if final.exists():
+        # a complete checkpoint of this step from an attempt that died before pointing `latest` at it
+        # (`latest` never names it: the loop never re-saves the step it resumed from)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    latest_tmp = run_dir / "latest.tmp"
+    with open(latest_tmp, "w") as fh:
+        fh.write(final.name)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(latest_tmp, run_dir / "latest")
+    _fsync_dir(run_dir)
+    for old in sorted(run_dir.glob(f"{_PREFIX}*"))[:-keep]:
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _discard(run_dir: Path, tmp: Path, final: Path) -> None:
+    """After a failed phase: remove what this attempt wrote, never what `latest` names."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    (run_dir / "latest.tmp").unlink(missing_ok=True)
+    named = latest_checkpoint(run_dir)
+    if final.exists() and (named is None or named.resolve() != final.resolve()):
+        # renamed into place, but `latest` could not be pointed at it: nothing reads it, and on a full
+        # disk its space is what the user needs back
+        shutil.rmtree(final, ignore_errors=True)
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"  # unreachable; keeps type checkers calm
+
+
+def _disk_error(run_dir: Path, step: int, cause: OSError) -> SnuggleError:
+    """One line: what failed, where, how much room is left, what survives and how to go on."""
+    try:
+        free = f"{_human_bytes(shutil.disk_usage(run_dir).free)} free there"
+    except OSError:
+        free = "free space unknown"
+    reason = cause.strerror or str(cause)
+    previous = latest_checkpoint(run_dir)
+    kept = (
+        f"the previous checkpoint {previous.name} is intact: free some space, then continue from it "
+        "with train.resume=true"
+        if previous is not None
+        else "there is no earlier checkpoint to continue from"
+    )
+    return SnuggleError(
+        f"cannot write the checkpoint of step {step} to {run_dir}: {reason} ({free}); the partial "
+        f"checkpoint was removed and {kept}"
+    )
 
 
 def _settle_trainable_file(tmp: Path) -> None:
@@ -160,11 +288,18 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     pointer = run_dir / "latest"
     if not pointer.is_file():
         return None
-    ckpt = run_dir / pointer.read_text().strip()
+    try:
+        name = pointer.read_text().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise SnuggleError(f"{pointer}: unreadable checkpoint pointer ({e})") from None
+    # the pointer names a checkpoint directory of this run, nothing else: never a path out of it
+    if not (name.startswith(_PREFIX) and name[len(_PREFIX) :].isdigit()):
+        raise SnuggleError(f"{pointer}: names {name[:80]!r}, not a checkpoint inside the run")
+    ckpt = run_dir / name
     return ckpt if (ckpt / "meta.json").is_file() else None
 
 
-def _read_meta(ckpt: Path) -> dict[str, Any]:
+def read_meta(ckpt: Path) -> dict[str, Any]:
     try:
         return json.loads((ckpt / "meta.json").read_text())
     except (OSError, ValueError) as e:
@@ -179,9 +314,9 @@ def load_trainables(ckpt: Path, model: nn.Module) -> dict[str, Any]:
     """
     try:
         tensors = load_file(str(ckpt / TRAINABLE_FILE))
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SafetensorError) as e:
         raise SnuggleError(f"{ckpt}: unreadable checkpoint ({e})") from None
-    meta = _read_meta(ckpt)
+    meta = read_meta(ckpt)
     params = dict(model.named_parameters())
     missing = [k for k in tensors if k not in params]
     if missing:
@@ -213,7 +348,7 @@ def load_checkpoint(
     depend on the world size anyway.
     """
     ctx = ctx or DistContext()
-    meta = _read_meta(ckpt)
+    meta = read_meta(ckpt)
     if not (ckpt / _OPTIMIZER_DIR).is_dir():
         raise SnuggleError(
             f"{ckpt}: written by an older snuggle (no {_OPTIMIZER_DIR}/); it exports, but cannot be resumed"
@@ -241,7 +376,13 @@ def load_checkpoint(
         optim_state_dict=optim_sd,
         options=StateDictOptions(ignore_frozen_params=True, strict=False),
     )
-    state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
+    try:
+        # weights_only: a state.pt that asks to run code is refused, not executed
+        state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
+    except Exception as e:  # any failure (refused pickle opcodes, truncation) is this one file's fault
+        raise SnuggleError(
+            f"{ckpt}/state.pt: refused or unreadable ({str(e).splitlines()[0][:160]})"
+        ) from None
     scheduler.load_state_dict(state["scheduler"])
     rngs = state["rng"]
     if ctx.rank < len(rngs):
@@ -249,3 +390,89 @@ def load_checkpoint(
         if "cuda" in rngs[ctx.rank] and torch.cuda.is_available():
             torch.cuda.set_rng_state(rngs[ctx.rank]["cuda"])
     return meta
+
+
+# --- the settings that shape the loss curve ----------------------------------------------------------
+
+
+def _abspath(p: str | None) -> str | None:
+    # as given, made absolute: a relative path read from another working directory is other data
+    return None if p is None else os.path.abspath(os.path.expanduser(p))
+
+
+def curve_fingerprint(cfg: RunConfig, dtype: str, global_batch: int) -> dict[str, Any]:
+    """The settings whose change would change the loss curve from the checkpoint on, by dotted key.
+
+    Left out, because the curve does not depend on them: where things go and how they are shown
+    (output_dir, progress, log_every, report_to, ...), when evaluation and checkpoints happen, how the
+    work is spread and computed (parallel, kernels, gradient checkpointing, offload, device,
+    dist_timeout_s), and batch_size / grad_accum / world size on their own: only their product, the
+    global batch, changes the curve. `steps` counts only for a decaying schedule (it sets the decay).
+    `dtype` is model.dtype resolved for the device ("auto" means bf16 on a GPU, fp32 on a CPU).
+    """
+    t, d, m = cfg.train, cfg.data, cfg.model
+    fp: dict[str, Any] = {
+        "model.path": _abspath(m.path),
+        "model.dtype": dtype,
+        "model.adapter": _abspath(m.adapter),
+        "model.quantize": getattr(m, "quantize", "none"),
+        "lora.enabled": cfg.use_lora,
+    }
+    if cfg.use_lora:
+        lc = cfg.lora
+        fp |= {
+            "lora.r": lc.r,
+            "lora.alpha": float(lc.alpha),
+            "lora.dropout": float(lc.dropout),
+            "lora.rslora": lc.rslora,
+            "lora.targets": sorted(resolve_targets(lc.targets)),
+            "lora.train_embeddings": lc.train_embeddings,
+        }
+    train_files = [d.train] if isinstance(d.train, str) else list(d.train)
+    fp |= {
+        "data.train": [_abspath(f) for f in train_files],
+        "data.format": d.format,
+        "data.text_field": d.text_field,
+        "data.chat_template": d.chat_template,
+        "data.split": d.split,
+        "data.seq_len": d.seq_len,
+        "data.val_fraction": d.val_fraction,
+        "train.global_batch": global_batch,
+        "train.seed": t.seed,
+        "train.lr": t.lr,
+        "train.embedding_lr": t.embedding_lr or t.lr,
+        "train.weight_decay": t.weight_decay,
+        "train.betas": [float(b) for b in t.betas],
+        "train.warmup_steps": t.warmup_steps,
+        "train.schedule": t.schedule,
+        "train.min_lr_ratio": t.min_lr_ratio,
+        "train.max_grad_norm": t.max_grad_norm or None,  # 0 and null both mean no clipping
+    }
+    if t.schedule != "constant":
+        fp["train.steps"] = t.steps
+    return fp
+
+
+def fingerprint_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """`key: old -> new` for every key both fingerprints hold with different values.
+
+    A key only one side holds is no change of its own: an older checkpoint records fewer keys, and
+    `train.steps` exists only for decaying schedules (a switch of schedule is named as such). Values
+    are compared after a JSON round trip, which is how the saved side was stored (tuples are lists).
+    """
+    now = json.loads(json.dumps(now))
+    out = []
+    for key, old in saved.items():
+        if key in now and now[key] != old:
+            out.append(f"{_LABELS.get(key, key)}: {_show(old)} -> {_show(now[key])}")
+    return out
+
+
+# keys that are no config key of their own, named by what the user sets
+_LABELS = {"train.global_batch": "global batch (processes x train.batch_size x train.grad_accum)"}
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, list):
+        return "[" + ", ".join(map(str, value)) + "]"
+    return "null" if value is None else str(value)

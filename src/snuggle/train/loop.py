@@ -6,14 +6,26 @@ micro-batches of that step, forward/backward with the loss normalised by the val
 global step, clip, update, log (rank 0), evaluate, checkpoint.
 
 With one process (`train.parallel` none) nothing is wrapped and no collective runs.
+
+Faults (docs/reliability.md): a step whose loss or gradient norm is not finite is skipped (no update,
+the lr schedule does not advance, the data moves on) with a warning naming it, and
+`train.max_bad_steps` of them in a row stop the run with a checkpoint; SIGTERM / SIGINT finish the
+step, checkpoint it and return (exit status 128 + signal); running out of GPU memory is one line with
+the figures and the settings that lower the need; resuming with settings that change the curve is
+refused with each one named (`train.allow_config_change` overrides).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import re
+import signal
 import sys
+import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -23,16 +35,26 @@ import yaml
 
 from snuggle.config import RunConfig, to_dict
 from snuggle.data import BatchPlan, collate, iterate_eval
+from snuggle.errors import SnuggleError
 from snuggle.load import resolve_dtype
 from snuggle.lora import trainable_state
 from snuggle.model.checkpointing import configure_checkpointing
 from snuggle.model.loss import IGNORE_INDEX
-from snuggle.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from snuggle.train.checkpoint import (
+    curve_fingerprint,
+    fingerprint_changes,
+    latest_checkpoint,
+    load_checkpoint,
+    read_meta,
+    save_checkpoint,
+)
 from snuggle.train.evaluate import evaluate, to_device
+from snuggle.train.memory import apply_memory_plan, auto_strategy_fits, enforce_budget, memory_plan_for
 from snuggle.train.metrics import MetricsLog, ProgressBar, peak_memory_gib, plot_losses
 from snuggle.train.optim import build_optimizer, build_scheduler
 from snuggle.train.parallel import (
     DistContext,
+    RankError,
     apply_parallel,
     grad_sync,
     init_distributed,
@@ -43,11 +65,17 @@ from snuggle.train.parallel import (
 from snuggle.train.reporters import Reporter, check_reporters, open_reporters
 from snuggle.train.setup import build_data, build_model, check_output_dir
 
-__all__ = ["train"]
+__all__ = ["train", "oom_message"]
 
 
 def train(cfg: RunConfig) -> dict:
-    """Train as `cfg` says; in a torchrun job every process calls this and rank 0 reports."""
+    """Train as `cfg` says; in a torchrun job every process calls this and rank 0 reports.
+
+    A run stopped by SIGTERM/SIGINT returns normally, after checkpointing; its summary then holds
+    `stopped_by`, `stopped_at_step` and `exit_status` (128 + the signal number, for the CLI).
+    """
+    if cfg.train.max_bad_steps < 0:
+        raise SnuggleError(f"train.max_bad_steps must be >= 0 (0: never stop), got {cfg.train.max_bad_steps}")
     device = rank_device(cfg.model.device)
     ctx = init_distributed(cfg.train.dist_timeout_s, device)
     summary = _train(cfg, ctx, device)
@@ -85,20 +113,33 @@ def _train(cfg: RunConfig, ctx: DistContext, device: torch.device) -> dict:
     model = tokenizer = data = None
     strategy = "none"
     try:
-        strategy = resolve_strategy(t.parallel, ctx.world_size, cfg.use_lora)
+        fits, sizes = auto_strategy_fits(cfg, device) if ctx.enabled and t.parallel == "auto" else (True, "")
+        strategy = resolve_strategy(t.parallel, ctx.world_size, cfg.use_lora, fits)
         if ctx.is_main:
             check_output_dir(out, t.resume)
             check_reporters(t.report_to)
         torch.manual_seed(t.seed)  # the same LoRA initialisation on every rank
         model, tokenizer = build_model(_rank_config(cfg, ctx, device, strategy))
         if ctx.is_main:
-            data = build_data(cfg.data, tokenizer, t.seed, model.args.max_position_embeddings)
+            data = build_data(
+                cfg.data,
+                tokenizer,
+                t.seed,
+                model.args.max_position_embeddings,
+                vocab_size=model.args.vocab_size,
+            )
     except Exception as e:
-        error = e
+        error = _oom_to_user_error(e, cfg, device, "building the model")
     ctx.agree(error)
     if not ctx.is_main:
         try:
-            data = build_data(cfg.data, tokenizer, t.seed, model.args.max_position_embeddings)
+            data = build_data(
+                cfg.data,
+                tokenizer,
+                t.seed,
+                model.args.max_position_embeddings,
+                vocab_size=model.args.vocab_size,
+            )
         except Exception as e:
             error = e
     ctx.agree(error)
@@ -113,7 +154,7 @@ def _train(cfg: RunConfig, ctx: DistContext, device: torch.device) -> dict:
     if ctx.enabled:
         say(
             f"snuggle: {ctx.world_size} processes, train.parallel={strategy}"
-            + (" (auto)" if t.parallel == "auto" else "")
+            + (f" (auto{': ' + sizes if sizes else ''})" if t.parallel == "auto" else "")
         )
         # dropout draws its own masks on each rank (the same masks on different rows would be a
         # correlation no single-process run has)
@@ -123,6 +164,9 @@ def _train(cfg: RunConfig, ctx: DistContext, device: torch.device) -> dict:
     try:
         return _run(cfg, ctx, device, strategy, model, data, plan, say, reporters)
     except Exception as e:
+        if _is_oom(e):
+            # this rank alone raises; the others stop when torchrun ends the job or a collective times out
+            raise _oom_to_user_error(e, cfg, device, ctx._phase) from None
         # a collective that failed or timed out: name the rank that died or hangs, in one line
         explained = ctx.explain(e)
         if explained is None:
@@ -168,25 +212,36 @@ def _run(cfg, ctx: DistContext, device, strategy, model, data, plan, say, report
     out = Path(t.output_dir)
     ctx.heartbeat("wrapping the model")
     engine = apply_parallel(model, strategy, ctx, device)  # what forward is called on
-    if t.gradient_checkpointing:
-        # after wrapping: the settings are attributes read at forward time, and under FSDP the
-        # offload buffers must be made for the GPU the shards now live on, not the CPU they were built on
+    # after wrapping: the settings are attributes read at forward time, and under FSDP the offload
+    # buffers must be made for the GPU the shards now live on, and the plan must count shards
+    error: BaseException | None = None
+    mem_plan = None
+    try:
+        enforce_budget(t.memory_budget_gib, device)
+        mem_plan = memory_plan_for(cfg, model, device)
+    except Exception as e:
+        error = e
+    ctx.agree(error)  # a run that cannot fit stops on every rank, before any step
+    if mem_plan is not None:
+        say(f"snuggle: {mem_plan.describe()}")
+        configure_checkpointing(model, mem_plan.checkpoint_layers, mem_plan.offload)
+        apply_memory_plan(model, mem_plan)
+    elif t.gradient_checkpointing:
         configure_checkpointing(model, t.checkpoint_layers, t.offload_activations)
     trainables = trainable_state(unwrap(engine))
     opt = build_optimizer(unwrap(engine), t)
     sched = build_scheduler(opt, t)
+    dtype = str(resolve_dtype(cfg.model.dtype, device)).removeprefix("torch.")
+    fingerprint = curve_fingerprint(cfg, dtype, plan.global_batch)
 
     start = 0
     ckpt = ctx.broadcast_object(latest_checkpoint(out) if t.resume and ctx.is_main else None)
     if ckpt is not None:
         ctx.heartbeat("resume")
+        # before loading: a changed setting is named as such, not as the tensor mismatch it may cause
+        _check_resume_config(read_meta(ckpt), fingerprint, ckpt, t.allow_config_change, ctx, say)
         meta = load_checkpoint(ckpt, engine, opt, sched, ctx)
         start = meta["step"]
-        if meta.get("global_batch", plan.global_batch) != plan.global_batch:
-            say(
-                f"snuggle: note: the global batch is {plan.global_batch} rows, the checkpoint's was "
-                f"{meta['global_batch']}: the data order from step {start} on differs from that run's"
-            )
     log = None
     error: BaseException | None = None
     if ctx.is_main:
@@ -204,7 +259,7 @@ def _run(cfg, ctx: DistContext, device, strategy, model, data, plan, say, report
             # a fresh start (also resume=true on a run that died before its first checkpoint) must not
             # append its curve to the rows of the earlier attempt, which would give every step twice
             (out / "metrics.jsonl").unlink(missing_ok=True)
-        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        _write_atomic(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
         log = MetricsLog(out / "metrics.jsonl", resume_step=start if ckpt is not None else None)
 
     def record(row: dict) -> None:
@@ -249,80 +304,117 @@ def _run(cfg, ctx: DistContext, device, strategy, model, data, plan, say, report
             bar.write(f"step {step}: eval loss {res['loss']:.4f}, perplexity {res['perplexity']:.2f}")
         return res
 
+    saved_at = start if ckpt is not None else None  # the step of the newest checkpoint on disk
+
     def checkpoint(step: int) -> None:
+        nonlocal saved_at
+        if saved_at == step:
+            return  # a stop right after a scheduled save: that checkpoint is this state
         ctx.heartbeat(f"checkpoint at step {step}")
         meta = {
             "tokens_seen": step * tokens_per_step,
             "world_size": ctx.world_size,
             "parallel": strategy,
             "global_batch": plan.global_batch,
+            "curve_config": fingerprint,
         }
         save_checkpoint(out, step, engine, opt, sched, meta, keep=t.keep_checkpoints, ctx=ctx)
+        saved_at = step
         if ctx.is_main:
             plot_losses(out / "metrics.jsonl", out / "loss.png")
 
     tokens_per_step = plan.global_batch * cfg.data.seq_len
-    first_eval = run_eval(0) if start == 0 else None
-    last_eval = None
-    engine.train()
+    stop = _StopRequest(watchdog=ctx.enabled)
+    bad_steps: list[int] = []  # the current streak of skipped steps (1-based numbers)
     loss_val = float("nan")
-    for step in range(start, t.steps):
-        t0 = time.perf_counter()
-        done = step + 1
-        batches = [collate([data.rows[int(i)] for i in idx]) for idx in plan.micro_batches(step)]
-        # the mean is over every valid token of the global step (all micro-batches, all ranks), not
-        # a mean of micro-batch or per-rank means
-        ctx.heartbeat(f"step {done}: token count")
-        n_local = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)
-        n_valid = int(ctx.all_reduce_sum(torch.tensor([n_local], dtype=torch.int64)).item())
-        ctx.heartbeat(f"step {done}: forward/backward")
-        loss_sum = torch.zeros((), device=device)
-        for i, b in enumerate(batches):
-            b = to_device(b, device)
-            # DDP all-reduces gradients after the last micro-batch only; see grad_sync
-            with grad_sync(engine, sync=i == len(batches) - 1):
-                loss = engine(
-                    b["input_ids"], position_ids=b["position_ids"], doc_ids=b["doc_ids"], labels=b["labels"]
-                ) / max(n_valid, 1)
-                loss.backward()
-            loss_sum += loss.detach()
-        ctx.heartbeat(f"step {done}: update")
-        grad_norm = None
-        if t.max_grad_norm:
-            norm = torch.nn.utils.clip_grad_norm_(list(trainables.values()), t.max_grad_norm)
-            # FSDP: a DTensor over the shards (its all-reduce already happened inside clip)
-            grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-        lr = opt.param_groups[0]["lr"]
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        loss_val = float(loss_sum)
-        if ctx.enabled:
-            loss_val = float(ctx.all_reduce_sum(torch.tensor([loss_val], dtype=torch.float64)).item())
-        dt = time.perf_counter() - t0
-        mem = peak_memory_gib(device)
-        if log is not None and (done % t.log_every == 0 or done == t.steps):
-            row = {
-                "step": done,
-                "loss": loss_val,
-                "lr": lr,
-                "tokens_per_s": tokens_per_step / dt,
-                "step_time_s": dt,
-                "tokens": n_valid,
-                "mem_gib": round(mem, 3),
-            }
-            if grad_norm is not None:
-                row["grad_norm"] = grad_norm
-            record(row)
-        bar.update(loss_val, lr, tokens_per_step / dt, mem)
-        if t.eval_every and done % t.eval_every == 0 and done != t.steps:
-            run_eval(done)
-        if t.save_every and done % t.save_every == 0 and done != t.steps:
-            checkpoint(done)
-    bar.close()
-    if start < t.steps or ckpt is None:
-        last_eval = run_eval(t.steps)
-        checkpoint(t.steps)
+    with stop:
+        first_eval = run_eval(0) if start == 0 else None
+        last_eval = None
+        engine.train()
+        for step in range(start, t.steps):
+            t0 = time.perf_counter()
+            done = step + 1
+            batches = [collate([data.rows[int(i)] for i in idx]) for idx in plan.micro_batches(step)]
+            # the mean is over every valid token of the global step (all micro-batches, all ranks),
+            # not a mean of micro-batch or per-rank means
+            ctx.heartbeat(f"step {done}: token count")
+            n_local = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)
+            n_valid = int(ctx.all_reduce_sum(torch.tensor([n_local], dtype=torch.int64)).item())
+            ctx.heartbeat(f"step {done}: forward/backward")
+            loss_sum = torch.zeros((), device=device)
+            for i, b in enumerate(batches):
+                b = to_device(b, device)
+                # DDP all-reduces gradients after the last micro-batch only; see grad_sync
+                with grad_sync(engine, sync=i == len(batches) - 1):
+                    loss = engine(
+                        b["input_ids"],
+                        position_ids=b["position_ids"],
+                        doc_ids=b["doc_ids"],
+                        labels=b["labels"],
+                    ) / max(n_valid, 1)
+                    loss.backward()
+                loss_sum += loss.detach()
+            ctx.heartbeat(f"step {done}: update")
+            grad_norm = _grad_norm(list(trainables.values()), t.max_grad_norm)
+            loss_val, stop_asked = _reduce_step(ctx, loss_sum, stop.signum is not None)
+            stop.boundary(stop_asked)
+            lr = opt.param_groups[0]["lr"]
+            # loss and norm are global (reduced over ranks), so every rank skips the same steps
+            finite = math.isfinite(loss_val) and math.isfinite(grad_norm)
+            if finite:
+                opt.step()
+                sched.step()
+                bad_steps.clear()
+            else:
+                # no update and no schedule step: the lr schedule counts real updates; the data
+                # position still moves on, since the step number alone fixes the batch
+                bad_steps.append(done)
+            opt.zero_grad(set_to_none=True)
+            dt = time.perf_counter() - t0
+            mem = peak_memory_gib(device)
+            if log is not None and (not finite or done % t.log_every == 0 or done == t.steps):
+                row = {
+                    "step": done,
+                    "loss": loss_val,
+                    "lr": lr,
+                    "tokens_per_s": tokens_per_step / dt,
+                    "step_time_s": dt,
+                    "tokens": n_valid,
+                    "mem_gib": round(mem, 3),
+                    "grad_norm": grad_norm,
+                }
+                if not finite:
+                    row["skipped"] = True
+                record(row)
+            if not finite and ctx.is_main:
+                rows = plan.global_rows(step * plan.global_batch, done * plan.global_batch)
+                warnings.warn(
+                    _skipped_step_message(done, loss_val, grad_norm, rows, len(bad_steps), t.max_bad_steps),
+                    stacklevel=1,
+                )
+            bar.update(loss_val, lr, tokens_per_step / dt, mem)
+            if t.eval_every and done % t.eval_every == 0 and done != t.steps:
+                run_eval(done)
+            if t.save_every and done % t.save_every == 0 and done != t.steps:
+                checkpoint(done)
+            if t.max_bad_steps and len(bad_steps) >= t.max_bad_steps:
+                # the parameters are those of the last good update: skipped steps never touched them
+                checkpoint(done)
+                if log is not None:
+                    log.close()
+                raise RankError(
+                    _too_many_bad_steps_message(bad_steps, t.max_bad_steps, out, done),
+                    silent=not ctx.is_main,
+                )
+            if stop_asked and done != t.steps:
+                checkpoint(done)
+                if log is not None:
+                    log.close()
+                return _stopped(stop.signum, done, t.steps, out, loss_val, ctx, strategy, say, bar)
+        bar.close()
+        if start < t.steps or ckpt is None:
+            last_eval = run_eval(t.steps)
+            checkpoint(t.steps)
     if log is not None:
         log.close()
     summary = {"output_dir": str(out), "steps": t.steps, "final_loss": loss_val}
@@ -335,3 +427,314 @@ def _run(cfg, ctx: DistContext, device, strategy, model, data, plan, say, report
     if not math.isfinite(loss_val) and start < t.steps:
         summary["warning"] = "final training loss is not finite"
     return summary
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    # a kill while writing leaves the old file or the new one, never half of one (export reads it)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# --- faults during the step loop ---------------------------------------------------------------------
+
+
+class _StopRequest:
+    """SIGTERM / SIGINT while training: note it, so the loop checkpoints at the next step boundary.
+
+    The handler only sets a flag (a checkpoint must not start in the middle of a step, nor inside a
+    collective); the loop reads it once per step, through the all-reduce that already carries the
+    loss, so in a multi-process job every rank stops after the same step even when only one got the
+    signal. Handlers are only installed from the main thread (Python allows no other) and are
+    restored on exit.
+
+    A second signal means "now" (SIGINT: KeyboardInterrupt, SIGTERM: termination), unless it comes
+    within DUPLICATE_S of the first: launchers forward the signal that the whole process group already
+    got (torchrun on Ctrl-C, SLURM on scancel), and that copy must not cancel the checkpoint.
+
+    With several processes a rank can be stuck where no step boundary will come: in a collective that
+    waits for a rank that died (torchrun then sends SIGTERM to the survivors). A watchdog ends the
+    process if no step boundary is agreed within `max(MIN_GRACE_S, 2 x the longest step so far)`,
+    instead of leaving it to the launcher's SIGKILL some 30 s later.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    DUPLICATE_S = 1.0
+    MIN_GRACE_S = 5.0
+
+    def __init__(self, watchdog: bool) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+        self._watchdog = watchdog
+        self._timer: threading.Timer | None = None
+        self._first_at = 0.0
+        self._last_boundary = time.monotonic()
+        self._longest_step = 0.0
+
+    def __enter__(self) -> _StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.acknowledge()
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        self._previous.clear()
+
+    def boundary(self, stop_agreed: bool) -> None:
+        """A step's all-reduce returned: time the step; once every rank agreed to stop, no watchdog."""
+        now = time.monotonic()
+        self._longest_step = max(self._longest_step, now - self._last_boundary)
+        self._last_boundary = now
+        if stop_agreed:
+            self.acknowledge()
+
+    def acknowledge(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.signum is None:
+            self.signum, self._first_at = signum, time.monotonic()
+            if self._watchdog:
+                grace = max(self.MIN_GRACE_S, 2 * self._longest_step)
+                self._timer = threading.Timer(grace, _give_up, args=(signum, grace))
+                self._timer.daemon = True
+                self._timer.start()
+            return
+        if time.monotonic() - self._first_at < self.DUPLICATE_S:
+            return
+        self.acknowledge()
+        previous = self._previous.get(signum)
+        if previous is None or previous == signal.SIG_DFL:
+            signal.signal(signum, signal.SIG_DFL)
+            signal.raise_signal(signum)
+        elif callable(previous):
+            previous(signum, frame)
+
+
+def _give_up(signum: int, grace: float) -> None:
+    """The watchdog's end: this rank cannot reach a step boundary, so it stops without a checkpoint."""
+    rank = int(os.environ.get("RANK", "0"))
+    print(
+        f"snuggle: {'[rank ' + str(rank) + '] ' if rank else ''}stopped by "
+        f"{signal.Signals(signum).name} without a checkpoint: no step ended within {grace:.0f} s "
+        "(a collective is waiting for another process)",
+        file=sys.stderr,
+        flush=True,
+    )
+    os._exit(128 + signum)
+
+
+def _stopped(signum, done: int, steps: int, out: Path, loss: float, ctx, strategy, say, bar) -> dict:
+    """The summary (and the one line on stderr) of a run stopped by a signal after checkpointing."""
+    bar.close()
+    # a rank that did not get the signal itself stops because another one did
+    name = signal.Signals(signum).name if signum is not None else "a signal to another process"
+    say(
+        f"snuggle: stopped by {name} at step {done} of {steps}; checkpoint saved in {out}: continue "
+        "with train.resume=true"
+    )
+    summary = {
+        "output_dir": str(out),
+        "steps": steps,
+        "final_loss": loss,
+        "stopped_by": name,
+        "stopped_at_step": done,
+        "exit_status": 128 + (signum if signum is not None else signal.SIGTERM),
+    }
+    if ctx.enabled:
+        summary["world_size"], summary["parallel"] = ctx.world_size, strategy
+    return summary
+
+
+def _grad_norm(params: list[torch.Tensor], max_norm: float | None) -> float:
+    """The global gradient norm, after clipping to `max_norm` when that is set.
+
+    Computed even without clipping: a non-finite gradient can come with a finite loss (an overflow in
+    backward), and the step must be skipped then too. Under FSDP the norm is a DTensor over the
+    shards; `full_tensor` completes it (the all-reduce clip needs anyway).
+    """
+    if max_norm:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+
+def _reduce_step(ctx: DistContext, loss_sum: torch.Tensor, stop: bool) -> tuple[float, bool]:
+    """(the global step loss, whether any rank was asked to stop), in the one all-reduce the loss had."""
+    loss = float(loss_sum)
+    if not ctx.enabled:
+        return loss, stop
+    total, votes = ctx.all_reduce_sum(torch.tensor([loss, float(stop)], dtype=torch.float64)).tolist()
+    return total, votes > 0
+
+
+def _rows_text(rows, limit: int = 8) -> str:
+    shown = ", ".join(str(int(r)) for r in rows[:limit])
+    return f"[{shown}, ...] ({len(rows)} rows)" if len(rows) > limit else f"[{shown}]"
+
+
+def _skipped_step_message(done: int, loss: float, norm: float, rows, streak: int, max_bad: int) -> str:
+    bad = [f"loss {loss}"] if not math.isfinite(loss) else []
+    if not math.isfinite(norm):
+        bad.append(f"gradient norm {norm}")
+    limit = (
+        f"train.max_bad_steps={max_bad} in a row stop the run"
+        if max_bad
+        else "train.max_bad_steps=0: the run goes on"
+    )
+    return (
+        f"step {done} skipped: non-finite {' and '.join(bad)} on packed rows {_rows_text(rows)} of the "
+        f"training data; no update was made (parameters, optimizer state and lr schedule unchanged); "
+        f"{streak} in a row, {limit}"
+    )
+
+
+def _too_many_bad_steps_message(bad: list[int], max_bad: int, out: Path, done: int) -> str:
+    span = f"steps {bad[0]}-{bad[-1]}" if len(bad) > 1 else f"step {bad[0]}"
+    return (
+        f"training stopped: {span} ({len(bad)} in a row, train.max_bad_steps={max_bad}) had a non-finite "
+        f"loss or gradient; none of them changed the parameters, and the checkpoint of step {done} in "
+        f"{out} holds them as the update of step {bad[0] - 1} left them. Lower train.lr, set "
+        "train.max_grad_norm, check the rows named in the warnings or train in bfloat16/float32 rather "
+        "than float16; continue with train.resume=true (changed settings need "
+        "train.allow_config_change=true)"
+    )
+
+
+def _check_resume_config(meta: dict, now: dict, ckpt: Path, allow: bool, ctx: DistContext, say) -> None:
+    """Refuse (or, with train.allow_config_change, note) a resume whose settings change the curve.
+
+    Every rank runs this on the same meta.json and config, so all raise together, and rank 0 prints.
+    A checkpoint from before fingerprints still has its global batch checked.
+    """
+    saved = meta.get("curve_config")
+    if saved is None:
+        saved = {"train.global_batch": meta["global_batch"]} if "global_batch" in meta else {}
+    changes = fingerprint_changes(saved, now)
+    if not changes:
+        return
+    what = "; ".join(changes)
+    if allow:
+        say(
+            f"snuggle: note: resuming {ckpt.name} with changed settings (train.allow_config_change=true): "
+            f"{what}; from step {meta['step']} on the curve is not the saved run's"
+        )
+        return
+    raise RankError(
+        f"train.resume: {ckpt} was trained with other settings that change the loss curve: {what}. "
+        "Set them back, or set train.allow_config_change=true to continue with the new ones",
+        silent=not ctx.is_main,
+    )
+
+
+# --- out of GPU memory -------------------------------------------------------------------------------
+
+_SIZE = r"([\d.]+ (?:[KMGTP]iB|bytes))"  # torch's format_size: "512 bytes", "20.00 MiB", "2.00 GiB"
+_NEEDED = re.compile(rf"Tried to allocate {_SIZE}")
+_CAPACITY = re.compile(rf"total capacity of {_SIZE} of which {_SIZE} is free")
+
+
+def _gib(n: int | None) -> str | None:
+    # torch's own style: "6.19 MiB", "79.18 GiB"
+    if n is None:
+        return None
+    return f"{n / 2**20:.2f} MiB" if n < 2**30 else f"{n / 2**30:.2f} GiB"
+
+
+def oom_message(
+    text: str,
+    cfg: RunConfig,
+    *,
+    device: str,
+    phase: str,
+    free_bytes: int | None = None,
+    total_bytes: int | None = None,
+    peak_bytes: int | None = None,
+) -> str:
+    """One line for an out-of-memory error: the figures, then the settings that lower the need.
+
+    `text` is torch's message; its figures (the failed allocation, the card's capacity and what was
+    free at that moment) win over `free_bytes`/`total_bytes`, read afterwards, when the failed step's
+    tensors are already gone. Pure, so it is tested without a GPU.
+    """
+    needed = _NEEDED.search(text)
+    capacity = _CAPACITY.search(text)
+    total = capacity.group(1) if capacity else _gib(total_bytes)
+    free = capacity.group(2) if capacity else _gib(free_bytes)
+    figures = [f"needed {needed.group(1)} more" if needed else "needed more than was free"]
+    if free is not None and total is not None:
+        figures.append(f"{free} of {total} free")
+    elif free is not None:
+        figures.append(f"{free} free")
+    if peak_bytes is not None:
+        figures.append(f"peak allocated by this run {_gib(peak_bytes)}")
+    t = cfg.train
+    if phase.startswith("building") or phase == "setup":
+        fixes = ["model.dtype=bfloat16"]
+        if hasattr(cfg.model, "quantize"):
+            fixes.append("model.quantize=nf4 (LoRA on a 4-bit base)")
+        fixes.append("several GPUs with train.parallel=fsdp")
+        advice = "the model does not fit: try " + ", ".join(fixes)
+    else:
+        fixes = [
+            f"lower train.batch_size (now {t.batch_size}; raise train.grad_accum to keep the global batch)",
+            f"lower data.seq_len (now {cfg.data.seq_len})",
+        ]
+        # gradient_checkpointing None (auto) leaves checkpointing and offload to the memory plan
+        if t.gradient_checkpointing is False:
+            fixes.append("turn on train.gradient_checkpointing (and train.offload_activations)")
+        elif t.gradient_checkpointing and t.checkpoint_layers is not None:
+            fixes.append("checkpoint every block (train.checkpoint_layers=null)")
+        elif t.gradient_checkpointing and not t.offload_activations:
+            fixes.append("turn on train.offload_activations")
+        budget = getattr(t, "memory_budget_gib", None)
+        if budget is not None:
+            fixes.append(f"lower train.memory_budget_gib (now {budget:g}) so the memory plan saves more")
+        elif hasattr(t, "memory_budget_gib"):
+            fixes.append("set train.memory_budget_gib below the free memory so the memory plan saves more")
+        advice = "to fit: " + "; ".join(fixes)
+    return f"out of GPU memory on {device} ({phase}): {', '.join(figures)}; {advice}"
+
+
+# Out of memory outside torch's caching allocator: the CUDA libraries' own allocations (a cuBLAS
+# handle, seen on an H100 whose memory was full before the first matmul; cuDNN, cuSOLVER workspaces)
+# and plain cudaMalloc failures come as RuntimeError with these in the text.
+_OOM_MARKERS = (
+    "CUDA error: out of memory",
+    "CUBLAS_STATUS_ALLOC_FAILED",
+    "CUDNN_STATUS_ALLOC_FAILED",
+    "CUSOLVER_STATUS_ALLOC_FAILED",
+)
+
+
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.cuda.OutOfMemoryError) or (
+        isinstance(e, RuntimeError) and any(m in str(e) for m in _OOM_MARKERS)
+    )
+
+
+def _oom_to_user_error(e: BaseException, cfg: RunConfig, device: torch.device, phase: str) -> BaseException:
+    """A CUDA out-of-memory error as a SnuggleError with the card's figures; anything else unchanged."""
+    if not _is_oom(e):
+        return e
+    free = total = peak = None
+    if device.type == "cuda":
+        if device.index is None:  # name the card: "cuda:0", not "cuda"
+            device = torch.device("cuda", torch.cuda.current_device())
+        try:
+            free, total = torch.cuda.mem_get_info(device)
+            peak = torch.cuda.max_memory_allocated(device)
+        except Exception:  # the figures are a courtesy; the message stands without them
+            pass
+    text = str(e)
+    return SnuggleError(
+        oom_message(
+            text, cfg, device=str(device), phase=phase, free_bytes=free, total_bytes=total, peak_bytes=peak
+        )
+    )

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import resource
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from snuggle.errors import SnuggleError
 
 __all__ = ["MetricsLog", "ProgressBar", "plot_losses", "peak_memory_gib"]
 
@@ -27,19 +31,28 @@ class MetricsLog:
 
     def __init__(self, path: Path, resume_step: int | None = None):
         self.path = path
-        if resume_step is not None and path.exists():
-            rows = [r for r in self.read(path) if r.get("step", 0) <= resume_step]
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-            os.replace(tmp, path)
-        self._fh = open(path, "a")
+        try:
+            if resume_step is not None and path.exists():
+                # the rows of steps after the checkpoint (and a line torn by a kill) go: the resumed
+                # run writes them again, so every step appears once, in order
+                rows = [r for r in self.read(path) if r.get("step", 0) <= resume_step]
+                tmp = path.with_name(path.name + ".tmp")
+                tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+                os.replace(tmp, path)
+            self._fh = open(path, "a")
+        except OSError as e:
+            raise _write_error(path, e) from None
 
     def write(self, row: dict[str, Any]) -> None:
-        self._fh.write(json.dumps(row) + "\n")
-        self._fh.flush()
+        try:
+            self._fh.write(json.dumps(row) + "\n")
+            self._fh.flush()
+        except OSError as e:
+            raise _write_error(self.path, e) from None
 
     def close(self) -> None:
-        self._fh.close()
+        with contextlib.suppress(OSError):  # a full disk was already reported by write()
+            self._fh.close()
 
     @staticmethod
     def read(path: Path) -> list[dict[str, Any]]:
@@ -101,6 +114,20 @@ def plot_losses(metrics_path: Path, out_png: Path) -> None:
     ax.legend()
     fig.tight_layout()
     tmp = out_png.with_name(out_png.stem + ".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, out_png)
+    try:
+        fig.savefig(tmp)
+        os.replace(tmp, out_png)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise _write_error(out_png, e) from None
+    finally:
+        plt.close(fig)
+
+
+def _write_error(path: Path, e: OSError) -> SnuggleError:
+    """A run file the filesystem refused (full disk, quota, permissions), in one line with the free space."""
+    try:
+        free = f"; {shutil.disk_usage(path.parent).free / 2**20:.1f} MiB free there"
+    except OSError:
+        free = ""
+    return SnuggleError(f"cannot write {path}: {e.strerror or e}{free}")
