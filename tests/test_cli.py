@@ -311,8 +311,8 @@ def test_eval_base_and_adapter(runs, tmp_path, capfd):
 
 def test_eval_bad_input(runs, tmp_path, capfd):
     model, corpus = str(runs["model"]), str(runs["corpus"])
-    other = tmp_path / "other"
-    build_tiny_hf_model("llama", False, other)
+    other = tmp_path / "other"  # another base: the run's LoRA factors do not fit its hidden size
+    build_tiny_hf_model("llama", False, other, hidden_size=32, intermediate_size=64)
     capfd.readouterr()  # drop what building the other model printed
     cases = [
         (["--model", model, "--data", corpus, "--seq-len", "300"], ["--seq-len 300", "limit of 256"]),
@@ -320,10 +320,11 @@ def test_eval_bad_input(runs, tmp_path, capfd):
         (["--model", str(tmp_path / "none"), "--data", corpus], ["model path not found"]),
         (["--model", model, "--data", corpus, "--max-rows", "0"], ["--max-rows must be >= 1"]),
         (["--model", model, "--data", corpus, "--adapter", str(tmp_path)], ["not a run directory", "PEFT"]),
-        # a run's adapter on another base model is refused, not silently swapped for the run's base
+        # a run's adapter on another base model is refused (by its shapes), not silently swapped for
+        # the run's base; a differing path alone is only a warning (tests/test_mismatch.py)
         (
             ["--model", str(other), "--data", corpus, "--adapter", str(runs["lora"])],
-            ["was trained on", "not on"],
+            ["was trained on a different base model", "hidden 48", "this model has hidden 32"],
         ),
     ]
     for args, fragments in cases:

@@ -38,7 +38,7 @@ def _cmd_train(a: argparse.Namespace) -> int:
     summary = train(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(summary))
-    return 0
+    return int(summary.get("exit_status", 0))  # 128 + signal when SIGTERM/SIGINT stopped the run
 
 
 def _launch(nproc: int, train_args: list[str]) -> int:
@@ -72,6 +72,7 @@ def _cmd_eval(a: argparse.Namespace) -> int:
     import numpy as np
 
     from snuggle.data import PackedRows, iterate_eval, resolve_files, tokenize_corpus
+    from snuggle.data.tokenize import check_token_ids, tokenizer_id_limit
     from snuggle.run_dir import load_with_adapter
     from snuggle.train.evaluate import evaluate
     from snuggle.train.setup import default_cache_dir
@@ -89,6 +90,9 @@ def _cmd_eval(a: argparse.Namespace) -> int:
     stream = tokenize_corpus(
         files, tok, text_field=a.text_field, cache_dir=default_cache_dir(), split=a.split
     )
+    # a cache another tokenizer wrote would index past the embedding: refused, naming both sizes
+    check_token_ids(stream, tokenizer_id_limit(tok), "the tokenizer")
+    check_token_ids(stream, model.args.vocab_size, "the model's vocabulary")
     rows = PackedRows(stream, a.seq_len)
     idx = np.arange(len(rows))
     res = evaluate(model, iterate_eval(rows, idx, a.batch_size, a.max_rows), model.lm_head.weight.device)
@@ -97,7 +101,7 @@ def _cmd_eval(a: argparse.Namespace) -> int:
 
 
 def _cmd_export(a: argparse.Namespace) -> int:
-    from snuggle.io.hf import save_hf_checkpoint
+    from snuggle.io.hf import check_chat_template_names, save_hf_checkpoint
     from snuggle.io.peft_format import merged_state_dict, save_peft_adapter
     from snuggle.run_dir import load_run
 
@@ -112,6 +116,7 @@ def _cmd_export(a: argparse.Namespace) -> int:
     elif out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise SnuggleError(f"--out {out} exists and is not empty")
     model, tok, cfg = load_run(a.run_dir, device="cpu")
+    check_chat_template_names(tok, a.run_dir)  # named templates become files in the export: before writing
     if a.format == "gguf":
         from snuggle.io.gguf_export import write_gguf
 
@@ -276,11 +281,17 @@ def build_parser() -> argparse.ArgumentParser:
 _PACKAGE_DIR = Path(__file__).resolve().parent
 
 
+def one_line(msg: str) -> str:
+    """A message as one line: names and values quoted from input files may hold line breaks (a tensor
+    name, a split name, a foreign library's message), and an error is one line whatever it quotes."""
+    return " ".join(part.strip() for part in msg.splitlines() if part.strip())
+
+
 def _format_warning(message, category, filename, lineno, line=None) -> str:
     """snuggle's own warnings (truncated examples, GGUF fallbacks, ...) are messages to the user, not code
     locations: one line, as errors are. Warnings raised elsewhere keep Python's format."""
     if issubclass(category, UserWarning) and Path(filename).resolve().is_relative_to(_PACKAGE_DIR):
-        return f"snuggle: warning: {message}\n"
+        return f"snuggle: warning: {one_line(str(message))}\n"
     return _python_format_warning(message, category, filename, lineno, line)
 
 
@@ -305,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         if not getattr(e, "silent", False):
             rank = int(os.environ.get("RANK", "0"))
             where = f"[rank {rank}] " if rank else ""
-            print(f"snuggle: error: {where}{e}", file=sys.stderr)
+            print(f"snuggle: error: {where}{one_line(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("snuggle: interrupted", file=sys.stderr)

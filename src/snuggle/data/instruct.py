@@ -51,8 +51,16 @@ import numpy as np
 import torch
 
 from snuggle.data.packing import IGNORE_INDEX, collate, row_tensors
-from snuggle.data.sources import file_stamps, is_hf_dataset_dir, iter_jsonl, open_hf_dataset
-from snuggle.data.tokenize import _tokenizer_fingerprint, commit_cache_files
+from snuggle.data.sources import (
+    brief,
+    check_text,
+    file_stamps,
+    is_hf_dataset_dir,
+    iter_jsonl,
+    open_hf_dataset,
+    parse_json,
+)
+from snuggle.data.tokenize import _tokenizer_fingerprint, commit_cache_files, scan_max
 from snuggle.errors import SnuggleError
 
 __all__ = [
@@ -101,6 +109,7 @@ class InstructStream:
     example_starts: np.ndarray  # (E,) int64, example_starts[0] == 0, strictly increasing
     eos_id: int
     path: Path | None = None
+    max_id: int | None = None  # the largest id in `tokens`; None: not known yet (see max_token_id)
 
     def __len__(self) -> int:
         return int(self.tokens.shape[0])
@@ -108,6 +117,11 @@ class InstructStream:
     @property
     def num_examples(self) -> int:
         return int(self.example_starts.shape[0])
+
+    def max_token_id(self) -> int:
+        if self.max_id is None:
+            self.max_id = scan_max(self.tokens)
+        return self.max_id
 
     # TokenStream's names, so code that reports on either stream needs no special case
     @property
@@ -139,13 +153,18 @@ class InstructStream:
         tokens = np.memmap(directory / TOKENS_FILE, dtype="<u4", mode="r", shape=(n_tokens,))  # (N,)
         targets = np.memmap(directory / TARGETS_FILE, dtype="u1", mode="r", shape=(n_tokens,))  # (N,)
         starts = np.fromfile(directory / STARTS_FILE, dtype="<i8")  # (E,)
-        return cls(tokens, targets, starts, int(meta["eos_id"]), directory)
+        max_id = meta.get("max_id")  # absent from caches written before it was recorded: scanned on demand
+        max_id = max_id if isinstance(max_id, int) else None
+        return cls(tokens, targets, starts, int(meta["eos_id"]), directory, max_id)
 
     def __reduce__(self) -> tuple[Any, ...]:
         # as TokenStream: spawned DataLoader workers re-map the cache instead of pickling it
         if self.path is not None:
             return (InstructStream.open, (self.path,))
-        return (InstructStream, (self.tokens, self.targets, self.example_starts, self.eos_id, None))
+        return (
+            InstructStream,
+            (self.tokens, self.targets, self.example_starts, self.eos_id, None, self.max_id),
+        )
 
 
 # --- reading records --------------------------------------------------------------------------------------
@@ -171,16 +190,17 @@ def _json_records(path: Path) -> Iterator[tuple[Any, str]]:
     except UnicodeDecodeError as e:
         raise SnuggleError(f"{path}: invalid UTF-8 at byte {e.start}") from None
 
-    def bad(e: json.JSONDecodeError) -> SnuggleError:
+    def bad(e: ValueError | RecursionError) -> SnuggleError:
+        if isinstance(e, RecursionError):
+            return SnuggleError(f"{path}:{line}: malformed JSON: nested too deeply")
+        if not isinstance(e, json.JSONDecodeError):  # 5000-digit integers and the like
+            return SnuggleError(f"{path}:{line}: malformed JSON: {brief(e, 120)}")
         hint = " (one object per line? name the file .jsonl)" if e.msg == "Extra data" else ""
         return SnuggleError(f"{path}:{e.lineno}: malformed JSON: {e.msg} (column {e.colno}){hint}")
 
     pos = _WS.match(text).end()
     if not text.startswith("[", pos):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise bad(e) from None
+        data = parse_json(text, str(path))
         lists = [k for k, v in data.items() if isinstance(v, list)] if isinstance(data, dict) else []
         if len(lists) != 1:
             raise SnuggleError(
@@ -201,7 +221,7 @@ def _json_records(path: Path) -> Iterator[tuple[Any, str]]:
             seen = pos
             try:
                 obj, end = decoder.raw_decode(text, pos)
-            except json.JSONDecodeError as e:
+            except (ValueError, RecursionError) as e:
                 raise bad(e) from None
             yield obj, f"{path}:{line}"
             pos = _WS.match(text, end).end()
@@ -225,9 +245,11 @@ def _parquet_records(path: Path) -> Iterator[tuple[Any, str]]:
 
     try:
         pf = pq.ParquetFile(path)
-    except (pa.ArrowException, OSError) as e:
-        raise SnuggleError(f"{path}: not a readable parquet file: {e}") from None
-    names = pf.schema_arrow.names
+        schema = pf.schema_arrow
+    # a corrupt footer can hold column names that are not UTF-8: a decode error, not an ArrowException
+    except (pa.ArrowException, OSError, UnicodeDecodeError) as e:
+        raise SnuggleError(f"{path}: not a readable parquet file: {brief(e)}") from None
+    names = schema.names
     columns = [c for c in _RECORD_FIELDS if c in names]
     if not columns:
         raise SnuggleError(
@@ -240,8 +262,9 @@ def _parquet_records(path: Path) -> Iterator[tuple[Any, str]]:
                 # a column absent from this record's format is null in the table, not a field of it
                 yield {k: v for k, v in rec.items() if v is not None}, f"{path}: row {row}"
                 row += 1
-    except pa.ArrowException as e:
-        raise SnuggleError(f"{path}: corrupt parquet data: {e}") from None
+    # as in sources._parquet_docs: corrupt pages are ArrowException or OSError, bad UTF-8 a decode error
+    except (pa.ArrowException, OSError, UnicodeDecodeError) as e:
+        raise SnuggleError(f"{path}: corrupt parquet data: {brief(e)}") from None
 
 
 _RECORD_FIELDS = ("messages", "instruction", "input", "output", "system")
@@ -254,14 +277,19 @@ def _hf_records(path: Path, split: str | None) -> Iterator[tuple[Any, str]]:
         raise SnuggleError(
             f"{path}: no 'messages' or 'instruction'/'output' columns (columns: {', '.join(ds.column_names)})"
         )
+    import pyarrow as pa
+
     where = f"{path} [{split}]" if split else str(path)
     row = 0
-    for batch in ds.select_columns(columns).iter(batch_size=_PARQUET_BATCH_ROWS):
-        for i in range(len(batch[columns[0]])):
-            # as in parquet: a column absent from this record's format is null, not a field of it
-            rec = {c: batch[c][i] for c in columns if batch[c][i] is not None}
-            yield rec, f"{where}: row {row}"
-            row += 1
+    try:
+        for batch in ds.select_columns(columns).iter(batch_size=_PARQUET_BATCH_ROWS):
+            for i in range(len(batch[columns[0]])):
+                # as in parquet: a column absent from this record's format is null, not a field of it
+                rec = {c: batch[c][i] for c in columns if batch[c][i] is not None}
+                yield rec, f"{where}: row {row}"
+                row += 1
+    except (pa.ArrowException, OSError, UnicodeDecodeError) as e:
+        raise SnuggleError(f"{path}: corrupt datasets directory: {brief(e)}") from None
 
 
 _READERS = {".jsonl": iter_jsonl, ".json": _json_records, ".parquet": _parquet_records}
@@ -287,11 +315,13 @@ def _messages(obj: Any, where: str) -> Messages:
 
 def _alpaca(obj: dict[str, Any], where: str) -> Messages:
     for key in ("instruction", "output"):
-        if key not in obj:
+        if obj.get(key) is None:  # null means absent, as in parquet and datasets columns
             raise SnuggleError(f"{where}: Alpaca record is missing '{key}'")
     for key in ("instruction", "input", "output", "system"):
-        if obj.get(key) is not None and not isinstance(obj[key], str):
-            raise SnuggleError(f"{where}: field '{key}' must be a string, got {type(obj[key]).__name__}")
+        if obj.get(key) is not None:
+            if not isinstance(obj[key], str):
+                raise SnuggleError(f"{where}: field '{key}' must be a string, got {type(obj[key]).__name__}")
+            check_text(obj[key], where, f"field '{key}'")
     if not obj["instruction"].strip():
         raise SnuggleError(f"{where}: empty 'instruction'")
     if not obj["output"].strip():
@@ -314,11 +344,13 @@ def _chat(messages: Any, where: str) -> Messages:
             raise SnuggleError(f"{where}: message {i} must be an object with 'role' and 'content'")
         role, content = m["role"], m["content"]
         if role not in ROLES:
+            shown = repr(role) if len(repr(role)) <= 40 else repr(role)[:40] + "..."
             raise SnuggleError(
-                f"{where}: message {i} has unknown role {role!r} (expected one of {', '.join(ROLES)})"
+                f"{where}: message {i} has unknown role {shown} (expected one of {', '.join(ROLES)})"
             )
         if not isinstance(content, str):
             raise SnuggleError(f"{where}: message {i} content must be a string, got {type(content).__name__}")
+        check_text(content, where, f"message {i} content")
         if role == "assistant" and not content.strip():
             raise SnuggleError(f"{where}: message {i} is an empty assistant message")
         out.append({"role": role, "content": content})
@@ -528,6 +560,7 @@ def _write_cache(
     tmp = {name: out / (name + tag) for name in names}
     try:
         n_tokens = n_examples = n_targets = 0
+        max_id = eos
         with (
             open(tmp[TOKENS_FILE], "wb") as ft,
             open(tmp[TARGETS_FILE], "wb") as fm,
@@ -535,10 +568,12 @@ def _write_cache(
         ):
 
             def flush(texts: list[str], spans: list[list[tuple[int, int]]]) -> None:
-                nonlocal n_tokens, n_examples, n_targets
+                nonlocal n_tokens, n_examples, n_targets, max_id
                 encoded = _encode(tokenizer, texts, spans, eos, bos)
                 starts = np.cumsum([0] + [ids.size for ids, _ in encoded[:-1]], dtype=np.int64) + n_tokens
-                ft.write(np.concatenate([ids for ids, _ in encoded]).astype("<u4").tobytes())
+                ids = np.concatenate([ids for ids, _ in encoded]).astype("<u4")  # (n,)
+                max_id = max(max_id, int(ids.max()))
+                ft.write(ids.tobytes())
                 targets = np.concatenate([t for _, t in encoded])
                 fm.write(targets.tobytes())
                 fs.write(starts.astype("<i8").tobytes())
@@ -568,6 +603,7 @@ def _write_cache(
             "num_examples": n_examples,
             "num_target_tokens": n_targets,
             "eos_id": eos,
+            "max_id": max_id,
             "template": template,
             "files": [str(p) for p in files],
         }

@@ -18,6 +18,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,58 @@ _GLOB_CHARS = frozenset("*?[")
 _PARQUET_BATCH_ROWS = 1024
 # Characters of whitespace-only text buffered while waiting to see whether a .txt document is empty.
 _MAX_BLANK_BUFFER = 1 << 24
+# A .jsonl line is one record held in memory whole: a file without line breaks (a corrupt or wrongly
+# named binary) stops here instead of exhausting RAM.
+MAX_LINE_BYTES = 1 << 30
+# Lone UTF-16 surrogates: a JSON "\ud800" escape decodes to one, and no tokenizer can encode it.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def brief(e: BaseException, limit: int = 200) -> str:
+    """A foreign library's error message as one short line."""
+    msg = " ".join(str(e).split())
+    return (msg[:limit] + ("..." if len(msg) > limit else "")) or type(e).__name__
+
+
+def check_text(text: str, where: str, what: str) -> str:
+    """`text` if it is valid Unicode (encodable as UTF-8), else an error naming where it came from."""
+    m = _SURROGATE.search(text)
+    if m:
+        raise SnuggleError(
+            f"{where}: {what} holds an unpaired surrogate \\u{ord(m.group()):04x} at character {m.start()} "
+            "(invalid Unicode; fix the \\u escape in the file)"
+        )
+    return text
+
+
+def parse_json(text: str | bytes, where: str) -> Any:
+    """json.loads whose every failure is one SnuggleError naming `where`: syntax, but also what json lets
+    escape as other types (5000-digit integers are a ValueError, deep nesting a RecursionError)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        hint = " (one object per line? name the file .jsonl)" if e.msg == "Extra data" else ""
+        raise SnuggleError(f"{where}:{e.lineno}: malformed JSON: {e.msg} (column {e.colno}){hint}") from None
+    except ValueError as e:
+        raise SnuggleError(f"{where}: malformed JSON: {brief(e, 120)}") from None
+    except RecursionError:
+        raise SnuggleError(f"{where}: malformed JSON: nested too deeply") from None
+
+
+def plain_name(name: Any, where: str, what: str) -> str:
+    """`name` if it names an entry directly inside a directory (no separators, not '.', '..' or absolute):
+    names read from files must not lead a path out of the directory that holds them."""
+    if (
+        not isinstance(name, str)
+        or not name
+        or name in (".", "..")
+        or "/" in name
+        or "\\" in name
+        or "\x00" in name
+        or Path(name).is_absolute()
+    ):
+        raise SnuggleError(f"{where}: {what} {name!r} is not a plain file name")
+    return name
 
 
 def _supported(path: Path) -> bool:
@@ -67,15 +120,19 @@ def _hf_split_dir(path: Path, split: str | None) -> Path:
         return path
     name = split or "train"
     try:
-        splits = json.loads((path / _HF_DICT).read_text(encoding="utf-8"))["splits"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise SnuggleError(f"{path / _HF_DICT}: unreadable datasets split list ({e})") from None
+        raw = (path / _HF_DICT).read_bytes()
+    except OSError as e:
+        raise SnuggleError(f"{path / _HF_DICT}: unreadable datasets split list ({e.strerror})") from None
+    tree = parse_json(raw, str(path / _HF_DICT))
+    splits = tree.get("splits") if isinstance(tree, dict) else None
+    if not isinstance(splits, list) or not all(isinstance(s, str) for s in splits):
+        raise SnuggleError(f"{path / _HF_DICT}: unreadable datasets split list (no list of split names)")
     if name not in splits:
         raise SnuggleError(
             f"{path}: the dataset has no split '{name}' "
             f"(splits: {', '.join(map(str, splits))}); set data.split"
         )
-    return path / name
+    return path / plain_name(name, str(path / _HF_DICT), "split")
 
 
 def hf_dataset_fingerprint(path: Path, split: str | None) -> str:
@@ -83,17 +140,23 @@ def hf_dataset_fingerprint(path: Path, split: str | None) -> str:
     dataset's `_fingerprint`) and info files, and the size and mtime of each Arrow file they list."""
     h = hashlib.sha256(str(split or "train").encode())
     split_dir = _hf_split_dir(path, split)
+    where = str(split_dir / _HF_STATE)
     try:
         if (path / _HF_DICT).is_file():
             h.update((path / _HF_DICT).read_bytes())
         state = (split_dir / _HF_STATE).read_bytes()
         h.update(state)
         h.update((split_dir / _HF_INFO).read_bytes())
-        for f in json.loads(state).get("_data_files", []):
-            st = (split_dir / f["filename"]).stat()
-            h.update(f"{f['filename']}:{st.st_size}:{st.st_mtime_ns}".encode())
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise SnuggleError(f"{split_dir}: unreadable datasets directory ({e})") from None
+        tree = parse_json(state, where)
+        files = tree.get("_data_files", []) if isinstance(tree, dict) else None
+        if not isinstance(files, list) or not all(isinstance(f, dict) and "filename" in f for f in files):
+            raise SnuggleError(f"{where}: unreadable datasets state (_data_files is not a list of files)")
+        for f in files:
+            name = plain_name(f["filename"], where, "data file")
+            st = (split_dir / name).stat()
+            h.update(f"{name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    except OSError as e:
+        raise SnuggleError(f"{split_dir}: unreadable datasets directory ({brief(e)})") from None
     return h.hexdigest()
 
 
@@ -111,21 +174,25 @@ def open_hf_dataset(path: Path, split: str | None = None) -> Any:
     try:
         ds = datasets.load_from_disk(str(split_dir))
     except Exception as e:  # missing Arrow files, version skew, ...: one line naming the directory
-        msg = " ".join(str(e).split())[:200]
-        raise SnuggleError(f"{split_dir}: unreadable datasets directory ({msg})") from None
+        raise SnuggleError(f"{split_dir}: unreadable datasets directory ({brief(e)})") from None
     return ds
 
 
 def _hf_docs(path: Path, text_field: str, split: str | None) -> Iterator[str]:
+    import pyarrow as pa
+
     ds = open_hf_dataset(path, split)
     if text_field not in ds.column_names:
         raise SnuggleError(f"{path}: no column '{text_field}' (columns: {', '.join(ds.column_names)})")
     dtype = getattr(ds.features[text_field], "dtype", None)
     if dtype not in ("string", "large_string", "string_view"):
         raise SnuggleError(f"{path}: column '{text_field}' must hold strings, got {ds.features[text_field]}")
-    for batch in ds.select_columns([text_field]).iter(batch_size=_HF_BATCH_ROWS):
-        # Nulls are treated like empty strings: skipped.
-        yield from (t for t in batch[text_field] if t is not None)
+    try:
+        for batch in ds.select_columns([text_field]).iter(batch_size=_HF_BATCH_ROWS):
+            # Nulls are treated like empty strings: skipped.
+            yield from (t for t in batch[text_field] if t is not None)
+    except (pa.ArrowException, OSError, UnicodeDecodeError) as e:
+        raise SnuggleError(f"{path}: corrupt datasets directory: {brief(e)}") from None
 
 
 def file_stamps(files: Sequence[Path], split: str | None) -> list[list[Any]]:
@@ -150,8 +217,20 @@ def file_stamps(files: Sequence[Path], split: str | None) -> list[list[Any]]:
 def _walk_dir(root: Path) -> list[Path]:
     # Hidden files and folders (.git, .cache, a tokenization cache placed beside the corpus) are never
     # training data, so they are skipped rather than reported.
+    # Links are followed (a corpus assembled from links is common), but each real directory is walked
+    # once: a link back to a parent would otherwise make the walk endless.
     found = []
+    seen: set[tuple[int, int]] = set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        try:
+            st = os.stat(dirpath)
+        except OSError:
+            dirnames.clear()
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            dirnames.clear()
+            continue
+        seen.add((st.st_dev, st.st_ino))
         if is_hf_dataset_dir(Path(dirpath)):
             found.append(Path(dirpath))  # the dataset as a whole; its Arrow files are not documents
             dirnames.clear()
@@ -281,8 +360,14 @@ def iter_jsonl(path: Path) -> Iterator[tuple[object, str]]:
     Shared by the text reader here and the instruction reader (data/instruct.py).
     """
     with _open_binary(path) as f:
-        for lineno, raw in enumerate(f, 1):
+        lineno = 0
+        while raw := f.readline(MAX_LINE_BYTES + 1):
+            lineno += 1
             where = f"{path}:{lineno}"
+            if len(raw) > MAX_LINE_BYTES:
+                raise SnuggleError(
+                    f"{where}: line longer than {MAX_LINE_BYTES} bytes (not JSON Lines? one record per line)"
+                )
             try:
                 line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
             except UnicodeDecodeError as e:
@@ -293,6 +378,10 @@ def iter_jsonl(path: Path) -> Iterator[tuple[object, str]]:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise SnuggleError(f"{where}: malformed JSON: {e.msg} (column {e.colno})") from None
+            except ValueError as e:  # 5000-digit integers and the like
+                raise SnuggleError(f"{where}: malformed JSON: {brief(e, 120)}") from None
+            except RecursionError:
+                raise SnuggleError(f"{where}: malformed JSON: nested too deeply") from None
             yield obj, where
 
 
@@ -311,19 +400,17 @@ def _field(obj: object, text_field: str, where: str) -> str:
     text = obj[text_field]
     if not isinstance(text, str):
         raise SnuggleError(f"{where}: field '{text_field}' must be a string, got {type(text).__name__}")
-    return text
+    return check_text(text, where, f"field '{text_field}'")
 
 
 def _json_docs(path: Path, text_field: str) -> Iterator[str]:
     with _open_binary(path) as f:
         raw = f.read()
     try:
-        data = json.loads(raw.decode("utf-8-sig"))
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise SnuggleError(f"{path}: invalid UTF-8 at byte {e.start}") from None
-    except json.JSONDecodeError as e:
-        hint = " (one object per line? name the file .jsonl)" if e.msg == "Extra data" else ""
-        raise SnuggleError(f"{path}:{e.lineno}: malformed JSON: {e.msg} (column {e.colno}){hint}") from None
+    data = parse_json(text, str(path))
     if isinstance(data, dict):
         lists = [k for k, v in data.items() if isinstance(v, list)]
         if len(lists) != 1:
@@ -344,9 +431,10 @@ def _parquet_docs(path: Path, text_field: str) -> Iterator[str]:
 
     try:
         pf = pq.ParquetFile(path)
-    except (pa.ArrowException, OSError) as e:
-        raise SnuggleError(f"{path}: not a readable parquet file: {e}") from None
-    schema = pf.schema_arrow
+        schema = pf.schema_arrow
+    # a corrupt footer can hold column names that are not UTF-8: a decode error, not an ArrowException
+    except (pa.ArrowException, OSError, UnicodeDecodeError) as e:
+        raise SnuggleError(f"{path}: not a readable parquet file: {brief(e)}") from None
     if text_field not in schema.names:
         raise SnuggleError(f"{path}: no column '{text_field}' (columns: {', '.join(schema.names)})")
     kind = schema.field(text_field).type
@@ -357,8 +445,10 @@ def _parquet_docs(path: Path, text_field: str) -> Iterator[str]:
         for batch in pf.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=[text_field]):
             # Nulls are treated like empty strings: skipped.
             yield from (t for t in batch.column(0).to_pylist() if t is not None)
-    except pa.ArrowException as e:
-        raise SnuggleError(f"{path}: corrupt parquet data: {e}") from None
+    # Arrow reports corrupt pages as ArrowException or OSError; invalid UTF-8 in a string column
+    # surfaces when the values are converted
+    except (pa.ArrowException, OSError, UnicodeDecodeError) as e:
+        raise SnuggleError(f"{path}: corrupt parquet data: {brief(e)}") from None
 
 
 _READERS = {".jsonl": _jsonl_docs, ".json": _json_docs, ".parquet": _parquet_docs}

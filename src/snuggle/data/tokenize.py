@@ -3,7 +3,8 @@
 Layout of one cache directory (named by the sha256 cache key):
     tokens.u32      raw little-endian uint32 token ids, every document followed by EOS   (N,)
     doc_starts.i64  raw int64 offset of each document's first token in tokens.u32       (D,)
-    meta.json       counts and ids; written last, so its presence marks a complete cache
+    meta.json       counts and ids (max_id: the largest token id in tokens.u32); written last, so its
+                    presence marks a complete cache
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import numpy as np
 from snuggle.data.sources import file_stamps, iter_document_pieces
 from snuggle.errors import SnuggleError
 
-__all__ = ["FORMAT_VERSION", "TokenStream", "tokenize_corpus"]
+__all__ = ["FORMAT_VERSION", "TokenStream", "check_token_ids", "tokenize_corpus", "tokenizer_id_limit"]
 
 FORMAT_VERSION = 1
 TOKENS_FILE = "tokens.u32"
@@ -43,6 +44,7 @@ class TokenStream:
     eos_id: int
     bos_id: int | None = None
     path: Path | None = None
+    max_id: int | None = None  # the largest id in `tokens`; None: not known yet (see max_token_id)
 
     def __len__(self) -> int:
         return int(self.tokens.shape[0])
@@ -50,6 +52,11 @@ class TokenStream:
     @property
     def num_docs(self) -> int:
         return int(self.doc_starts.shape[0])
+
+    def max_token_id(self) -> int:
+        if self.max_id is None:
+            self.max_id = scan_max(self.tokens)
+        return self.max_id
 
     @classmethod
     def open(cls, directory: str | Path) -> TokenStream:
@@ -70,14 +77,42 @@ class TokenStream:
             raise SnuggleError(f"{directory}: incomplete or corrupt token cache (delete it and re-run)")
         tokens = np.memmap(directory / TOKENS_FILE, dtype="<u4", mode="r", shape=(n_tokens,))  # (N,)
         doc_starts = np.fromfile(directory / STARTS_FILE, dtype="<i8")  # (D,)
-        return cls(tokens, doc_starts, int(meta["eos_id"]), meta.get("bos_id"), directory)
+        max_id = meta.get("max_id")  # absent from caches written before it was recorded: scanned on demand
+        max_id = max_id if isinstance(max_id, int) else None
+        return cls(tokens, doc_starts, int(meta["eos_id"]), meta.get("bos_id"), directory, max_id)
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Pickling a memmap copies the whole corpus; DataLoader workers started with "spawn" should
         # re-map the cache file instead.
         if self.path is not None:
             return (TokenStream.open, (self.path,))
-        return (TokenStream, (self.tokens, self.doc_starts, self.eos_id, self.bos_id, None))
+        return (TokenStream, (self.tokens, self.doc_starts, self.eos_id, self.bos_id, None, self.max_id))
+
+
+def scan_max(tokens: np.ndarray, chunk: int = 1 << 24) -> int:
+    """The largest id in a (memory-mapped) token array, read in chunks; -1 when empty."""
+    best = -1
+    for i in range(0, int(tokens.shape[0]), chunk):
+        best = max(best, int(np.max(tokens[i : i + chunk])))
+    return best
+
+
+def tokenizer_id_limit(tokenizer: Any) -> int:
+    """One past the largest id the tokenizer can produce (its vocabulary with added tokens)."""
+    vocab = tokenizer.get_vocab()
+    return max(len(tokenizer), max(vocab.values(), default=-1) + 1)
+
+
+def check_token_ids(stream: Any, limit: int, what: str) -> None:
+    """Refuse a token cache holding an id >= `limit` (`what` names the vocabulary: the tokenizer's or the
+    model's): it was written by another tokenizer, and the ids would index past the embedding."""
+    top = stream.max_token_id()
+    if top >= limit:
+        where = stream.path or "the token stream"
+        raise SnuggleError(
+            f"{where}: the token cache holds token id {top}, but {what} has only {limit} ids "
+            "(a cache written by another tokenizer? delete it and re-run)"
+        )
 
 
 def _tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -178,6 +213,7 @@ def _write_cache(
     tmp = {name: out / (name + tag) for name in (TOKENS_FILE, STARTS_FILE, META_FILE)}
     try:
         n_tokens = n_docs = 0
+        max_id = eos
         with open(tmp[TOKENS_FILE], "wb") as ft, open(tmp[STARTS_FILE], "wb") as fs:
             pieces = iter_document_pieces(files, text_field, piece_bytes, split)
             for batch in _batches(pieces, batch_docs):
@@ -189,7 +225,10 @@ def _write_cache(
                             flat.append(eos)
                         starts.append(n_tokens + len(flat))
                     flat.extend(ids)
-                ft.write(np.asarray(flat, dtype="<u4").tobytes())
+                ids_u4 = np.asarray(flat, dtype="<u4")  # (n,)
+                if ids_u4.size:
+                    max_id = max(max_id, int(ids_u4.max()))
+                ft.write(ids_u4.tobytes())
                 fs.write(np.asarray(starts, dtype="<i8").tobytes())
                 n_tokens += len(flat)
                 n_docs += len(starts)
@@ -201,6 +240,7 @@ def _write_cache(
             "num_docs": n_docs,
             "eos_id": eos,
             "bos_id": getattr(tokenizer, "bos_token_id", None),
+            "max_id": max_id,
             "text_field": text_field,
             "files": [str(p) for p in files],
         }

@@ -9,20 +9,24 @@ names, the same `(out_features, in_features)` layout and the same values.
 from __future__ import annotations
 
 import math
+import mmap
 import os
 import re
 import shutil
+import struct
 import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFReader, ReaderTensor
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, ReaderTensor
 from gguf.quants import dequantize
 
 from snuggle.errors import SnuggleError
+from snuggle.io.hf import check_chat_template_names
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -78,7 +82,7 @@ _BLOCK = {
     "ffn_down.weight": "mlp.down_proj.weight",
 }
 _QK_NORM = {"attn_q_norm.weight", "attn_k_norm.weight"}
-_BLOCK_RE = re.compile(r"blk\.(\d+)\.(.+)")
+_BLOCK_RE = re.compile(r"blk\.([0-9]{1,6})\.(.+)")
 # Tensors that are not model weights: rope_freqs is folded into the config (rope_scaling), attn_rot_embd
 # is a precomputed rotary table some old converters stored.
 _NOT_WEIGHTS = re.compile(r"rope_freqs\.weight|blk\.\d+\.attn_rot_embd(\.weight)?")
@@ -109,6 +113,8 @@ def load_gguf_tokenizer(path: str | os.PathLike[str]) -> PreTrainedTokenizerBase
     """A transformers fast tokenizer built offline from the GGUF's tokenizer metadata, chat template kept."""
     p = Path(path)
     _check_magic(p)
+    # transformers parses the file with gguf-py's reader too: never hand it a bad header
+    n_tokens = _check_header(p).get("tokenizer.ggml.tokens")
     from transformers import AutoTokenizer
 
     # transformers prefers a tokenizer.json beside the file over the GGUF's own metadata, so the file is
@@ -121,11 +127,47 @@ def load_gguf_tokenizer(path: str | os.PathLike[str]) -> PreTrainedTokenizerBase
             shutil.copyfile(p, link)  # filesystems without symlinks
         try:
             # local_files_only: the tokenizer comes entirely from the file's metadata, never from the hub.
-            return AutoTokenizer.from_pretrained(tmp, gguf_file=p.name, local_files_only=True)
+            tok = AutoTokenizer.from_pretrained(
+                tmp, gguf_file=p.name, local_files_only=True, trust_remote_code=False
+            )
         except Exception as e:  # transformers raises a zoo of types for bad or unsupported tokenizer metadata
             raise SnuggleError(
                 f"{p}: cannot build a tokenizer from the GGUF metadata ({_brief(e)})"
             ) from None
+    check_chat_template_names(tok, p)  # named templates become file names when the tokenizer is saved
+    if n_tokens is not None:
+        _drop_stray_added_tokens(tok, n_tokens, p)
+    return tok
+
+
+def _drop_stray_added_tokens(tok: PreTrainedTokenizerBase, n_tokens: int, p: Path) -> None:
+    """Remove added tokens transformers invents beyond the file's vocabulary.
+
+    transformers builds a byte-level GGUF tokenizer as a `GPT2Tokenizer` whose default special tokens add
+    `<|endoftext|>` when the vocabulary lacks it (Llama 3's has `<|end_of_text|>` instead): a token with
+    id `n_tokens`, one past the model's embedding, produced wherever a text contains that string. The file's
+    own tokens (ids below `n_tokens`) are kept; an invented token that is the tokenizer's bos/eos/unk/pad is
+    kept too, and the caller's vocabulary check then names the mismatch.
+    """
+    import json
+
+    from tokenizers import Tokenizer
+
+    backend = getattr(tok, "_tokenizer", None)
+    if backend is None:
+        return
+    spec = json.loads(backend.to_str())
+    added = spec.get("added_tokens") or []
+    used = {getattr(tok, name, None) for name in ("bos_token", "eos_token", "unk_token", "pad_token")}
+    stray = [a for a in added if a.get("id", -1) >= n_tokens and a.get("content") not in used]
+    if not stray:
+        return
+    spec["added_tokens"] = [a for a in added if a not in stray]
+    try:
+        tok._tokenizer = Tokenizer.from_str(json.dumps(spec))
+    except Exception as e:  # tokenizers refusing its own serialization: keep the tokenizer as it was
+        names = [a.get("content") for a in stray]
+        warnings.warn(f"{p}: could not drop invented tokens {names} ({_brief(e)})", stacklevel=3)
 
 
 # --- reading ----------------------------------------------------------------------------------------------
@@ -167,9 +209,175 @@ class _Reader(GGUFReader):
         self._plain = value.view(np.ndarray)
 
 
+# --- the header, checked before gguf-py parses it ---------------------------------------------------------
+#
+# gguf-py's reader trusts the header: an array length of 2**40 over a 28 kB file makes it read empty slices
+# past the end forever (a hang that also grows memory), and counts, lengths, dimensions and offsets are used
+# as given. `_check_header` walks the same structure with struct over a memory map and checks every count,
+# length and offset against the file size before the reader (ours or transformers') ever sees the file.
+
+_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUFValueType sizes
+_STRING, _ARRAY, _UINT32 = 8, 9, 4
+_MAX_DIMS = 4  # GGML_MAX_DIMS
+_MAX_NESTING = 4  # arrays of arrays: none in practice; bounded so the walk's recursion is too
+_HEADER_BYTES = 24  # magic, version, tensor count, metadata count
+_MIN_KV_BYTES = 8 + 4 + 1  # key length, value type, the smallest value
+_MIN_TENSOR_BYTES = 8 + 4 + 8 + 4 + 8  # name length, n_dims, one dim, type, offset
+_INT64_MAX = 2**63 - 1
+_MAX_SIZE = 2**31 - 1  # hidden sizes, head and layer counts, context lengths: int32, as llama.cpp has them
+_U32, _U64 = struct.Struct("<I"), struct.Struct("<Q")
+
+
+class _HeaderWalk:
+    def __init__(self, p: Path, buf: mmap.mmap, size: int) -> None:
+        self.p, self.buf, self.size, self.pos = p, buf, size, _HEADER_BYTES
+        self.array_lengths: dict[str, int] = {}  # top-level array metadata: key -> item count
+
+    def bad(self, what: str) -> SnuggleError:
+        return SnuggleError(f"{self.p}: truncated or corrupt GGUF file: {what} (file size {self.size} bytes)")
+
+    def need(self, n: int, what: str) -> None:
+        if n > self.size - self.pos:
+            raise self.bad(f"{what} at byte {self.pos} needs {n} bytes, past the end of the file")
+
+    def u32(self, what: str) -> int:
+        self.need(4, what)
+        (v,) = _U32.unpack_from(self.buf, self.pos)
+        self.pos += 4
+        return v
+
+    def u64(self, what: str) -> int:
+        self.need(8, what)
+        (v,) = _U64.unpack_from(self.buf, self.pos)
+        self.pos += 8
+        return v
+
+    def text(self, what: str) -> str:
+        n = self.u64(f"length of {what}")
+        self.need(n, what)
+        raw = self.buf[self.pos : self.pos + n]
+        self.pos += n
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise self.bad(f"{what} at byte {self.pos - n} is not UTF-8") from None
+
+    def value(self, kind: int, key: str, depth: int = 0) -> None:
+        """Skip one metadata value of type `kind`, checking it lies inside the file."""
+        if kind in _SCALAR_SIZES:
+            self.need(_SCALAR_SIZES[kind], f"value of {key}")
+            self.pos += _SCALAR_SIZES[kind]
+        elif kind == _STRING:
+            n = self.u64(f"string length of {key}")
+            self.need(n, f"string value of {key}")
+            self.pos += n
+        elif kind == _ARRAY:
+            if depth >= _MAX_NESTING:
+                raise self.bad(f"{key}: arrays nested more than {_MAX_NESTING} deep")
+            item = self.u32(f"array type of {key}")
+            count = self.u64(f"array length of {key}")
+            if depth == 0:
+                self.array_lengths[key] = count
+            smallest = _SCALAR_SIZES.get(item, 8 if item == _STRING else 12)
+            if item not in _SCALAR_SIZES and item not in (_STRING, _ARRAY):
+                raise self.bad(f"{key}: unknown array item type {item}")
+            if count > (self.size - self.pos) // smallest:
+                raise self.bad(f"{key}: array of {count} items cannot fit in the rest of the file")
+            if item in _SCALAR_SIZES:
+                self.pos += count * smallest
+            elif item == _STRING:
+                buf, size, pos, unpack = self.buf, self.size, self.pos, _U64.unpack_from
+                for _ in range(count):  # the tokenizer's vocabulary: a tight loop (pos only grows)
+                    if pos + 8 > size:
+                        break
+                    pos += 8 + unpack(buf, pos)[0]
+                else:
+                    if pos <= size:
+                        self.pos = pos
+                        return
+                raise self.bad(f"{key}: array of {count} strings runs past the end of the file")
+            else:
+                for _ in range(count):
+                    self.value(_ARRAY, key, depth + 1)
+        else:
+            raise self.bad(f"{key}: unknown value type {kind}")
+
+    def walk(self) -> None:
+        version = _U32.unpack_from(self.buf, 4)[0]
+        if version & 0xFFFF == 0 and version:
+            raise SnuggleError(f"{self.p}: big-endian GGUF files are not supported")
+        if version not in (2, 3):
+            raise SnuggleError(f"{self.p}: GGUF version {version} is not supported (2 and 3 are)")
+        n_tensors = _U64.unpack_from(self.buf, 8)[0]
+        n_kv = _U64.unpack_from(self.buf, 16)[0]
+        room = self.size - _HEADER_BYTES
+        if (
+            n_kv > room // _MIN_KV_BYTES
+            or n_tensors > room // _MIN_TENSOR_BYTES
+            or (n_kv * _MIN_KV_BYTES + n_tensors * _MIN_TENSOR_BYTES > room)
+        ):
+            raise self.bad(f"it declares {n_tensors} tensors and {n_kv} metadata entries, more than fit")
+        alignment = 32  # GGUF_DEFAULT_ALIGNMENT
+        for i in range(n_kv):
+            key = self.text(f"metadata key {i}")
+            kind = self.u32(f"value type of {key}")
+            start = self.pos
+            self.value(kind, key)
+            if key == "general.alignment":
+                alignment = _U32.unpack_from(self.buf, start)[0] if kind == _UINT32 else 0
+                if alignment == 0 or alignment & (alignment - 1):
+                    raise self.bad("general.alignment is not a power of two stored as uint32")
+        tensors = []
+        for i in range(n_tensors):
+            name = self.text(f"name of tensor {i}")
+            n_dims = self.u32(f"dimension count of {name}")
+            if not 1 <= n_dims <= _MAX_DIMS:
+                raise self.bad(f"tensor {name} has {n_dims} dimensions (1 to {_MAX_DIMS} allowed)")
+            dims = [self.u64(f"dimensions of {name}") for _ in range(n_dims)]
+            kind = self.u32(f"type of {name}")
+            offset = self.u64(f"data offset of {name}")
+            if kind not in GGML_QUANT_SIZES:
+                raise self.bad(f"tensor {name} has unknown type id {kind}")
+            n_elements = math.prod(dims)
+            if not all(0 < d <= _INT64_MAX for d in dims) or n_elements > _INT64_MAX:
+                raise self.bad(f"tensor {name} has absurd dimensions {dims}")
+            block, type_size = GGML_QUANT_SIZES[kind]
+            if dims[0] % block:
+                raise self.bad(
+                    f"tensor {name}: rows of {dims[0]} values are not whole blocks of {block} "
+                    f"({GGMLQuantizationType(kind).name})"
+                )
+            tensors.append((name, offset, n_elements // block * type_size))
+        data_start = -(-self.pos // alignment) * alignment
+        for name, offset, n_bytes in tensors:
+            if data_start + offset + n_bytes > self.size:
+                raise self.bad(
+                    f"tensor {name}: {n_bytes} bytes at data offset {offset} lie past the end of the file"
+                )
+
+
+def _check_header(p: Path) -> dict[str, int]:
+    """Every count, length, dimension and offset of the GGUF header at `p` fits the file (see above).
+    Returns the item count of each top-level array (the tokenizer's vocabulary, ...)."""
+    try:
+        with open(p, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < _HEADER_BYTES:
+                raise SnuggleError(
+                    f"{p}: truncated or corrupt GGUF file ({size} bytes; the header alone is 24)"
+                )
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+                walk = _HeaderWalk(p, buf, size)
+                walk.walk()
+        return walk.array_lengths
+    except OSError as e:
+        raise SnuggleError(f"{p}: cannot read GGUF file ({_brief(e)})") from None
+
+
 def _open(path: str | os.PathLike[str]) -> tuple[Path, GGUFReader]:
     p = Path(path)
     _check_magic(p)
+    _check_header(p)
     try:
         reader = _Reader(p)
     except Exception as e:  # a truncated/corrupt header surfaces as ValueError, IndexError, KeyError, ...
@@ -204,8 +412,23 @@ def _number(reader: GGUFReader, key: str, p: Path, kind: type, required: bool = 
             )
         v = v[0]
     if isinstance(v, str | bool) or not isinstance(v, int | float):
-        raise SnuggleError(f"{p}: GGUF metadata {key} = {v!r} is not a number")
+        raise SnuggleError(f"{p}: GGUF metadata {key} = {_short(v)} is not a number")
+    if not math.isfinite(v):
+        raise SnuggleError(f"{p}: GGUF metadata {key} = {v} is not a finite number")
     return kind(v)
+
+
+def _size(reader: GGUFReader, key: str, p: Path, required: bool = True) -> int | None:
+    """A count or dimension: a positive integer of a plausible size (a corrupt file could say 2**60)."""
+    v = _number(reader, key, p, int, required)
+    if v is not None and not 0 < v <= _MAX_SIZE:
+        raise SnuggleError(f"{p}: GGUF metadata {key} = {v} is not a plausible size (1 to {_MAX_SIZE})")
+    return v
+
+
+def _short(v: Any) -> str:
+    r = repr(v)
+    return r if len(r) <= 60 else r[:60] + "..."
 
 
 def _hf_name(name: str, arch: str, num_layers: int, p: Path) -> str | None:
@@ -242,34 +465,47 @@ def _config(p: Path, reader: GGUFReader) -> dict[str, Any]:
     if _number(reader, f"{arch}.expert_count", p, int, required=False):
         raise SnuggleError(f"{p}: mixture-of-experts GGUF files ({arch}.expert_count > 0) are not supported")
 
-    hidden = _number(reader, f"{arch}.embedding_length", p, int)
-    heads = _number(reader, f"{arch}.attention.head_count", p, int)
-    kv_heads = _number(reader, f"{arch}.attention.head_count_kv", p, int, required=False) or heads
-    num_layers = _number(reader, f"{arch}.block_count", p, int)
-    head_dim = _number(reader, f"{arch}.attention.key_length", p, int, required=False)
+    hidden = _size(reader, f"{arch}.embedding_length", p)
+    heads = _size(reader, f"{arch}.attention.head_count", p)
+    kv_heads = _size(reader, f"{arch}.attention.head_count_kv", p, required=False) or heads
+    num_layers = _size(reader, f"{arch}.block_count", p)
+    head_dim = _size(reader, f"{arch}.attention.key_length", p, required=False)
     if head_dim is None:
         if heads <= 0 or hidden % heads:
             raise SnuggleError(
                 f"{p}: {arch}.embedding_length {hidden} is not a multiple of head_count {heads}"
             )
         head_dim = hidden // heads
-    value_dim = _number(reader, f"{arch}.attention.value_length", p, int, required=False)
-    rope_dim = _number(reader, f"{arch}.rope.dimension_count", p, int, required=False)
+    value_dim = _size(reader, f"{arch}.attention.value_length", p, required=False)
+    rope_dim = _size(reader, f"{arch}.rope.dimension_count", p, required=False)
     if value_dim not in (None, head_dim) or rope_dim not in (None, head_dim):
         raise SnuggleError(
             f"{p}: key_length {head_dim}, value_length {value_dim} and rope.dimension_count {rope_dim} "
             "differ; only full rotary on equal key/value heads is supported"
         )
     rope_theta = _number(reader, f"{arch}.rope.freq_base", p, float, required=False) or 10000.0
+    if rope_theta <= 0:
+        raise SnuggleError(f"{p}: GGUF metadata {arch}.rope.freq_base = {rope_theta} must be > 0")
+    if heads % kv_heads:
+        raise SnuggleError(
+            f"{p}: {arch}.attention.head_count {heads} is not a multiple of head_count_kv {kv_heads}"
+        )
 
     tensors = {t.name: t for t in reader.tensors}
     for t in reader.tensors:  # fail on an unknown tensor or type now, before any weight is built
         _hf_name(t.name, arch, num_layers, p)
         _tensor_type(t, p)
+    # every block the config counts must have weights: a corrupt block_count of 2**31 would otherwise
+    # have the model built with that many (empty) layers before the missing tensors are noticed
+    blocks = {int(m.group(1)) for t in reader.tensors if (m := _BLOCK_RE.fullmatch(t.name))}
+    if len(blocks) != num_layers or max(blocks, default=-1) != num_layers - 1:  # i.e. not 0..n-1
+        raise SnuggleError(
+            f"{p}: {arch}.block_count is {num_layers}, but the file has weights for {len(blocks)} blocks"
+        )
     if "token_embd.weight" not in tensors:
         raise SnuggleError(f"{p}: GGUF file has no token_embd.weight tensor")
     embed_rows = int(tensors["token_embd.weight"].shape[-1])  # GGUF shapes list the fastest dim first
-    vocab = _number(reader, f"{arch}.vocab_size", p, int, required=False)
+    vocab = _size(reader, f"{arch}.vocab_size", p, required=False)
     if vocab is None and "tokenizer.ggml.tokens" in reader.fields:
         vocab = len(reader.fields["tokenizer.ggml.tokens"].data)  # counts without decoding 100k strings
     if vocab is None:
@@ -281,17 +517,17 @@ def _config(p: Path, reader: GGUFReader) -> dict[str, Any]:
         "model_type": model_type,
         "architectures": [hf_class],
         "hidden_size": hidden,
-        "intermediate_size": _number(reader, f"{arch}.feed_forward_length", p, int),
+        "intermediate_size": _size(reader, f"{arch}.feed_forward_length", p),
         "num_hidden_layers": num_layers,
         "num_attention_heads": heads,
         "num_key_value_heads": kv_heads,
         "head_dim": head_dim,
-        "rms_norm_eps": _number(reader, f"{arch}.attention.layer_norm_rms_epsilon", p, float),
+        "rms_norm_eps": _eps(reader, f"{arch}.attention.layer_norm_rms_epsilon", p),
         "rope_theta": rope_theta,
         "rope_scaling": _rope_scaling(
             p, reader, arch, tensors.get("rope_freqs.weight"), head_dim, rope_theta
         ),
-        "max_position_embeddings": _number(reader, f"{arch}.context_length", p, int),
+        "max_position_embeddings": _size(reader, f"{arch}.context_length", p),
         "vocab_size": vocab,
         "tie_word_embeddings": "output.weight" not in tensors,
         "attention_bias": "blk.0.attn_q.bias" in tensors,
@@ -300,6 +536,13 @@ def _config(p: Path, reader: GGUFReader) -> dict[str, Any]:
         "pad_token_id": _number(reader, "tokenizer.ggml.padding_token_id", p, int, required=False),
         "torch_dtype": _lossless_dtype(reader),
     }
+
+
+def _eps(reader: GGUFReader, key: str, p: Path) -> float:
+    eps = _number(reader, key, p, float)
+    if not 0 < eps < 1:
+        raise SnuggleError(f"{p}: GGUF metadata {key} = {eps} is not an epsilon in (0, 1)")
+    return eps
 
 
 def _lossless_dtype(reader: GGUFReader) -> str:
@@ -323,6 +566,9 @@ def _rope_scaling(
     params = {k[len(prefix) :]: _value(reader, k, p) for k in reader.fields if k.startswith(prefix)}
     kind = str(params.pop("type", "") or "").lower()
     params.pop("finetuned", None)  # informational only
+    for k, v in params.items():  # every parameter below is a number: say which one is not
+        if v is not None and (isinstance(v, str | bool | list) or not math.isfinite(v)):
+            raise SnuggleError(f"{p}: GGUF metadata {prefix}{k} = {_short(v)} is not a finite number")
 
     if kind == "llama3" or {"low_freq_factor", "high_freq_factor"} & params.keys():
         needed = ("factor", "low_freq_factor", "high_freq_factor", "original_context_length")
@@ -336,6 +582,12 @@ def _rope_scaling(
             "high_freq_factor": float(params["high_freq_factor"]),
             "original_max_position_embeddings": int(params["original_context_length"]),
         }
+        if not (
+            scaling["factor"] > 0
+            and 0 < scaling["low_freq_factor"] < scaling["high_freq_factor"]
+            and 0 < scaling["original_max_position_embeddings"] <= _MAX_SIZE
+        ):
+            raise SnuggleError(f"{p}: llama3 rope scaling parameters out of range: {scaling}")
         if rope_freqs is not None:
             _check_llama3_freqs(p, rope_freqs, scaling, head_dim, theta)
         return scaling
@@ -348,13 +600,15 @@ def _rope_scaling(
         )
 
     factor = params.pop("factor", None)
-    if factor is None:
-        factor = _value(reader, f"{arch}.rope.scale_linear", p)  # the key's name before GGUF v3
+    if factor is None:  # the key's name before GGUF v3
+        factor = _number(reader, f"{arch}.rope.scale_linear", p, float, required=False)
     orig = params.pop("original_context_length", None)
     if kind == "" and factor not in (None, 0.0, 1.0):
         kind = "linear"  # llama.cpp reads a bare factor as linear scaling
     if kind in ("", "none") or (kind == "linear" and factor in (None, 0.0, 1.0)):
         return None
+    if factor is not None and factor <= 0:
+        raise SnuggleError(f"{p}: rope scaling factor {factor} must be > 0")
     if kind == "linear":
         return {"rope_type": "linear", "factor": float(factor)}
     if kind == "yarn" and factor is not None:
@@ -381,12 +635,13 @@ def _check_llama3_freqs(p: Path, t: ReaderTensor, s: dict[str, Any], head_dim: i
     """
     factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
     old_ctx = s["original_max_position_embeddings"]
-    wavelen = 2 * math.pi * theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
-    smooth = (old_ctx / wavelen - low) / (high - low)
-    with np.errstate(divide="ignore"):
+    with np.errstate(all="ignore"):  # a corrupt file's extreme values give inf/NaN, then a mismatch below
+        wavelen = 2 * math.pi * theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+        smooth = (old_ctx / wavelen - low) / (high - low)
         mid = 1.0 / ((1.0 - smooth) / factor + smooth)
     expected = np.where(wavelen < old_ctx / high, 1.0, np.where(wavelen > old_ctx / low, factor, mid))
-    actual = dequantize(t.data, _tensor_type(t, p)).astype(np.float64).reshape(-1)
+    with np.errstate(all="ignore"):
+        actual = dequantize(t.data, _tensor_type(t, p)).astype(np.float64).reshape(-1)
     if actual.shape != expected.shape or not np.allclose(actual, expected, rtol=1e-3, atol=1e-6):
         raise SnuggleError(f"{p}: rope_freqs tensor does not match the llama3 rope scaling parameters {s}")
 
@@ -424,10 +679,14 @@ def _to_torch(t: ReaderTensor, dtype: torch.dtype, p: Path) -> torch.Tensor:
             # numpy has no bfloat16: reinterpret the raw bytes in torch rather than widen to f32 first.
             w = torch.from_numpy(np.array(t.data).view(np.int16)).view(torch.bfloat16)
         else:
-            w = torch.from_numpy(dequantize(t.data, kind))
-        return w.reshape(shape).to(dtype)
+            with np.errstate(all="ignore"):  # a corrupt scale gives NaN/inf: refused below, not warned
+                w = torch.from_numpy(dequantize(t.data, kind))
+        w = w.reshape(shape).to(dtype)
     except (ValueError, RuntimeError) as e:
         raise SnuggleError(f"{p}: cannot decode tensor {t.name} ({kind.name}, {_brief(e)})") from None
+    if not torch.isfinite(w).all():  # a corrupt block scale: a model never holds NaN or inf weights
+        raise SnuggleError(f"{p}: tensor {t.name} holds NaN or infinite values (corrupt file)")
+    return w
 
 
 def _unpermute(w: torch.Tensor, n_head: int, name: str, p: Path) -> torch.Tensor:

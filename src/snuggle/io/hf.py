@@ -7,7 +7,9 @@ device is filled without ever holding its weights twice.
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from snuggle.data.sources import plain_name
 from snuggle.errors import SnuggleError
 
 __all__ = [
@@ -34,23 +37,109 @@ _ARCH_NAMES = {
 }
 
 
+def _read_json(f: Path, what: str) -> Any:
+    """A JSON file from a model directory; every failure (unreadable, not UTF-8, malformed, 5000-digit
+    numbers, nesting too deep) is one line naming it."""
+    try:
+        return json.loads(f.read_bytes())
+    except OSError as e:
+        raise SnuggleError(f"{f}: unreadable {what} ({e.strerror or e})") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, integer-digit limits
+        raise SnuggleError(f"{f}: unreadable {what} ({' '.join(str(e).split())[:160]})") from None
+    except RecursionError:
+        raise SnuggleError(f"{f}: unreadable {what} (JSON nested too deeply)") from None
+
+
 def read_hf_config(path: Path) -> dict[str, Any]:
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise SnuggleError(f"{path}: not a model directory (no config.json)")
+    cfg = _read_json(cfg_file, "config")
+    if not isinstance(cfg, dict):
+        raise SnuggleError(
+            f"{cfg_file}: unreadable config (a JSON object expected, got {type(cfg).__name__})"
+        )
+    for key in _SIZES:
+        v = cfg.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 0 < v <= _MAX_SIZE):
+            raise SnuggleError(
+                f"{cfg_file}: {key} = {str(v)[:40]} is not a plausible size (1 to {_MAX_SIZE})"
+            )
+    for key, (kinds, want) in _TYPES.items():
+        v = cfg.get(key)
+        if v is None:
+            continue
+        if not isinstance(v, kinds) or (kinds is _NUMBER and (isinstance(v, bool) or not math.isfinite(v))):
+            raise SnuggleError(f"{cfg_file}: {key} must be {want}, got {str(v)[:40]}")
+    _check_layer_count(path, cfg, cfg_file)
+    return cfg
+
+
+# config.json values that size the model: the decoder is built from them before a single weight is read,
+# so a corrupt 10**9 layers would hang there instead of failing on the missing tensors
+_SIZES = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "vocab_size",
+    "max_position_embeddings",
+)
+_MAX_SIZE = 2**31 - 1
+_NUMBER = (int, float)
+# the other values the model is built from, by type (None means absent everywhere)
+_TYPES: dict[str, tuple[Any, str]] = {
+    "model_type": (str, "a string"),
+    "architectures": (list, "a list of class names"),
+    "rope_scaling": (dict, "a mapping"),
+    "rope_parameters": (dict, "a mapping"),
+    "rope_theta": (_NUMBER, "a finite number"),
+    "rms_norm_eps": (_NUMBER, "a finite number"),
+    "sliding_window": (int, "an integer"),
+    "tie_word_embeddings": (bool, "true or false"),
+    "attention_bias": (bool, "true or false"),
+    "mlp_bias": (bool, "true or false"),
+    "use_sliding_window": (bool, "true or false"),
+}
+_LAYER_NAME = re.compile(r"model\.layers\.([0-9]{1,9})\.")
+
+
+def _check_layer_count(path: Path, cfg: dict[str, Any], cfg_file: Path) -> None:
+    """num_hidden_layers must match the layers the weights hold (read from the safetensors headers, which
+    costs a few kB): a directory without weights is left to the weight reader to report."""
+    layers = cfg.get("num_hidden_layers")
+    if layers is None:
+        return
     try:
-        return json.loads(cfg_file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SnuggleError(f"{cfg_file}: unreadable config ({e})") from None
+        files = _weight_files(path)
+    except SnuggleError:
+        return  # no weights (or an unreadable index): iter_hf_tensors says so when weights are read
+    found: set[int] = set()
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as st:
+                keys = list(st.keys())
+        except (OSError, SafetensorError) as e:
+            raise SnuggleError(f"{f}: unreadable safetensors file ({e})") from None
+        found.update(int(m.group(1)) for k in keys if (m := _LAYER_NAME.match(k)))
+    if found and len(found) < layers:
+        raise SnuggleError(
+            f"{cfg_file}: num_hidden_layers is {layers}, but the weights hold {len(found)} layers"
+        )
 
 
 def _weight_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        try:
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (OSError, KeyError, json.JSONDecodeError) as e:
-            raise SnuggleError(f"{index}: unreadable shard index ({e})") from None
+        tree = _read_json(index, "shard index")
+        weight_map = tree.get("weight_map") if isinstance(tree, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise SnuggleError(f"{index}: unreadable shard index (no weight_map of tensor -> file)")
+        # a shard is a file directly in the model directory: the index is input, and a name like
+        # '../../x' or '/etc/x' must not make us open files elsewhere
+        names = sorted({plain_name(n, str(index), "shard") for n in weight_map.values()})
         files = [path / n for n in names]
         missing = [f.name for f in files if not f.is_file()]
         if missing:
@@ -74,16 +163,42 @@ def iter_hf_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
         except (OSError, SafetensorError) as e:
             raise SnuggleError(f"{f}: unreadable safetensors file ({e})") from None
         for name in names:
-            yield name, st.get_tensor(name)
+            try:
+                t = st.get_tensor(name)
+            except (OSError, SafetensorError) as e:
+                raise SnuggleError(f"{f}: unreadable tensor {name} ({e})") from None
+            yield name, t
 
 
 def load_hf_tokenizer(path: Path):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise SnuggleError(f"{path}: no usable tokenizer ({str(e).splitlines()[0]})") from None
+        # trust_remote_code=False: a tokenizer_config.json naming its own Python class (auto_map) is
+        # refused, never imported; local_files_only: nothing is fetched from a hub
+        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+    except Exception as e:  # transformers and tokenizers raise a zoo of types for bad tokenizer files
+        msg = " ".join(str(e).split())[:200] or type(e).__name__
+        raise SnuggleError(f"{path}: no usable tokenizer ({msg})") from None
+    check_chat_template_names(tok, path)
+    return tok
+
+
+def check_chat_template_names(tokenizer: Any, where: Path | str) -> None:
+    """Named chat templates become files `<name>.jinja` when the tokenizer is saved (export): a name from
+    tokenizer_config.json like '../../x' must not write outside the export directory."""
+    templates = getattr(tokenizer, "chat_template", None)
+    if not isinstance(templates, dict):
+        return
+    for name in templates:
+        if (
+            not isinstance(name, str)
+            or not name
+            or name.startswith(".")
+            or any(c in name for c in "/\\\x00:")
+            or Path(name).is_absolute()
+        ):
+            raise SnuggleError(f"{where}: chat template name {name!r} is not a plain name")
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
@@ -103,6 +218,8 @@ def save_hf_checkpoint(
     max_shard_bytes: int = 5 << 30,
 ) -> None:
     """Write config.json, model(-0000k-of-0000n).safetensors (+ index) and the tokenizer into `out`."""
+    if tokenizer is not None:
+        check_chat_template_names(tokenizer, "the tokenizer")  # its names become file names: before writing
     out.mkdir(parents=True, exist_ok=True)
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0

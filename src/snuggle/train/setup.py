@@ -8,23 +8,33 @@ exists, so the new run trains them further with a fresh optimizer from step 0.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import yaml
 from torch import nn
 
-from snuggle.config import DataConfig, LoraConfig, RunConfig, config_from_dict
+from snuggle.config import DataConfig, LoraConfig, RunConfig
 from snuggle.data import PackedRows, resolve_files, split_indices, tokenize_corpus
 from snuggle.data.instruct import PackedExamples, tokenize_instruct
+from snuggle.data.tokenize import check_token_ids, tokenizer_id_limit
 from snuggle.errors import SnuggleError
 from snuggle.load import load
 from snuggle.lora import LoRALinear, apply_lora, enable_full_finetune, resolve_targets
 from snuggle.model.decoder import Decoder
 from snuggle.train.checkpoint import latest_checkpoint, load_trainables
 
-__all__ = ["Data", "build_model", "build_data", "check_output_dir", "default_cache_dir", "RUN_MARKERS"]
+__all__ = [
+    "Data",
+    "build_model",
+    "build_data",
+    "check_output_dir",
+    "check_tokenizer_fits",
+    "default_cache_dir",
+    "run_checkpoint",
+    "RUN_MARKERS",
+]
 
 # files whose presence means a directory already holds a run
 RUN_MARKERS = ("config.yaml", "metrics.jsonl", "latest")
@@ -50,6 +60,50 @@ def check_output_dir(out: Path, resume: bool) -> None:
 
 def _same_base(a: str, b: str) -> bool:
     return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+
+
+def check_tokenizer_fits(tokenizer, model: Decoder, where: str) -> None:
+    """Refuse a tokenizer that can produce ids the model's embedding has no row for (a tokenizer smaller
+    than the embedding, a padded vocabulary, is fine): naming both sizes beats an index error mid-step."""
+    if tokenizer is None:
+        return
+    limit, rows = tokenizer_id_limit(tokenizer), model.args.vocab_size
+    if limit > rows:
+        raise SnuggleError(
+            f"{where}: the tokenizer has {limit} token ids but the model's embedding has {rows} rows "
+            f"(vocab_size {rows}): ids {rows}..{limit - 1} have no embedding; the tokenizer does not "
+            "belong to this model"
+        )
+
+
+def run_checkpoint(run: Path) -> Path:
+    """A run's latest complete checkpoint, which must lie inside the run: `latest` is a file in the run
+    directory, and a name in it like '../../elsewhere' must not send us reading other directories."""
+    try:
+        ckpt = latest_checkpoint(run)
+    except (OSError, ValueError) as e:  # unreadable, not UTF-8, a NUL in the name
+        raise SnuggleError(f"{run}/latest: unreadable checkpoint pointer ({e})") from None
+    if ckpt is None:
+        raise SnuggleError(f"{run}: the run has no complete checkpoint yet")
+    if not ckpt.resolve().is_relative_to(run.resolve()) or ckpt.resolve() == run.resolve():
+        raise SnuggleError(f"{run}/latest names {ckpt}, which is not a checkpoint inside the run")
+    return ckpt
+
+
+def check_run_shapes(ckpt: Path, model: Decoder, what: str) -> None:
+    """The base a run's checkpoint was trained on (its tensor shapes) must be `model`'s: hidden size,
+    layers and vocabulary, whatever the run's recorded model.path says (paths differ between machines)."""
+    from safetensors import SafetensorError, safe_open
+
+    from snuggle.io.peft_format import check_base_shape
+    from snuggle.train.checkpoint import TRAINABLE_FILE
+
+    try:
+        with safe_open(str(ckpt / TRAINABLE_FILE), framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (OSError, SafetensorError) as e:
+        raise SnuggleError(f"{ckpt}: unreadable checkpoint ({e})") from None
+    check_base_shape(shapes, model, what, every_layer=True)
 
 
 def _lora_mismatch(lc: LoraConfig, have: dict, adapter: str) -> None:
@@ -79,14 +133,9 @@ def _lora_mismatch(lc: LoraConfig, have: dict, adapter: str) -> None:
 
 def _start_from_run(model: Decoder, cfg: RunConfig, run: Path) -> None:
     """The run's latest trainables (LoRA factors, embedding copies) onto the model, LoRA as the run had it."""
-    try:
-        run_cfg = config_from_dict(yaml.safe_load((run / "config.yaml").read_text()) or {})
-    except (OSError, yaml.YAMLError) as e:
-        raise SnuggleError(f"model.adapter {run}: unreadable run config ({e})") from None
-    if not _same_base(run_cfg.model.path, cfg.model.path):
-        raise SnuggleError(
-            f"model.adapter {run} was trained on {run_cfg.model.path}, not on model.path {cfg.model.path}"
-        )
+    from snuggle.run_dir import run_config
+
+    run_cfg = run_config(run)
     if not run_cfg.use_lora:
         raise SnuggleError(
             f"model.adapter {run} is a full fine-tuning run, not an adapter; export it with "
@@ -101,9 +150,15 @@ def _start_from_run(model: Decoder, cfg: RunConfig, run: Path) -> None:
         "train_embeddings": bool(rl.train_embeddings),
     }
     _lora_mismatch(cfg.lora, have, str(run))
-    ckpt = latest_checkpoint(run)
-    if ckpt is None:
-        raise SnuggleError(f"model.adapter {run}: the run has no complete checkpoint yet")
+    ckpt = run_checkpoint(run)
+    check_run_shapes(ckpt, model, f"model.adapter {run}")
+    if not _same_base(run_cfg.model.path, cfg.model.path):
+        # the shapes fit: a model copied to another path, or another machine; the name alone proves nothing
+        warnings.warn(
+            f"model.adapter {run} was trained on {run_cfg.model.path}, not on model.path {cfg.model.path}; "
+            "the shapes fit, so it is used: make sure it is the same base model",
+            stacklevel=2,
+        )
     lc = cfg.lora
     apply_lora(model, lc.r, lc.alpha, lc.dropout, lc.rslora, lc.targets, lc.train_embeddings)
     load_trainables(ckpt, model)
@@ -114,13 +169,15 @@ def _start_from_peft(model: Decoder, cfg: RunConfig, adapter: Path) -> None:
 
     have = peft_lora_settings(adapter)
     base = have["base"]
-    # a hub id names no local path: then only the shapes (checked by load_peft_adapter) can tell the base
-    if base and Path(base).expanduser().exists() and not _same_base(base, cfg.model.path):
-        raise SnuggleError(
-            f"model.adapter {adapter} was trained on {base}, not on model.path {cfg.model.path}"
-        )
     _lora_mismatch(cfg.lora, have, str(adapter))
-    load_peft_adapter(model, adapter)
+    load_peft_adapter(model, adapter)  # the shapes: a different base model is refused here, named
+    # a hub id names no local path, and a local path differs between machines: the name alone is a hint
+    if base and Path(base).expanduser().exists() and not _same_base(base, cfg.model.path):
+        warnings.warn(
+            f"model.adapter {adapter} was trained on {base}, not on model.path {cfg.model.path}; "
+            "the shapes fit, so it is used: make sure it is the same base model",
+            stacklevel=2,
+        )
     # the adapter's lora_dropout was its own training's; this stage trains with the config's
     for m in model.modules():
         if isinstance(m, LoRALinear):
@@ -150,7 +207,10 @@ def build_model(cfg: RunConfig, load_adapter: bool = True) -> tuple[Decoder, obj
     With `model.adapter` the LoRA factors start from that adapter; `load_adapter=False` builds the same
     structure without reading it (for a run's own checkpoint, which holds every trainable tensor anyway).
     """
-    model, tokenizer = load(cfg.model.path, dtype=cfg.model.dtype, device=cfg.model.device)
+    model, tokenizer = load(
+        cfg.model.path, dtype=cfg.model.dtype, device=cfg.model.device, quantize=cfg.model.quantize
+    )
+    check_tokenizer_fits(tokenizer, model, f"model.path {cfg.model.path}")
     if cfg.use_lora:
         lc = cfg.lora
         if cfg.model.adapter is not None and load_adapter:
@@ -176,7 +236,12 @@ class Data:
     val_idx: np.ndarray
 
 
-def build_data(dc: DataConfig, tokenizer, seed: int, max_positions: int) -> Data:
+def build_data(
+    dc: DataConfig, tokenizer, seed: int, max_positions: int, vocab_size: int | None = None
+) -> Data:
+    """Token cache, packed rows and the held-out split. Every id in the cache must be one the tokenizer
+    can produce (and, given `vocab_size`, one the model has a row for): a cache another tokenizer wrote
+    is refused by name instead of indexing past the embedding."""
     if dc.seq_len > max_positions:
         raise SnuggleError(
             f"data.seq_len {dc.seq_len} is above the model's limit of {max_positions} positions"
@@ -192,5 +257,8 @@ def build_data(dc: DataConfig, tokenizer, seed: int, max_positions: int) -> Data
     else:
         stream = tokenize_corpus(files, tokenizer, text_field=dc.text_field, cache_dir=cache, split=dc.split)
         rows = PackedRows(stream, dc.seq_len)
+    check_token_ids(stream, tokenizer_id_limit(tokenizer), "the tokenizer")
+    if vocab_size is not None:
+        check_token_ids(stream, vocab_size, "the model's vocabulary")
     train_idx, val_idx = split_indices(len(rows), dc.val_fraction, seed)
     return Data(rows, train_idx, val_idx)
