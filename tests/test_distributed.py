@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -274,6 +275,55 @@ def test_ddp_with_offloaded_checkpointing_matches_single_process(setup, lora_ref
     ok(torchrun(setup["config"], *args))
     assert_same_curve(out, lora_ref)
     assert_same_trainables(out, lora_ref)
+
+
+# Prints each rank's bytes of 4-bit weights as FSDP leaves them, then trains as the CLI would.
+_NF4_BYTES_SCRIPT = """
+import sys
+import snuggle.train.loop as loop
+from snuggle.cli import main
+from snuggle.quant.nf4 import NF4Weight
+
+real = loop.apply_parallel
+
+def counting(model, strategy, ctx, device):
+    engine = real(model, strategy, ctx, device)
+    local = lambda t: t.to_local() if hasattr(t, "to_local") else t
+    mine = sum(local(p).numel() * local(p).element_size()
+               for m in model.modules() if isinstance(m, NF4Weight) for p in m.parameters())
+    print(f"NF4_BYTES rank={ctx.rank} bytes={mine}", file=sys.stderr, flush=True)
+    return engine
+
+loop.apply_parallel = counting
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_qlora_under_fsdp_shards_the_4bit_weights_and_matches_single_process(setup, tmp_path):
+    """4-bit base weights are sharded like any parameter (each rank holds half) and the curve is the
+    single-process QLoRA curve: FSDP's bf16 cast must not touch the fp32 quantization scales."""
+    ref = setup["root"] / "qlora-ref"
+    run_local(setup["untied"], setup["corpus"], ref, "model.quantize=nf4")
+    out = setup["root"] / "qlora-fsdp"
+    script = tmp_path / "nf4_bytes.py"
+    script.write_text(_NF4_BYTES_SCRIPT)
+    args = overrides(setup["untied"], setup["corpus"], out, "model.quantize=nf4", "train.batch_size=2")
+    p = ok(torchrun(setup["config"], *args, "train.parallel=fsdp", script=script))
+    assert_same_curve(out, ref)
+    assert_same_trainables(out, ref)
+    # two ranks write stderr at once: lines may interleave, so match the records, not the lines
+    per_rank = sorted(int(b) for b in re.findall(r"NF4_BYTES rank=\d+ bytes=(\d+)", p.stderr))
+    from snuggle.load import load
+
+    whole = sum(
+        t.numel() * t.element_size()
+        for name, t in load(setup["untied"], quantize="nf4", device="cpu", with_tokenizer=False)[
+            0
+        ].named_parameters()
+        if name.endswith((".qweight", ".absmax_q"))
+    )
+    assert len(per_rank) == 2 and sum(per_rank) == whole
+    assert max(per_rank) <= 0.6 * whole  # the saving survives sharding: no rank holds the whole base
 
 
 # --- resume on another world size -------------------------------------------------------------------

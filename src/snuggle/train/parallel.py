@@ -20,6 +20,15 @@ Failure handling: every rank records its progress (a counter of the phases it en
 sequence on every rank) in the rendezvous store before each phase that holds a collective. A
 collective that fails or times out (`train.dist_timeout_s`) is then explained by the ranks that are
 behind: "rank 1 stopped responding ...", instead of a bare backend error or a silent hang.
+
+gloo raises the timeout in the waiting rank's Python thread, where `explain` turns it into that line.
+NCCL does not: its own watchdog thread aborts the process ("Watchdog caught collective operation
+timeout", naming only the rank that waited), and the main thread, blocked in a CUDA synchronisation,
+never sees an exception. So on GPUs a small watchdog thread of ours (`start_watchdog`) reads the
+heartbeats once this rank has been in one phase for `dist_timeout_s`: if a rank is behind, the lowest
+rank that is not prints the same one-line error naming it, and every waiting rank exits (torchrun then
+stops the rest). The backends' own timeout is set a grace period later (`watchdog_grace_s`), so ours
+comes first; it stays the backstop for a hang that no heartbeat can place (every rank in the same phase).
 """
 
 from __future__ import annotations
@@ -27,6 +36,8 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -52,6 +63,12 @@ __all__ = [
 
 STRATEGIES = ("auto", "none", "ddp", "fsdp")
 _HEARTBEAT_KEY = "snuggle/progress/{rank}"
+WATCHDOG_EXIT_STATUS = 3  # a rank that gave up waiting for a hung peer (see start_watchdog)
+
+
+def watchdog_grace_s(timeout_s: float) -> float:
+    """How much later than our watchdog the backends' own timeout fires (NCCL's aborts the process)."""
+    return max(30.0, 0.1 * timeout_s)
 
 
 class RankError(SnuggleError):
@@ -77,6 +94,8 @@ class DistContext:
     _store: Any = field(default=None, repr=False)
     _seq: int = 0
     _phase: str = "setup"
+    _phase_t: float = field(default_factory=time.monotonic)  # when this rank entered _phase
+    _watchdog_stop: threading.Event | None = field(default=None, repr=False)
 
     @property
     def enabled(self) -> bool:
@@ -146,6 +165,7 @@ class DistContext:
         """Record that this rank entered `phase` (which may block in a collective)."""
         self._seq += 1
         self._phase = phase
+        self._phase_t = time.monotonic()
         if self._store is not None:
             self._store.set(_HEARTBEAT_KEY.format(rank=self.rank), f"{self._seq}|{time.time():.3f}|{phase}")
 
@@ -158,7 +178,20 @@ class DistContext:
         """
         if not self.enabled:
             return None
-        behind = []
+        behind = self._behind()
+        if behind:
+            return SnuggleError(self._stalled_message(behind))
+        if isinstance(exc, dist.DistError) or "gloo" in str(exc).lower() or "nccl" in str(exc).lower():
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            return SnuggleError(
+                f"a collective failed on rank {self.rank} in {self._phase}; another rank died or hung "
+                f"inside this phase ({first})"
+            )
+        return None
+
+    def _behind(self) -> dict[int, str]:
+        """{rank: 'rank R (last seen ... in PHASE)'} for every rank whose phase counter is behind ours."""
+        behind = {}
         now = time.time()
         for r in range(self.world_size):
             if r == self.rank:
@@ -168,19 +201,65 @@ class DistContext:
                 continue
             seq, stamp, phase = got
             if seq < self._seq:
-                behind.append(f"rank {r} (last seen {now - stamp:.0f} s ago, in {phase})")
-        if behind:
-            return SnuggleError(
-                f"{' and '.join(behind)} stopped responding; rank {self.rank} gave up waiting in "
-                f"{self._phase} (train.dist_timeout_s={self.timeout_s:g})"
-            )
-        if isinstance(exc, dist.DistError) or "gloo" in str(exc).lower() or "nccl" in str(exc).lower():
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            return SnuggleError(
-                f"a collective failed on rank {self.rank} in {self._phase}; another rank died or hung "
-                f"inside this phase ({first})"
-            )
-        return None
+                behind[r] = f"rank {r} (last seen {now - stamp:.0f} s ago, in {phase})"
+        return behind
+
+    def _stalled_message(self, behind: dict[int, str]) -> str:
+        return (
+            f"{' and '.join(behind.values())} stopped responding; rank {self.rank} gave up waiting in "
+            f"{self._phase} (train.dist_timeout_s={self.timeout_s:g})"
+        )
+
+    def check_stalled(self, now: float | None = None) -> tuple[str, bool] | None:
+        """(the one-line error, whether this rank prints it) once this rank has waited `timeout_s` in
+        its phase for a rank that is behind; None while nobody is behind or the wait is shorter.
+
+        Of the ranks that see the stall, the lowest that is not behind prints, so the line appears once.
+        """
+        if not self.enabled or self._store is None:
+            return None
+        now = time.monotonic() if now is None else now
+        if now - self._phase_t < self.timeout_s:
+            return None
+        behind = self._behind()
+        if not behind:
+            return None  # every rank is in this phase: a long phase, or a hang inside it (backstop)
+        reporter = min(r for r in range(self.world_size) if r not in behind)
+        return self._stalled_message(behind), reporter == self.rank
+
+    def start_watchdog(self, poll_s: float = 1.0) -> None:
+        """A daemon thread that ends this process with the rank-naming line when `check_stalled` says so.
+
+        For NCCL, whose timeout never reaches Python (see the module doc). It only reads the store once
+        the phase has outlasted the timeout, and then every few seconds, so it costs nothing per step.
+        """
+        if not self.enabled or self._store is None or self._watchdog_stop is not None:
+            return
+        stop = self._watchdog_stop = threading.Event()
+
+        def watch() -> None:
+            wait = poll_s
+            while not stop.wait(wait):
+                try:
+                    stalled = self.check_stalled()
+                except Exception:  # the store is gone: leave it to the backend's own timeout
+                    return
+                if stalled is None:
+                    # past the timeout with nobody behind (a long phase): look again less often
+                    wait = poll_s if time.monotonic() - self._phase_t < self.timeout_s else 5 * poll_s
+                    continue
+                message, prints = stalled
+                if prints:
+                    print(f"snuggle: error: {message}", file=sys.stderr, flush=True)
+                # the main thread is blocked inside a collective or a CUDA synchronisation: only
+                # leaving the process ends the wait; torchrun then stops the other ranks
+                os._exit(WATCHDOG_EXIT_STATUS)
+
+        threading.Thread(target=watch, name="snuggle-dist-watchdog", daemon=True).start()
+
+    def stop_watchdog(self) -> None:
+        if self._watchdog_stop is not None:
+            self._watchdog_stop.set()
 
     def _read_heartbeat(self, r: int) -> tuple[int, float, str] | None:
         key = _HEARTBEAT_KEY.format(rank=r)
@@ -200,6 +279,7 @@ class DistContext:
         (we saw the occasional abort at exit on CPU before collecting here). The barrier keeps a
         rank from tearing down while another still talks to it.
         """
+        self.stop_watchdog()
         if not (self.owns_group and dist.is_initialized()):
             return
         gc.collect()
@@ -235,11 +315,17 @@ def rank_device(requested: str) -> torch.device:
     return torch.device("cuda", local)
 
 
+def _use_watchdog(device: torch.device) -> bool:
+    """Our watchdog where the backend's timeout does not reach Python: NCCL, i.e. GPU training."""
+    return device.type == "cuda"
+
+
 def init_distributed(timeout_s: float, device: torch.device) -> DistContext:
     """Join the process group described by torchrun's environment (WORLD_SIZE, RANK, ...), if any.
 
     An existing default group (a caller that initialised it) is used as is and left open.
     """
+    watchdog = _use_watchdog(device)
     if dist.is_available() and dist.is_initialized():
         ctx = DistContext(dist.get_world_size(), dist.get_rank(), _env_int("LOCAL_RANK", 0), timeout_s)
     else:
@@ -253,18 +339,23 @@ def init_distributed(timeout_s: float, device: torch.device) -> DistContext:
             torch.cuda.set_device(device)
         # gloo beside NCCL: the few CPU-side collectives (object gathers) work whatever the device
         backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+        # with our watchdog, the backends' own timeout is the later backstop (see the module doc)
+        grace = watchdog_grace_s(timeout_s) if watchdog else 0.0
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s + grace))
     if ctx.world_size > 1:
         try:
             ctx._store = dist.distributed_c10d._get_default_store()
         except Exception:  # diagnosis is a courtesy; training works without it
             ctx._store = None
         ctx.heartbeat("setup")
+        if watchdog:
+            ctx.start_watchdog()
     return ctx
 
 
-def resolve_strategy(requested: str, world_size: int, use_lora: bool) -> str:
-    """`auto`: one process -> none, LoRA -> ddp, full fine-tuning -> fsdp. One process is always none."""
+def resolve_strategy(requested: str, world_size: int, use_lora: bool, fits_one_card: bool = True) -> str:
+    """`auto`: one process -> none; LoRA on a model that fits one card -> ddp; full fine-tuning, or a
+    model too large for one card (`fits_one_card` False) -> fsdp. One process is always none."""
     if requested not in STRATEGIES:
         raise SnuggleError(f"train.parallel must be one of {', '.join(STRATEGIES)}, got {requested!r}")
     if world_size == 1:
@@ -274,7 +365,7 @@ def resolve_strategy(requested: str, world_size: int, use_lora: bool) -> str:
             f"train.parallel=none needs one process, but this job has {world_size}; use auto, ddp or fsdp"
         )
     if requested == "auto":
-        return "ddp" if use_lora else "fsdp"
+        return "ddp" if use_lora and fits_one_card else "fsdp"
     return requested
 
 
