@@ -526,3 +526,12 @@ def test_qlora_trainer_end_to_end_on_gpu(tiny_hf_model, tmp_path, capsys, monkey
     from snuggle.cli import main
 
     assert main(["export", str(out), "--format", "hf", "--out", str(tmp_path / "merged")]) == 0
+
+
+def test_parameter_count_counts_4bit_weights_by_shape(tiny_hf_model, tmp_path):
+    from snuggle.lora import count_parameters
+
+    path, _ = tiny_hf_model("llama", False, tmp_path)
+    dense, _ = load(path, with_tokenizer=False, device="cpu")
+    q, _ = load(path, with_tokenizer=False, device="cpu", quantize="nf4")
+    assert count_parameters(q) == count_parameters(dense) == sum(p.numel() for p in dense.parameters())

@@ -27,6 +27,7 @@ __all__ = [
     "enable_full_finetune",
     "merge_lora",
     "trainable_state",
+    "count_parameters",
     "resolve_targets",
 ]
 
@@ -163,3 +164,14 @@ def merge_lora(model: Decoder) -> Decoder:
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Trainable tensors by name; a tied lm_head appears once, as model.embed_tokens.weight."""
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Weights of the model as a user counts them: a 4-bit (out, in) weight is out x in, not its bytes.
+
+    Under FSDP a DTensor's numel is the global one, so every rank counts the whole model.
+    """
+    nf4 = [m for m in model.modules() if isinstance(m, NF4Weight)]
+    parts = {id(p) for m in nf4 for p in m.parameters()}
+    dense = sum(p.numel() for p in model.parameters() if id(p) not in parts)
+    return dense + sum(m.shape.numel() for m in nf4)

@@ -37,7 +37,7 @@ from snuggle.config import RunConfig, to_dict
 from snuggle.data import BatchPlan, collate, iterate_eval
 from snuggle.errors import SnuggleError
 from snuggle.load import resolve_dtype
-from snuggle.lora import trainable_state
+from snuggle.lora import count_parameters, trainable_state
 from snuggle.model.checkpointing import configure_checkpointing
 from snuggle.model.loss import IGNORE_INDEX
 from snuggle.train.checkpoint import (
@@ -272,7 +272,7 @@ def _run(cfg, ctx: DistContext, device, strategy, model, data, plan, say, report
 
     bar = ProgressBar(t.steps, start, t.progress and ctx.is_main)
     n_train = sum(p.numel() for p in trainables.values())
-    n_total = sum(p.numel() for p in unwrap(engine).parameters())  # FSDP: DTensor numel is global
+    n_total = count_parameters(unwrap(engine))
     if ctx.is_main:
         bar.write(
             f"snuggle: {n_train:,} trainable of {n_total:,} parameters; {len(data.train_idx)} train rows, "
