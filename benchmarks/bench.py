@@ -125,19 +125,9 @@ def build_snuggle(args, device):
     info = {"kernels": len(swapped)}
     if args.ckpt == "plan":
         # what the trainer does by default: the memory plan for the cap (or the whole card)
-        from snuggle.train.memory import apply_memory_plan, device_budget_gib, plan_memory, static_bytes
+        from snuggle.train.memory import apply_memory_plan, device_budget_gib, plan_for_model
 
-        budget = args.cap_gib or device_budget_gib(device)
-        plan = plan_memory(
-            model.args,
-            static_bytes(model),
-            args.batch,
-            args.seq,
-            budget,
-            trainable_head=False,
-            transient=4 * max((m.shape.numel() for m in model.modules() if hasattr(m, "qweight")), default=0),
-        )
-        configure_checkpointing(model, plan.checkpoint_layers, offload=plan.offload)
+        plan = plan_for_model(model, args.batch, args.seq, args.cap_gib or device_budget_gib(device))
         apply_memory_plan(model, plan)
         info.update(plan=plan.describe(), predicted_gib=plan.predicted_gib)
     else:

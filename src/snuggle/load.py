@@ -138,7 +138,7 @@ def fill_weights(
         if not _assign(model, name, t if nf4 is not None else t.to(device=device, dtype=dtype), nf4):
             unexpected.append(name)
     model.tie_weights()
-    missing = [n.removesuffix(".qweight") for n, p in model.named_parameters() if p.is_meta]
+    missing = [n for n, p in model.named_parameters() if p.is_meta]
     if missing:
         more = f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""
         raise SnuggleError(f"checkpoint is missing tensors: {', '.join(missing[:5])}{more}")

@@ -188,10 +188,6 @@ class NF4Weight(nn.Module):
     def device(self) -> torch.device:
         return self.qweight.device
 
-    @property
-    def is_meta(self) -> bool:
-        return self.qweight.is_meta
-
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.parameters(), *self.buffers()))
 

@@ -112,6 +112,13 @@ def _train(cfg: RunConfig, ctx: DistContext, device: torch.device) -> dict:
     error: BaseException | None = None
     model = tokenizer = data = None
     strategy = "none"
+
+    def rank_data(model, tokenizer):
+        args = model.args
+        return build_data(
+            cfg.data, tokenizer, t.seed, args.max_position_embeddings, vocab_size=args.vocab_size
+        )
+
     try:
         fits, sizes = auto_strategy_fits(cfg, device) if ctx.enabled and t.parallel == "auto" else (True, "")
         strategy = resolve_strategy(t.parallel, ctx.world_size, cfg.use_lora, fits)
@@ -121,25 +128,13 @@ def _train(cfg: RunConfig, ctx: DistContext, device: torch.device) -> dict:
         torch.manual_seed(t.seed)  # the same LoRA initialisation on every rank
         model, tokenizer = build_model(_rank_config(cfg, ctx, device, strategy))
         if ctx.is_main:
-            data = build_data(
-                cfg.data,
-                tokenizer,
-                t.seed,
-                model.args.max_position_embeddings,
-                vocab_size=model.args.vocab_size,
-            )
+            data = rank_data(model, tokenizer)
     except Exception as e:
         error = _oom_to_user_error(e, cfg, device, "building the model")
     ctx.agree(error)
     if not ctx.is_main:
         try:
-            data = build_data(
-                cfg.data,
-                tokenizer,
-                t.seed,
-                model.args.max_position_embeddings,
-                vocab_size=model.args.vocab_size,
-            )
+            data = rank_data(model, tokenizer)
         except Exception as e:
             error = e
     ctx.agree(error)
@@ -224,7 +219,6 @@ def _run(cfg, ctx: DistContext, device, strategy, model, data, plan, say, report
     ctx.agree(error)  # a run that cannot fit stops on every rank, before any step
     if mem_plan is not None:
         say(f"snuggle: {mem_plan.describe()}")
-        configure_checkpointing(model, mem_plan.checkpoint_layers, mem_plan.offload)
         apply_memory_plan(model, mem_plan)
     elif t.gradient_checkpointing:
         configure_checkpointing(model, t.checkpoint_layers, t.offload_activations)

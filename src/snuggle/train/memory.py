@@ -30,6 +30,7 @@ from torch import nn
 
 from snuggle.errors import SnuggleError
 from snuggle.model.args import ModelArgs
+from snuggle.model.checkpointing import configure_checkpointing
 
 __all__ = [
     "MemoryPlan",
@@ -37,6 +38,7 @@ __all__ = [
     "predict_bytes",
     "memory_plan_for",
     "apply_memory_plan",
+    "plan_for_model",
     "enforce_budget",
     "static_bytes",
     "device_budget_gib",
@@ -146,13 +148,14 @@ def predict_bytes(
     return int((static + acts + work + loss + transient) * _FRAGMENTATION + _FIXED_SLACK)
 
 
-def _candidates(L: int):
-    """(checkpoint_layers, offload, tiled) from the fastest to the most frugal."""
+def _candidates(L: int, can_offload: bool):
+    """(checkpoint_layers, offload, tile_tokens) from the fastest to the most frugal."""
     for k in range(L + 1):
-        yield k, False, False
-    for k in range(1, L + 1):
-        yield k, True, False
-    yield L, True, True
+        yield k, False, 0
+    if can_offload:
+        for k in range(1, L + 1):
+            yield k, True, 0
+    yield L, can_offload, _TILE_TOKENS
 
 
 def plan_memory(
@@ -167,20 +170,18 @@ def plan_memory(
     transient: int = 0,
 ) -> MemoryPlan:
     """The fastest plan whose predicted peak fits the budget, or a SnuggleError saying what would fit."""
-    tokens = batch_size * seq_len
     budget = budget_gib * GIB
-    for k, off, tiled in _candidates(args.num_layers):
-        if off and not can_offload:
-            continue
-        tile = _TILE_TOKENS if tiled else 0
-        peak = predict_bytes(args, tokens, static, act_bytes, k, off, tile, trainable_head, transient)
+
+    def predict(tokens: int, k: int, offload: bool, tile: int) -> int:
+        return predict_bytes(args, tokens, static, act_bytes, k, offload, tile, trainable_head, transient)
+
+    tokens = batch_size * seq_len
+    for k, off, tile in _candidates(args.num_layers, can_offload):
+        peak = predict(tokens, k, off, tile)
         if peak <= budget:
             return MemoryPlan(
                 k, off, tile if tile < tokens else 0, peak / GIB, budget_gib, static / GIB, args.num_layers
             )
-    frugal = predict_bytes(
-        args, tokens, static, act_bytes, args.num_layers, can_offload, _TILE_TOKENS, trainable_head, transient
-    )
     if static * _FRAGMENTATION + _FIXED_SLACK > budget:
         raise SnuggleError(
             f"the model alone needs {(static * _FRAGMENTATION + _FIXED_SLACK) / GIB:.2f} GiB (weights, "
@@ -190,20 +191,11 @@ def plan_memory(
         )
 
     # the longest sequence (at this batch size) and the largest batch (at this length) that would fit
+    # the most frugal plan (the last candidate)
     def fits(b: int, s: int) -> bool:
-        p = predict_bytes(
-            args,
-            b * s,
-            static,
-            act_bytes,
-            args.num_layers,
-            can_offload,
-            _TILE_TOKENS,
-            trainable_head,
-            transient,
-        )
-        return p <= budget
+        return predict(b * s, args.num_layers, can_offload, _TILE_TOKENS) <= budget
 
+    frugal = predict(tokens, args.num_layers, can_offload, _TILE_TOKENS)
     lo, hi = 0, seq_len
     while lo < hi:
         mid = (lo + hi + 1) // 2
@@ -229,9 +221,36 @@ def device_budget_gib(device: torch.device) -> float:
 
 
 def apply_memory_plan(model: nn.Module, plan: MemoryPlan) -> None:
-    """Set the plan's tiling on every MLP; checkpointing is set by `configure_checkpointing`."""
+    """Set the plan on the model: which blocks recompute (and offload), and the MLP tiles."""
+    configure_checkpointing(model, plan.checkpoint_layers, plan.offload)
     for block in model.model.layers:
         block.mlp.tile_tokens = plan.tile_tokens
+
+
+def plan_for_model(
+    model: nn.Module,
+    batch_size: int,
+    seq_len: int,
+    budget_gib: float,
+    optimizer: str = "adamw",
+    can_offload: bool = True,
+) -> MemoryPlan:
+    """`plan_memory` for a built `Decoder`: its real bytes, activation dtype, head and 4-bit weights."""
+    from snuggle.quant.nf4 import NF4Weight
+
+    dense = [m.shape.numel() for m in model.modules() if isinstance(m, NF4Weight)]
+    act_bytes = torch.empty((), dtype=model.compute_dtype).element_size()
+    return plan_memory(
+        model.args,
+        static_bytes(model, optimizer),
+        batch_size,
+        seq_len,
+        budget_gib,
+        act_bytes=act_bytes,
+        trainable_head=bool(model.lm_head.weight.requires_grad),
+        can_offload=can_offload,
+        transient=2 * act_bytes * max(dense, default=0),  # one dequantized weight in forward, one in backward
+    )
 
 
 def memory_plan_for(cfg, model: nn.Module, device: torch.device) -> MemoryPlan | None:
@@ -246,20 +265,8 @@ def memory_plan_for(cfg, model: nn.Module, device: torch.device) -> MemoryPlan |
     if t.memory_budget_gib is None and device.type != "cuda":
         return None
     budget = t.memory_budget_gib if t.memory_budget_gib is not None else device_budget_gib(device)
-    from snuggle.quant.nf4 import NF4Weight
-
-    dense = [m.shape.numel() for m in model.modules() if isinstance(m, NF4Weight)]
-    act_bytes = torch.empty((), dtype=model.compute_dtype).element_size()
-    return plan_memory(
-        model.args,
-        static_bytes(model, t.optimizer),
-        t.batch_size,
-        cfg.data.seq_len,
-        budget,
-        act_bytes=act_bytes,
-        trainable_head=bool(model.lm_head.weight.requires_grad),
-        can_offload=device.type == "cuda",
-        transient=2 * act_bytes * max(dense, default=0),  # one dequantized weight in forward, one in backward
+    return plan_for_model(
+        model, t.batch_size, cfg.data.seq_len, budget, t.optimizer, can_offload=device.type == "cuda"
     )
 
 
