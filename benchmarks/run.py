@@ -45,6 +45,7 @@ SUITES: dict[str, list[tuple]] = {
         ("snuggle", "8b", 2, 2048, "none", 0, ()),
         ("snuggle", "8b", 2, 2048, "offload", 0, ()),
         ("snuggle", "8b", 2, 2048, "offload", 24, ()),
+        ("snuggle", "8b", 2, 2048, "plan", 24, ()),
         ("snuggle", "8b", 2, 2048, "layers:24", 24, ("--offload",)),
         ("snuggle", "8b", 2, 2048, "layers:16", 24, ("--offload",)),
         ("snuggle", "8b", 2, 2048, "layers:8", 24, ("--offload",)),
@@ -61,6 +62,13 @@ SUITES["qlora-long"] = [
     ("snuggle", "8b", 1, 32768, "plan", 24, (*NF4, "--warmup", "1", "--steps", "2")),
     ("snuggle", "8b", 1, 65536, "plan", 24, (*NF4, "--warmup", "1", "--steps", "2")),
     ("snuggle", "8b", 1, 131072, "plan", 24, (*NF4, "--warmup", "1", "--steps", "1")),
+]
+# snuggle alone on the headline cases, for checking a change (peers' figures come from ANCHORS.md)
+SUITES["quick"] = [
+    ("snuggle", "1b", 8, 2048, "none", 0, ()),
+    ("snuggle", "8b", 2, 2048, "none", 0, ()),
+    ("snuggle", "8b", 2, 2048, "plan", 24, ()),
+    ("snuggle", "8b", 2, 2048, "plan", 24, NF4),
 ]
 SUITES["all"] = SUITES["1b"] + SUITES["8b"] + SUITES["qlora"] + SUITES["qlora-long"]
 SUITES["8b-cap"] = [c for c in SUITES["8b"] if c[5]]

@@ -49,10 +49,10 @@ except Exception:
 if HAS_TRITON:
     from snuggle.kernels import apply_fast_path, linear_ce, reference, rmsnorm, triton_available
     from snuggle.kernels.linear_ce import fused_linear_cross_entropy
-    from snuggle.kernels.lora import FastLoRALinear, lora_linear
+    from snuggle.kernels.lora import FastLoRALinear, fast_project, lora_linear
     from snuggle.kernels.rmsnorm import FastRMSNorm, fast_rms_norm
     from snuggle.kernels.rope import fast_rope_qk
-    from snuggle.kernels.swiglu import fast_swiglu
+    from snuggle.kernels.swiglu import fast_act_down, fast_swiglu
 
 if not CUDA:
     # the kernels are bound now; the rest of the session (other test modules) must not see the variable,
@@ -699,6 +699,128 @@ class TestLoRA:
         assert fast.scale == ref.scale and fast.r == ref.r
 
 
+def graph_names(t: torch.Tensor) -> set[str]:
+    """Names of every autograd node behind t."""
+    seen, todo, names = set(), [t.grad_fn], set()
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        names.add(type(fn).__name__)
+        todo += [nxt for nxt, _ in fn.next_functions]
+    return names
+
+
+def _group(n_in, outs, ranks, bias, dtype, rslora=(False,)):
+    """LoRA projections of one input, reference modules and the fused path's modules (shared Parameters)."""
+    refs = []
+    for i, (o, r) in enumerate(zip(outs, ranks, strict=True)):
+        ref, _ = _lora_pair(n_in, o, r, bias, w_dtype=dtype, rslora=rslora[i % len(rslora)])
+        refs.append(ref)
+    return refs, [FastLoRALinear.from_module(m) for m in refs]
+
+
+def _group_grads(mods, x0, gys, project):
+    x = x0.clone().requires_grad_(True)
+    ys = project(mods, x)
+    torch.autograd.backward(ys, gys)
+    out = {"x": x.grad}
+    for i, (m, y) in enumerate(zip(mods, ys, strict=True)):
+        out[f"y{i}"] = y
+        for name in ("lora_A", "lora_B", "weight", "bias"):
+            p = getattr(m, name)
+            if p is not None and p.requires_grad:
+                out[f"{name}{i}"] = p.grad
+                p.grad = None
+    return out, ys
+
+
+@needs_triton
+class TestLoRAGroup:
+    """q/k/v and gate/up as one Function: outputs and every gradient as the projections done one by one."""
+
+    @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+    @pytest.mark.parametrize(
+        "n_in,outs,ranks,bias,rslora",
+        [(72, (100, 20, 20), (4, 4, 4), True, (False,)), (40, (56, 56), (8, 3), False, (True, False))],
+        ids=["qkv-bias", "gate-up-mixed-rank-and-scale"],
+    )
+    def test_matches_separate_projections(self, n_in, outs, ranks, bias, rslora, dtype):
+        g = _seed(21)
+        refs, fasts = _group(n_in, outs, ranks, bias, dtype, rslora)
+        x = torch.randn(2, 7, n_in, generator=g).to(DEV, dtype)
+        gys = [torch.randn(2, 7, o, generator=g).to(DEV, dtype) for o in outs]
+        want, _ = _group_grads(refs, x, gys, lambda mods, x: tuple(m(x) for m in mods))
+        got, ys = _group_grads(fasts, x, gys, fast_project)
+        assert all("LoRAGroupFunction" in fn_name(y) for y in ys)
+        assert got.keys() == want.keys() and len(want) == 1 + 3 * len(outs)
+        for name in want:
+            assert_close(got[name], want[name], dtype, name)
+
+    def test_trainable_base_weights(self):
+        g = _seed(22)
+        refs, fasts = _group(16, (12, 8), (2, 2), True, F32)
+        for m in refs:
+            m.weight.requires_grad_(True)
+            m.bias.requires_grad_(True)
+        x = torch.randn(5, 16, generator=g).to(DEV)
+        gys = [torch.randn(5, o, generator=g).to(DEV) for o in (12, 8)]
+        want, _ = _group_grads(refs, x, gys, lambda mods, x: tuple(m(x) for m in mods))
+        got, _ = _group_grads(fasts, x, gys, fast_project)
+        assert "weight0" in want and "bias1" in want
+        for name in want:
+            assert_close(got[name], want[name], F32, name)
+
+    def test_keeps_x_once_and_falls_back(self):
+        refs, fasts = _group(24, (48, 8), (4, 2), False, F32)
+        x = torch.randn(3, 5, 24, device=DEV, requires_grad=True)
+        ys = fast_project(fasts, x)
+        saved = sorted(tuple(t.shape) for t in ys[0].grad_fn.saved_tensors if t is not None)
+        # x (15, 24) once, x A_cat^T (15, 6), then W, A, B of each: nothing output-sized
+        assert saved == sorted([(15, 24), (15, 6), (48, 24), (8, 24), (4, 24), (2, 24), (48, 4), (8, 2)])
+        # anything but fused LoRA modules (here a reference module, or a lone projection) goes one by one
+        for mods in ([fasts[0], refs[1]], [fasts[0]]):
+            assert not any("LoRAGroupFunction" in fn_name(y) for y in fast_project(mods, x))
+
+
+@needs_triton
+class TestSwiGLUDown:
+    @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+    @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+    def test_matches_reference(self, bias, dtype):
+        g = _seed(23)
+        ref, fast = _lora_pair(38, 20, 4, bias, w_dtype=dtype)
+        gate0 = torch.randn(3, 5, 38, generator=g).to(DEV, dtype)
+        up0 = torch.randn(3, 5, 38, generator=g).to(DEV, dtype)
+        gy = torch.randn(3, 5, 20, generator=g).to(DEV, dtype)
+        results = []
+        for act_down, down in ((lambda g, u, a, d: d(a(g, u)), ref), (fast_act_down, fast)):
+            # gate/up as non-leaves (projection outputs), so the fused backward reuses their buffers
+            gl, ul = gate0.clone().requires_grad_(True), up0.clone().requires_grad_(True)
+            y = act_down(gl * 1, ul * 1, fast_swiglu, down)
+            y.backward(gy)
+            results.append([y, gl.grad, ul.grad, down.lora_A.grad, down.lora_B.grad])
+            down.lora_A.grad = down.lora_B.grad = None
+        assert "SwiGLUDownFunction" in fn_name(results[1][0])
+        for name, a, e in zip(("y", "dgate", "dup", "dA", "dB"), results[1], results[0], strict=True):
+            assert_close(a, e, dtype, name)
+
+    def test_keeps_gate_and_up_not_their_product(self):
+        _, fast = _lora_pair(36, 12, 4, bias=False)
+        gate = torch.randn(2, 3, 36, device=DEV, requires_grad=True)
+        up = torch.randn(2, 3, 36, device=DEV, requires_grad=True)
+        y = fast_act_down(gate, up, fast_swiglu, fast)
+        saved = [t for t in y.grad_fn.saved_tensors if t is not None]
+        assert sorted(tuple(t.shape) for t in saved) == sorted(
+            [(2, 3, 36), (2, 3, 36), (6, 4), (12, 36), (4, 36), (12, 4)]
+        )
+        # a plain down projection (no LoRA) or another activation: the unfused composition
+        plain = nn.Linear(36, 12).to(DEV)
+        assert "SwiGLUDownFunction" not in fn_name(fast_act_down(gate, up, fast_swiglu, plain))
+        assert "SwiGLUDownFunction" not in fn_name(fast_act_down(gate, up, reference.swiglu, fast))
+
+
 # --------------------------------------------------------------------------------------------- NF4
 
 
@@ -835,8 +957,10 @@ def test_swap_keeps_parameters_and_matches_the_reference(tie, dtype):
         )
         for n in names
     ]
-    fns = [f"model.layers.{i}.self_attn.rope_fn" for i in range(L)] + [
-        f"model.layers.{i}.mlp.act_fn" for i in range(L)
+    fns = [
+        f"model.layers.{i}.{fn}"
+        for i in range(L)
+        for fn in ("self_attn.rope_fn", "self_attn.project", "mlp.act_fn", "mlp.act_down", "mlp.project")
     ]
     assert sorted(swapped) == sorted(norms + loras + fns + ["loss_fn"])
     assert [(n, p) for n, p in fast.named_parameters()] == before  # same names, same objects, same order
@@ -848,7 +972,9 @@ def test_swap_keeps_parameters_and_matches_the_reference(tie, dtype):
         assert fast.lm_head.weight is fast.model.embed_tokens.weight
 
     batch = _batch(2, 9, ref.args.vocab_size)
-    assert "LinearCrossEntropyFunction" in fn_name(fast.loss_sum(*batch))
+    loss = fast.loss_sum(*batch)
+    assert "LinearCrossEntropyFunction" in fn_name(loss)
+    assert {"LoRAGroupFunctionBackward", "SwiGLUDownFunctionBackward"} <= graph_names(loss)
     compare_models(fast, ref, batch, dtype)
 
 

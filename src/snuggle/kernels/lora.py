@@ -25,7 +25,7 @@ from snuggle.kernels._utils import rebind
 from snuggle.kernels.reference import LoRALinear
 from snuggle.quant.nf4 import NF4Weight, as_dense
 
-__all__ = ["LoRALinearFunction", "lora_linear", "FastLoRALinear"]
+__all__ = ["LoRALinearFunction", "LoRAGroupFunction", "lora_linear", "FastLoRALinear", "fast_project"]
 
 
 class LoRALinearFunction(torch.autograd.Function):
@@ -93,3 +93,98 @@ class FastLoRALinear(LoRALinear):
     def from_module(cls, lora: LoRALinear) -> FastLoRALinear:
         """A FastLoRALinear sharing `lora`'s Parameters (same objects, names, order) and settings."""
         return rebind(cls, lora)
+
+
+class LoRAGroupFunction(torch.autograd.Function):
+    """Several LoRA projections of one input (q/k/v, gate/up): y_i = x W_i^T + b_i + s_i (x A_i^T) B_i^T.
+
+    Each projection done alone reads x for its own x A_i^T and dA_i, and autograd then sums the
+    projections' dx with an extra read and write of x-sized tensors per consumer. For the group, x A^T
+    and dA are one product each over the concatenated ranks, and every dgrad is accumulated into one
+    dx buffer by the GEMMs themselves (beta = 1). On an H200 the forward + backward GEMM sequence of
+    a 1B model's q/k/v runs 1.28x faster this way, gate/up 1.08x (benchmarks/lora_gemm.py).
+
+    `flat` holds (W, b, A, B) per projection (b may be None, W an `NF4Weight`); gradients as
+    `LoRALinearFunction`.
+    """
+
+    @staticmethod
+    def forward(ctx, x, scales: tuple[float, ...], *flat):
+        dt = x.dtype
+        Ws, bs, As, Bs = flat[0::4], flat[1::4], flat[2::4], flat[3::4]
+        x2 = x.reshape(-1, x.shape[-1])  # (n, in)
+        A_cat = torch.cat([A.to(dt) for A in As])  # (sum r, in)
+        xa = x2 @ A_cat.t()  # (n, sum r): x read once for the whole group
+        ranks = [A.shape[0] for A in As]
+        ys, off = [], 0
+        for W, b, B, s, r in zip(Ws, bs, Bs, scales, ranks, strict=True):
+            w = as_dense(W, dt)  # (out, in); a dequantized 4-bit weight lives only for this product
+            y = torch.addmm(b.to(dt), x2, w.t()) if b is not None else x2 @ w.t()  # (n, out)
+            del w
+            y.addmm_(xa[:, off : off + r], B.to(dt).t(), alpha=s)
+            ys.append(y.view(*x.shape[:-1], y.shape[-1]))
+            off += r
+        ctx.scales, ctx.ranks = scales, ranks
+        ctx.nf4 = [W if isinstance(W, NF4Weight) else None for W in Ws]
+        dense = [None if q is not None else W for W, q in zip(Ws, ctx.nf4, strict=True)]
+        ctx.n_bias = [b is not None for b in bs]
+        ctx.save_for_backward(x2, xa, *dense, *As, *Bs, *[b for b in bs if b is not None])
+        return tuple(ys)
+
+    @staticmethod
+    def backward(ctx, *gs):
+        k = len(ctx.scales)
+        x2, xa, *rest = ctx.saved_tensors
+        Ws = [q if q is not None else w for w, q in zip(rest[:k], ctx.nf4, strict=True)]
+        As, Bs, bias = rest[k : 2 * k], rest[2 * k : 3 * k], iter(rest[3 * k :])
+        bs = [next(bias) if has else None for has in ctx.n_bias]
+        need = ctx.needs_input_grad[2:]  # per projection: W, b, A, B
+        dt = gs[0].dtype
+        g2 = [g.reshape(-1, g.shape[-1]) for g in gs]  # (n, out_i)
+        gB = torch.cat([g @ B.to(dt) for g, B in zip(g2, Bs, strict=True)], dim=1)  # (n, sum r)
+        dx = None
+        if ctx.needs_input_grad[0]:
+            for g, W in zip(g2, Ws, strict=True):  # every dgrad summed into one buffer by the GEMM
+                w = as_dense(W, dt)
+                dx = g @ w if dx is None else dx.addmm_(g, w)
+                del w
+            scales = ctx.scales
+            A_cat = torch.cat([A.to(dt) for A in As])  # (sum r, in)
+            if len(set(scales)) == 1:
+                dx.addmm_(gB, A_cat, alpha=scales[0])
+            else:  # per-projection scales: on the rank columns of gB (n x sum r, tiny)
+                col = torch.repeat_interleave(torch.tensor(scales, dtype=dt), torch.tensor(ctx.ranks))
+                dx.addmm_(gB * col.to(gB.device), A_cat)
+            dx = dx.view(*gs[0].shape[:-1], dx.shape[-1])
+        grads: list[torch.Tensor | None] = []
+        dA_cat = (gB.t() @ x2) if any(need[4 * i + 2] for i in range(k)) else None  # (sum r, in)
+        off = 0
+        per_projection = zip(g2, Ws, bs, As, Bs, ctx.scales, ctx.ranks, strict=True)
+        for i, (g, W, b, A, B, s, r) in enumerate(per_projection):
+            dW = (g.t() @ x2).to(W.dtype) if need[4 * i] else None  # only when the base weight trains
+            db = g.sum(0).to(b.dtype) if need[4 * i + 1] else None
+            dA = dA_cat[off : off + r].to(A.dtype).mul_(s) if need[4 * i + 2] else None
+            dB = (g.t() @ xa[:, off : off + r]).to(B.dtype).mul_(s) if need[4 * i + 3] else None
+            grads += [dW, db, dA, dB]
+            off += r
+        return (dx, None, *grads)
+
+
+def _groupable(mods) -> bool:
+    """Modules the group Function can take: fused LoRA projections with dropout off and no hooks."""
+    return all(
+        type(m) is FastLoRALinear
+        and isinstance(m.dropout, nn.Identity)
+        and not (m._forward_hooks or m._forward_pre_hooks)
+        for m in mods
+    )
+
+
+def fast_project(mods, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Drop-in for `decoder.project`: each module applied to x, as one Function when all are LoRA."""
+    if len(mods) < 2 or not _groupable(mods):
+        return tuple(m(x) for m in mods)
+    flat = []
+    for m in mods:
+        flat += [m.weight, m.bias, m.lora_A, m.lora_B]
+    return LoRAGroupFunction.apply(x, tuple(m.scale for m in mods), *flat)

@@ -19,7 +19,9 @@ def apply_fast_path(model: nn.Module) -> list[str]:
     """Swap Triton kernels into `model` (a `snuggle.model.decoder.Decoder`); returns what was swapped.
 
     RMSNorm modules (the Qwen3 q_norm/k_norm included) become FastRMSNorm, LoRALinear modules without
-    dropout become FastLoRALinear, each Attention.rope_fn and MLP.act_fn the fused kernels, and
+    dropout become FastLoRALinear, each Attention.rope_fn and MLP.act_fn the fused kernels, the
+    projections that share an input one LoRA Function (`project`), SwiGLU part of the LoRA down
+    projection's Function (`act_down`, which then keeps gate and up but not their product), and
     `model.loss_fn` the fused linear cross-entropy, and, on CUDA, packed documents' attention goes
     through FlexAttention (`model.attention = "flex"`). Without triton (or without CUDA and
     TRITON_INTERPRET=1) nothing changes and the list is empty.
@@ -28,12 +30,12 @@ def apply_fast_path(model: nn.Module) -> list[str]:
         return []
     # imported here: these modules import triton, which `snuggle.kernels` itself must not need
     from snuggle.kernels.linear_ce import fused_linear_cross_entropy
-    from snuggle.kernels.lora import FastLoRALinear
+    from snuggle.kernels.lora import FastLoRALinear, fast_project
     from snuggle.kernels.reference import LoRALinear, RMSNorm, cross_entropy_sum, rope_qk, swiglu
     from snuggle.kernels.rmsnorm import FastRMSNorm
     from snuggle.kernels.rope import fast_rope_qk
-    from snuggle.kernels.swiglu import fast_swiglu
-    from snuggle.model.decoder import MLP, Attention
+    from snuggle.kernels.swiglu import fast_act_down, fast_swiglu
+    from snuggle.model.decoder import MLP, Attention, act_down, project
     from snuggle.model.flex import flex_available
 
     swapped: list[str] = []
@@ -52,6 +54,12 @@ def apply_fast_path(model: nn.Module) -> list[str]:
         if isinstance(parent, MLP) and parent.act_fn is swiglu:
             parent.act_fn = fast_swiglu
             swapped.append(f"{prefix}.act_fn")
+        if isinstance(parent, MLP) and parent.act_down is act_down:
+            parent.act_down = fast_act_down
+            swapped.append(f"{prefix}.act_down")
+        if isinstance(parent, (Attention, MLP)) and parent.project is project:
+            parent.project = fast_project
+            swapped.append(f"{prefix}.project")
     if getattr(model, "loss_fn", None) is cross_entropy_sum:
         model.loss_fn = fused_linear_cross_entropy
         swapped.append("loss_fn")

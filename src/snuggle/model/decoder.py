@@ -108,6 +108,16 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def project(mods, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Each projection of one input (q/k/v, gate/up); the fast path does a LoRA group as one Function."""
+    return tuple(m(x) for m in mods)
+
+
+def act_down(gate: torch.Tensor, up: torch.Tensor, act_fn, down: nn.Module) -> torch.Tensor:
+    """down(act_fn(gate, up)); the fast path fuses SwiGLU into a LoRA down projection's Function."""
+    return down(act_fn(gate, up))
+
+
 def attention_mask(
     doc_ids: torch.Tensor | None, T: int, window: int | None, device, past: int = 0
 ) -> torch.Tensor | None:
@@ -159,12 +169,14 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(d, args.rms_norm_eps)
         self.qk_norm = args.qk_norm
         self.rope_fn = rope_qk  # swap point: kernels.swap replaces it with the Triton kernel
+        self.project = project  # swap point: q/k/v as one LoRA Function
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None = None) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim)
+        q, k, v = self.project((self.q_proj, self.k_proj, self.v_proj), x)
+        q = q.view(B, T, self.n_heads, self.head_dim)
+        k = k.view(B, T, self.n_kv, self.head_dim)
+        v = v.view(B, T, self.n_kv, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
@@ -191,6 +203,8 @@ class MLP(nn.Module):
         self.up_proj = Linear(h, f, bias=args.mlp_bias)
         self.down_proj = Linear(f, h, bias=args.mlp_bias)
         self.act_fn = swiglu  # swap point for the fused kernel
+        self.project = project  # swap points: gate/up as one LoRA Function, SwiGLU inside down's
+        self.act_down = act_down
         # tokens per tile on long sequences (0: untiled); set by the memory plan, see model.tiling
         self.tile_tokens = 0
 
@@ -200,7 +214,8 @@ class MLP(nn.Module):
         return self._forward(x)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_proj(x), self.up_proj(x)))
+        gate, up = self.project((self.gate_proj, self.up_proj), x)
+        return self.act_down(gate, up, self.act_fn, self.down_proj)
 
 
 class Block(nn.Module):

@@ -6,7 +6,8 @@ shapes (activation dtype, per token of a micro-batch):
 
     stored block     4h + 2q + 2kv + 3f   inputs and outputs of the norms, q, k, v, the attention
                                           output (o_proj's input), the residual, and gate, up and
-                                          their product
+                                          their product (2f with the fast path's SwiGLU inside the
+                                          LoRA down projection, which makes the product again)
     tiled MLP        4h + 2q + 2kv        the MLP keeps only its input; one tile's 3f at a time
     recomputed block h                    its input only (0 on the GPU when offloaded to CPU)
 
@@ -99,16 +100,19 @@ def static_bytes(model: nn.Module, optimizer: str = "adamw") -> int:
     return total
 
 
-def _block_bytes(args: ModelArgs, tokens: int, mlp_tokens: int, act_bytes: int) -> tuple[float, float]:
+def _block_bytes(
+    args: ModelArgs, tokens: int, mlp_tokens: int, act_bytes: int, fused_mlp: bool = False
+) -> tuple[float, float]:
     """(one block's saved activations, its gradients in flight in backward) for `tokens` tokens whose
-    MLP runs `mlp_tokens` at a time (= tokens when untiled)."""
+    MLP runs `mlp_tokens` at a time (= tokens when untiled); `fused_mlp`: the SwiGLU product is not
+    kept but made again in backward (kernels.swiglu.SwiGLUDownFunction)."""
     h, f = args.hidden_size, args.intermediate_size
     q, kv = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
     attn = (4 * h + 2 * q + 2 * kv) * tokens
-    saved = attn + 3 * f * mlp_tokens
-    # d(activations) alive at once: the MLP's (d of the SwiGLU output, dx), or attention's (dq, dk, dv,
-    # do, and the flash backward's fp32 dq accumulator)
-    mlp_grads = act_bytes * (f * mlp_tokens + 2 * h * tokens)
+    saved = attn + (2 if fused_mlp else 3) * f * mlp_tokens
+    # d(activations) alive at once: the MLP's (d of the SwiGLU output and, fused, the product made
+    # again; dx), or attention's (dq, dk, dv, do, and the flash backward's fp32 dq accumulator)
+    mlp_grads = act_bytes * ((2 if fused_mlp else 1) * f * mlp_tokens + 2 * h * tokens)
     attn_grads = (act_bytes * (2 * q + 2 * kv + h) + 4 * q) * tokens
     return act_bytes * saved, max(mlp_grads, attn_grads)
 
@@ -123,14 +127,16 @@ def predict_bytes(
     tile_tokens: int,
     trainable_head: bool = False,
     transient: int = 0,
+    fused_mlp: bool = False,
 ) -> int:
     """Predicted peak bytes of one training step with `tokens` tokens per micro-batch.
 
     `transient`: bytes of short-lived buffers beside the activations (a dequantized 4-bit weight).
+    `fused_mlp`: the MLP keeps gate and up but not their product (see `_block_bytes`).
     """
     L = args.num_layers
     mlp_tokens = tile_tokens if tile_tokens and tile_tokens < tokens else tokens
-    block, work = _block_bytes(args, tokens, mlp_tokens, act_bytes)
+    block, work = _block_bytes(args, tokens, mlp_tokens, act_bytes, fused_mlp)
     # backward runs from the last block down: by the time the first k (checkpointed) blocks are
     # recomputed, the stored blocks' activations are freed, so one recomputed block counts as one
     # stored block when none is stored
@@ -168,12 +174,15 @@ def plan_memory(
     trainable_head: bool = False,
     can_offload: bool = True,
     transient: int = 0,
+    fused_mlp: bool = False,
 ) -> MemoryPlan:
     """The fastest plan whose predicted peak fits the budget, or a SnuggleError saying what would fit."""
     budget = budget_gib * GIB
 
     def predict(tokens: int, k: int, offload: bool, tile: int) -> int:
-        return predict_bytes(args, tokens, static, act_bytes, k, offload, tile, trainable_head, transient)
+        return predict_bytes(
+            args, tokens, static, act_bytes, k, offload, tile, trainable_head, transient, fused_mlp
+        )
 
     tokens = batch_size * seq_len
     for k, off, tile in _candidates(args.num_layers, can_offload):
@@ -250,6 +259,18 @@ def plan_for_model(
         trainable_head=bool(model.lm_head.weight.requires_grad),
         can_offload=can_offload,
         transient=2 * act_bytes * max(dense, default=0),  # one dequantized weight in forward, one in backward
+        fused_mlp=_fused_mlp(model),
+    )
+
+
+def _fused_mlp(model: nn.Module) -> bool:
+    """Whether the blocks' MLPs run SwiGLU inside the LoRA down projection (the fast path's act_down)."""
+    from snuggle.kernels.lora import FastLoRALinear  # only imported where the fast path was applied
+
+    mlps = [block.mlp for block in model.model.layers]
+    return bool(mlps) and all(
+        getattr(m.act_down, "__name__", "") == "fast_act_down" and isinstance(m.down_proj, FastLoRALinear)
+        for m in mlps
     )
 
 
