@@ -17,6 +17,7 @@ import json
 import math
 import statistics
 import sys
+import time
 import traceback
 import zlib
 
@@ -184,15 +185,20 @@ def profile_step(step_loss, opt, ids) -> None:
     """Print the CUDA kernels of one more step by total time (stderr), to see where a step goes."""
     from torch.profiler import ProfilerActivity, profile
 
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
         step_loss(ids).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
-    print(
-        prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60),
-        file=sys.stderr,
-    )
+    wall = time.perf_counter() - t0
+    events = prof.key_averages()
+    print(events.table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=60), file=sys.stderr)
+    # kernels' summed time against the step's wall time (profiled): a large gap means the GPU waited on
+    # the CPU (launch overhead) or on a synchronisation
+    busy = sum(e.self_device_time_total for e in events) / 1e6
+    print(f"profiled step: wall {wall * 1e3:.1f} ms, GPU kernels {busy * 1e3:.1f} ms", file=sys.stderr)
 
 
 def run(args) -> dict:

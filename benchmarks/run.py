@@ -140,12 +140,16 @@ def environment() -> dict:
             env[dist] = version(dist)
         except PackageNotFoundError:
             env[dist] = "absent"
-    try:
-        env["commit"] = subprocess.check_output(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=HERE, text=True, stderr=subprocess.DEVNULL
-        ).strip()
-    except Exception:
-        env["commit"] = os.environ.get("SNUGGLE_COMMIT", "unknown")
+    # SNUGGLE_COMMIT first: a tree copied without its .git (a device machine's snapshot) would
+    # otherwise report the commit of whatever repository encloses it
+    env["commit"] = os.environ.get("SNUGGLE_COMMIT", "")
+    if not env["commit"]:
+        try:
+            env["commit"] = subprocess.check_output(
+                ["git", "rev-parse", "--short", "HEAD"], cwd=HERE, text=True, stderr=subprocess.DEVNULL
+            ).strip()
+        except Exception:
+            env["commit"] = "unknown"
     return env
 
 
