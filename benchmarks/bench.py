@@ -136,9 +136,9 @@ def build_snuggle(args, device):
         if args.ckpt.startswith("layers:"):
             n = int(args.ckpt.split(":")[1])
         configure_checkpointing(model, n, offload=args.ckpt == "offload" or args.offload)
-        if args.tile:
-            for block in model.model.layers:
-                block.mlp.tile_tokens = args.tile
+        for block in model.model.layers:
+            block.mlp.tile_tokens = args.tile
+            block.mlp.recompute_product = args.recompute_product
     model.train()
 
     def step_loss(ids):
@@ -260,6 +260,11 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--no-kernels", action="store_true")
+    p.add_argument(
+        "--recompute-product",
+        action="store_true",
+        help="the MLPs make their SwiGLU product again in backward instead of keeping it (without a plan)",
+    )
     p.add_argument("--profile", action="store_true", help="print one step's kernel profile on stderr")
     p.add_argument("--quantize", default="none", choices=["none", "nf4"], help="nf4: QLoRA (snuggle only)")
     p.add_argument("--tile", type=int, default=0, help="MLP sequence tile in tokens (0: untiled)")
@@ -282,6 +287,7 @@ def main() -> None:
         offload=args.offload,
         quantize=args.quantize,
         tile=args.tile,
+        recompute_product=args.recompute_product,
     )
     print(json.dumps(res), flush=True)
 

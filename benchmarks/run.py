@@ -67,7 +67,10 @@ SUITES["qlora-long"] = [
 SUITES["quick"] = [
     ("snuggle", "1b", 8, 2048, "none", 0, ()),
     ("snuggle", "8b", 2, 2048, "none", 0, ()),
+    ("snuggle", "8b", 2, 2048, "none", 0, ("--recompute-product",)),
     ("snuggle", "8b", 2, 2048, "plan", 24, ()),
+    ("snuggle", "8b", 2, 2048, "none", 24, NF4),
+    ("snuggle", "8b", 2, 2048, "none", 24, (*NF4, "--recompute-product")),
     ("snuggle", "8b", 2, 2048, "plan", 24, NF4),
 ]
 SUITES["all"] = SUITES["1b"] + SUITES["8b"] + SUITES["qlora"] + SUITES["qlora-long"]
@@ -199,6 +202,7 @@ def label(r: dict) -> str:
     if r.get("batch", 0) * r.get("seq", 0) > 8192:
         name += f" {r['batch']}x{r['seq']}"
     ck = r["ckpt"] + ("+offload" if r.get("offload") and r["ckpt"].startswith("layers") else "")
+    ck += " +product recomputed" if r.get("recompute_product") else ""
     cap = f", cap {r['cap_gib']:g} GiB" if r.get("cap_gib") else ""
     return f"{r['model']} {name}, ckpt {ck}{cap}"
 

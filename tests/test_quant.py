@@ -357,6 +357,27 @@ def test_plan_takes_the_cheapest_savings_that_fit():
     assert "predicted peak" in long.describe() and "tiles" in long.describe()
 
 
+def test_plan_recomputes_the_swiglu_product_before_any_block():
+    static = 16 * GIB  # a 16-bit 8B base with LoRA
+    base = predict_bytes(LLAMA3_8B, 4096, static, 2, 0, False, 0)
+    lean = predict_bytes(LLAMA3_8B, 4096, static, 2, 0, False, 0, fused_mlp=True)
+    # the product is (tokens, intermediate) a block: its bytes over 32 blocks, less what backward makes again
+    assert base - lean > 0.8 * 32 * 4096 * 14336 * 2
+    between = (base + lean) / 2 / GIB
+    p = plan_memory(LLAMA3_8B, static, 2, 2048, between, can_recompute_product=True)
+    assert (p.checkpoint_layers, p.recompute_product) == (0, True)
+    assert "SwiGLU product recomputed" in p.describe()
+    # without the fast path's fused MLP the same budget costs recomputed blocks
+    assert plan_memory(LLAMA3_8B, static, 2, 2048, between).checkpoint_layers > 0
+    # room to spare: nothing recomputed
+    assert not plan_memory(LLAMA3_8B, static, 2, 2048, 80.0, can_recompute_product=True).recompute_product
+    tight = plan_memory(LLAMA3_8B, static, 2, 2048, 24.0, can_recompute_product=True)
+    assert (
+        tight.recompute_product
+        and tight.checkpoint_layers < plan_memory(LLAMA3_8B, static, 2, 2048, 24.0).checkpoint_layers
+    )
+
+
 def test_plan_that_cannot_fit_names_what_would():
     with pytest.raises(SnuggleError, match=r"data.seq_len <= (\d+)") as e:
         plan_memory(LLAMA3_8B, 6 * GIB, 1, 1 << 20, 24.0)

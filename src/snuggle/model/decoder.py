@@ -205,6 +205,10 @@ class MLP(nn.Module):
         self.act_fn = swiglu  # swap point for the fused kernel
         self.project = project  # swap points: gate/up as one LoRA Function, SwiGLU inside down's
         self.act_down = act_down
+        # make the SwiGLU product again in backward instead of keeping it (through act_down, when the
+        # fast path provides one): set by the memory plan, as it costs time and is only worth it where
+        # memory is short
+        self.recompute_product = False
         # tokens per tile on long sequences (0: untiled); set by the memory plan, see model.tiling
         self.tile_tokens = 0
 
@@ -215,7 +219,9 @@ class MLP(nn.Module):
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.project((self.gate_proj, self.up_proj), x)
-        return self.act_down(gate, up, self.act_fn, self.down_proj)
+        if self.recompute_product:
+            return self.act_down(gate, up, self.act_fn, self.down_proj)
+        return self.down_proj(self.act_fn(gate, up))
 
 
 class Block(nn.Module):
