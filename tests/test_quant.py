@@ -346,13 +346,17 @@ def test_plan_takes_the_cheapest_savings_that_fit():
     roomy = plan_memory(LLAMA3_8B, static, 2, 2048, 80.0)
     assert (roomy.checkpoint_layers, roomy.offload, roomy.tile_tokens) == (0, False, 0)
     some = plan_memory(LLAMA3_8B, static, 2, 2048, 16.0)
-    assert 0 < some.checkpoint_layers < 32 and not some.offload and some.predicted_gib <= 16.0
+    assert 0 < some.checkpoint_layers < 32 and some.predicted_gib <= 16.0
+    # offloading the recomputed blocks' inputs comes before recomputing one block more
+    assert some.offload and plan_memory(
+        LLAMA3_8B, static, 2, 2048, 16.0, can_offload=False
+    ).checkpoint_layers > (some.checkpoint_layers)
     long = plan_memory(LLAMA3_8B, static, 1, 131072, 24.0)
     assert (long.checkpoint_layers, long.offload) == (32, True) and long.tile_tokens > 0
     assert long.predicted_gib <= 24.0
     # every plan fits and costs more savings as the budget shrinks
     plans = [plan_memory(LLAMA3_8B, static, 1, 32768, b) for b in (80, 40, 24, 16)]
-    keys = [(p.tile_tokens > 0, p.offload, p.checkpoint_layers) for p in plans]
+    keys = [(p.tile_tokens > 0, p.checkpoint_layers, p.offload) for p in plans]
     assert keys == sorted(keys)
     assert "predicted peak" in long.describe() and "tiles" in long.describe()
 
