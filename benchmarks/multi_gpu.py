@@ -8,9 +8,10 @@ always resolves to `train.parallel=none`), the baseline of the scaling efficienc
 
 What the worker changes, and why (everything else is the trainer's own code):
 - weights: a random-init Llama-3 shape (bench.py's init, from parameter names: every rank builds the
-  same model) replaces the safetensors read (`snuggle.io.hf.iter_hf_tensors`), so no 16 GB checkpoint
-  is written or read; the model directory holds config.json and a small BPE tokenizer. The tensors go
-  through snuggle.load's own fill (dtype, device), LoRA / full fine-tuning / quantization and kernels.
+  same model) replaces the safetensors read (`snuggle.io.hf.iter_hf_tensors`, and `hf_tensor_index`
+  for FSDP's sharded load), so no 16 GB checkpoint is written or read; the model directory holds
+  config.json and a small BPE tokenizer. The tensors go through snuggle.load's own fill (dtype,
+  device), LoRA / full fine-tuning / quantization and kernels.
 - timing: the loop's progress bar is replaced by one that, on every rank, synchronises CUDA and stamps
   the end of each step (after the update and the loss all-reduce). Steady state = the steps after
   --warmup; a rank's time is the sum of its steady steps; the job's tokens/s is the global tokens over
@@ -238,8 +239,11 @@ def _patch(module, name: str, value) -> None:
     setattr(module, name, value)
 
 
-def _random_tensors(path, *args, **kwargs):
-    """Stands in for snuggle.io.hf.iter_hf_tensors: bench.py's init, generated on this rank's GPU."""
+def _random_index(path, *args, **kwargs) -> dict:
+    """Stands in for snuggle.io.hf.hf_tensor_index (FSDP's sharded load reads by name, block by block):
+    name -> a function making bench.py's init of that tensor on this rank's GPU."""
+    import functools
+
     import torch
 
     from snuggle.io import hf
@@ -248,16 +252,27 @@ def _random_tensors(path, *args, **kwargs):
 
     with torch.device("meta"):
         model = Decoder(ModelArgs.from_hf(hf.read_hf_config(Path(path))))
+    # a tied lm_head is the embedding's tensor: listed once
+    return {name: functools.partial(_random_tensor, name, p.shape) for name, p in model.named_parameters()}
+
+
+def _random_tensor(name: str, shape) -> object:
+    import torch
+
     on_gpu = os.environ.get("SNUGGLE_BENCH_DEVICE") == "cuda"
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
-    dtype = torch.bfloat16 if on_gpu else torch.float32
-    for name, p in model.named_parameters():  # a tied lm_head is the embedding's tensor: listed once
-        t = torch.empty(p.shape, dtype=dtype, device=device)
-        if t.ndim >= 2:
-            t.normal_(0.0, 0.02, generator=_gen(name, 0, device))
-        else:
-            t.fill_(1.0)
-        yield name, t
+    t = torch.empty(shape, dtype=torch.bfloat16 if on_gpu else torch.float32, device=device)
+    if t.ndim >= 2:
+        t.normal_(0.0, 0.02, generator=_gen(name, 0, device))
+    else:
+        t.fill_(1.0)
+    return t
+
+
+def _random_tensors(path, *args, **kwargs):
+    """Stands in for snuggle.io.hf.iter_hf_tensors: bench.py's init, generated on this rank's GPU."""
+    for name, make in _random_index(path).items():
+        yield name, make()
 
 
 def worker(spec_path: str) -> None:
@@ -295,6 +310,7 @@ def worker(spec_path: str) -> None:
             super().update(loss, lr, tokens_per_s, mem_gib)
 
     _patch(hf, "iter_hf_tensors", _random_tensors)
+    _patch(hf, "hf_tensor_index", _random_index)
     _patch(loop, "ProgressBar", TimingBar)
     _patch(loop, "save_checkpoint", lambda *a, **k: None)
     _patch(loop, "plot_losses", lambda *a, **k: None)

@@ -18,7 +18,7 @@ repeated N times, interleaved (so drifting clocks or a busy host hit every varia
 table gives the median of the rounds and their range.
 
 usage: python benchmarks/trainer_world1.py OUT_DIR [--steps 30] [--warmup 5] [--rounds 1]
-       python benchmarks/trainer_world1.py OUT_DIR --device cpu --shape tiny --steps 4 --warmup 1   # CPU check
+       python benchmarks/trainer_world1.py OUT_DIR --device cpu --shape tiny --steps 4 --warmup 1  # CPU
 Writes OUT_DIR/trainer_world1.md (and .json) and prints the table.
 """
 
@@ -29,6 +29,7 @@ import gzip
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -135,6 +136,7 @@ def summarize(rows: list[dict], warmup: int) -> dict:
 
 
 def run_variant(cmd: list[str], args: list[str], run_dir: Path, env: dict, warmup: int) -> dict:
+    shutil.rmtree(run_dir, ignore_errors=True)  # an earlier invocation's run: the trainer refuses it
     p = subprocess.run([*cmd, *args, f"train.output_dir={run_dir}"], env=env, capture_output=True, text=True)
     if p.returncode:
         raise SystemExit(f"failed: {' '.join(cmd)}\n{p.stderr[-3000:]}")
@@ -169,12 +171,15 @@ def environment(device: str) -> dict:
     import torch
 
     gpu = torch.cuda.get_device_name(0) if device == "cuda" and torch.cuda.is_available() else "cpu"
-    try:
-        commit = subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-        ).stdout.strip()
-    except OSError:
-        commit = ""
+    # SNUGGLE_COMMIT first, as run.py: a tree copied without its .git (a device machine's snapshot)
+    # would otherwise report the commit of whatever repository encloses it
+    commit = os.environ.get("SNUGGLE_COMMIT", "")
+    if not commit:
+        try:
+            git = ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"]
+            commit = subprocess.run(git, capture_output=True, text=True).stdout.strip() or "unknown"
+        except OSError:
+            commit = "unknown"
     return {"device": gpu, "torch": torch.__version__, "python": platform.python_version(), "commit": commit}
 
 
@@ -206,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
     env_info = environment(a.device)
     head = (
         f"# Trainer in one process: plain vs torchrun world size 1 ({env_info['device']})\n\n"
-        f"commit {env_info['commit'] or 'unknown'}, torch {env_info['torch']}; shape {a.shape} "
+        f"commit {env_info['commit']}, torch {env_info['torch']}; shape {a.shape} "
         f"({SHAPES[a.shape]}), {DEVICES[a.device]}, CPT recipe (examples/cpt_smollm2.yaml, LoRA r=16), "
         f"{a.steps} steps, tokens/s = median after {a.warmup} warm-up steps, {a.rounds} round(s).\n"
     )

@@ -2,7 +2,8 @@
 
 The run is the trainer's own code path (`train()` under torchrun, DDP at 2 processes) on the `tiny`
 Llama shape in fp32: the table must carry tokens/s per process and the scaling efficiency, and the loss
-curves of 1 and 2 processes with the same global batch must agree within 1e-5.
+curves of 1 and 2 processes with the same global batch must agree within 1e-5. Also one CPU run of
+benchmarks/trainer_world1.py: plain vs torchrun world size 1 (auto, ddp, fsdp), the same curve.
 """
 
 from __future__ import annotations
@@ -99,3 +100,27 @@ def test_cpu_gloo_run_with_1_and_2_processes(tmp_path):
     assert len(body) == 2 and all(ln.count("|") == header.count("|") for ln in body)
     assert "100.0%" in body[0] and "n/a" in body[0]  # efficiency 1; MFU n/a on CPU
     assert p.stdout.count("| GPUs |") == 1  # the table is printed too
+
+
+def test_trainer_world1_cpu_runs_plain_and_torchrun_ws1_with_one_curve(tmp_path):
+    cmd = [
+        sys.executable, str(BENCH / "trainer_world1.py"), str(tmp_path), "--device", "cpu",
+        "--shape", "tiny", "--steps", "2", "--warmup", "1",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SNUGGLE_COMMIT": "testcommit", "HF_HUB_OFFLINE": "1"}
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr[-4000:]
+    res = json.loads((tmp_path / "trainer_world1.json").read_text())
+    assert res["env"]["commit"] == "testcommit"
+    rows = res["results"]
+    assert list(rows) == ["plain", "torchrun ws1 auto", "torchrun ws1 ddp", "torchrun ws1 fsdp"]
+    plain = rows["plain"]
+    for name, r in rows.items():
+        assert r["tokens_per_s"] > 0 and r["peak_gib"] > 0
+        # every launch is the plain trainer: the same losses, bit for bit on one CPU
+        assert (r["loss_first"], r["loss_last"]) == (plain["loss_first"], plain["loss_last"]), name
+        # a forced wrapper says once that it applies none; plain and auto have nothing to say
+        assert r["one_process_note"] == name.endswith(("ddp", "fsdp")), name
+    table = (tmp_path / "trainer_world1.md").read_text()
+    assert "| run | tokens/s | vs plain |" in table and "| torchrun ws1 fsdp |" in table
+    assert p.stdout.count("| run |") == 1

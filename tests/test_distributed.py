@@ -326,6 +326,19 @@ def test_qlora_under_fsdp_shards_the_4bit_weights_and_matches_single_process(set
     assert max(per_rank) <= 0.6 * whole  # the saving survives sharding: no rank holds the whole base
 
 
+def test_world_size_1_with_a_forced_wrapper_is_the_plain_run(setup, lora_ref, capsys):
+    """One process has nothing to communicate or shard: a forced ddp/fsdp applies no wrapper, says so
+    once, and trains (and checkpoints) exactly as the plain run."""
+    out = setup["root"] / "ws1-fsdp"
+    run_local(setup["tied"], setup["corpus"], out, "train.parallel=fsdp")
+    err = capsys.readouterr().err
+    assert err.count("one process: train.parallel=fsdp applies no wrapper") == 1
+    assert_same_curve(out, lora_ref, atol=0)
+    assert_same_trainables(out, lora_ref, atol=0)
+    meta = json.loads((latest_checkpoint(out) / "meta.json").read_text())
+    assert (meta["world_size"], meta["parallel"]) == (1, "none")
+
+
 # --- resume on another world size -------------------------------------------------------------------
 
 

@@ -50,6 +50,10 @@ class LoRALinear(nn.Module):
         if self.bias is not None:
             self.bias.requires_grad_(False)
         dev = base.weight.device
+        if dev.type == "meta":
+            # a base still to be read (FSDP's sharded load fills each block just before sharding it):
+            # the factors are real now, on the CPU, drawn in the order a single process draws them
+            dev = torch.device("cpu")
         # same init as PEFT: A kaiming-uniform, B zero, so the adapter starts as the identity. A is drawn
         # from the CPU generator whatever the device, so a run gets the same adapter on CPU, one GPU, or
         # N GPUs under FSDP (which builds on the CPU before sharding).

@@ -1,13 +1,15 @@
 """llama.cpp GGUF files: an HF-style config, HF-named torch tensors and the tokenizer, all read offline.
 
 `gguf.GGUFReader` memory-maps the file, so `iter_gguf_tensors` dequantizes one tensor at a time and a
-model built on the meta device is filled without the checkpoint ever being resident in float form.
+model built on the meta device is filled without the checkpoint ever being resident in float form;
+`gguf_tensor_index` gives the same tensors by name, each dequantized when asked for, in any order.
 The reference for correctness is transformers' own GGUF loader (`modeling_gguf_pytorch_utils`): the same
 names, the same `(out_features, in_features)` layout and the same values.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import mmap
 import os
@@ -16,7 +18,7 @@ import shutil
 import struct
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +37,7 @@ __all__ = [
     "SUPPORTED_ARCHITECTURES",
     "SUPPORTED_TENSOR_TYPES",
     "iter_gguf_tensors",
+    "gguf_tensor_index",
     "load_gguf_tokenizer",
     "read_gguf_config",
 ]
@@ -107,6 +110,17 @@ def iter_gguf_tensors(
         raise SnuggleError(f"{p}: GGUF tensors dequantize to a floating dtype, not {dtype!r}")
     cfg = _config(p, reader)  # validates every tensor's name and type before the first one is read
     return _iter_tensors(p, reader, cfg, dtype)
+
+
+def gguf_tensor_index(
+    path: str | os.PathLike[str], dtype: torch.dtype = torch.float32
+) -> dict[str, Callable[[], torch.Tensor]]:
+    """`hf_name -> a function that dequantizes it to `dtype``, for every weight: `iter_gguf_tensors` in any
+    order. The file stays memory-mapped; only the tensors a caller keeps hold memory of their own."""
+    p, reader = _open(path)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise SnuggleError(f"{p}: GGUF tensors dequantize to a floating dtype, not {dtype!r}")
+    return _index(p, reader, _config(p, reader), dtype)
 
 
 def load_gguf_tokenizer(path: str | os.PathLike[str]) -> PreTrainedTokenizerBase:
@@ -653,19 +667,35 @@ def _iter_tensors(
     p: Path, reader: GGUFReader, cfg: dict[str, Any], dtype: torch.dtype
 ) -> Iterator[tuple[str, torch.Tensor]]:
     arch = next(a for a, (mt, _) in SUPPORTED_ARCHITECTURES.items() if mt == cfg["model_type"])
-    heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     for t in reader.tensors:
         name = _hf_name(t.name, arch, cfg["num_hidden_layers"], p)
-        if name is None:
-            continue
-        w = _to_torch(t, dtype, p)
-        # llama.cpp's converter permutes llama-arch Q/K rows (weights and biases) so that its rotary can
-        # rotate adjacent pairs; transformers rotates the two halves of each head. Qwen files are unpermuted.
-        if arch == "llama" and ".q_proj." in name:
-            w = _unpermute(w, heads, t.name, p)
-        elif arch == "llama" and ".k_proj." in name:
-            w = _unpermute(w, kv_heads, t.name, p)
-        yield name, w
+        if name is not None:
+            yield name, _hf_tensor(t, name, arch, cfg, dtype, p)
+
+
+def _index(
+    p: Path, reader: GGUFReader, cfg: dict[str, Any], dtype: torch.dtype
+) -> dict[str, Callable[[], torch.Tensor]]:
+    arch = next(a for a, (mt, _) in SUPPORTED_ARCHITECTURES.items() if mt == cfg["model_type"])
+    index: dict[str, Callable[[], torch.Tensor]] = {}
+    for t in reader.tensors:
+        name = _hf_name(t.name, arch, cfg["num_hidden_layers"], p)
+        if name is not None:
+            index[name] = functools.partial(_hf_tensor, t, name, arch, cfg, dtype, p)
+    return index
+
+
+def _hf_tensor(
+    t: ReaderTensor, name: str, arch: str, cfg: dict[str, Any], dtype: torch.dtype, p: Path
+) -> torch.Tensor:
+    w = _to_torch(t, dtype, p)
+    # llama.cpp's converter permutes llama-arch Q/K rows (weights and biases) so that its rotary can
+    # rotate adjacent pairs; transformers rotates the two halves of each head. Qwen files are unpermuted.
+    if arch == "llama" and ".q_proj." in name:
+        w = _unpermute(w, cfg["num_attention_heads"], t.name, p)
+    elif arch == "llama" and ".k_proj." in name:
+        w = _unpermute(w, cfg["num_key_value_heads"], t.name, p)
+    return w
 
 
 def _to_torch(t: ReaderTensor, dtype: torch.dtype, p: Path) -> torch.Tensor:

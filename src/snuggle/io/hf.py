@@ -1,16 +1,18 @@
 """Hugging Face checkpoint directories: config.json, one or sharded safetensors, tokenizer; read and write.
 
 Reading yields one tensor at a time (safetensors memory-maps the file), so a model built on the meta
-device is filled without ever holding its weights twice.
+device is filled without ever holding its weights twice. `hf_tensor_index` gives the same tensors by
+name, each read when asked for, in any order (FSDP's sharded load reads one decoder block at a time).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,7 @@ from snuggle.errors import SnuggleError
 __all__ = [
     "read_hf_config",
     "iter_hf_tensors",
+    "hf_tensor_index",
     "load_hf_tokenizer",
     "save_hf_checkpoint",
     "write_json_atomic",
@@ -155,19 +158,48 @@ def _weight_files(path: Path) -> list[Path]:
     return files
 
 
+def _open_weights(f: Path):
+    try:
+        return safe_open(str(f), framework="pt")
+    except (OSError, SafetensorError) as e:
+        raise SnuggleError(f"{f}: unreadable safetensors file ({e})") from None
+
+
+def _get_tensor(st, f: Path, name: str) -> torch.Tensor:
+    try:
+        return st.get_tensor(name)
+    except (OSError, SafetensorError) as e:
+        raise SnuggleError(f"{f}: unreadable tensor {name} ({e})") from None
+
+
 def iter_hf_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     for f in _weight_files(path):
-        try:
-            st = safe_open(str(f), framework="pt")
+        st = _open_weights(f)
+        for name in list(st.keys()):
+            yield name, _get_tensor(st, f, name)
+
+
+def _read_one(f: Path, name: str) -> torch.Tensor:
+    # the file is opened for this one tensor: what it returns is backed by the file's memory map, and
+    # once the caller drops it nothing of the file stays mapped (no resident pages accumulate over a
+    # 100 GB checkpoint read block by block)
+    with _open_weights(f) as st:
+        return _get_tensor(st, f, name)
+
+
+def hf_tensor_index(path: Path) -> dict[str, Callable[[], torch.Tensor]]:
+    """Every tensor of the checkpoint by name -> a function that reads it (only the headers are read here).
+
+    Names in the order `iter_hf_tensors` yields them; each tensor is read when its function is called,
+    so a caller can take them in any order and hold only those it still needs.
+    """
+    index: dict[str, Callable[[], torch.Tensor]] = {}
+    for f in _weight_files(path):
+        with _open_weights(f) as st:
             names = list(st.keys())
-        except (OSError, SafetensorError) as e:
-            raise SnuggleError(f"{f}: unreadable safetensors file ({e})") from None
         for name in names:
-            try:
-                t = st.get_tensor(name)
-            except (OSError, SafetensorError) as e:
-                raise SnuggleError(f"{f}: unreadable tensor {name} ({e})") from None
-            yield name, t
+            index[name] = functools.partial(_read_one, f, name)
+    return index
 
 
 def load_hf_tokenizer(path: Path):

@@ -14,19 +14,22 @@ state under the same prefix (bitsandbytes' `QuantState.as_dict(packed=True)`):
 `bnb_dense_stream` turns a stream of such tensors into plain (name, fp32 weight) pairs, one weight at a
 time, so a loader sees an ordinary checkpoint; with `model.quantize: nf4` the loader requantizes each
 one, which keeps every 4-bit code (each block's absmax is the largest element, reproduced exactly).
+`bnb_index` does the same for a checkpoint read by name (`name -> read()`): one entry per weight, whose
+read gathers and dequantizes its parts.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 
 from snuggle.errors import SnuggleError
 
-__all__ = ["is_bnb_4bit", "bnb_dense_stream", "dequantize_bnb"]
+__all__ = ["is_bnb_4bit", "bnb_dense_stream", "bnb_index", "dequantize_bnb"]
 
 _STATE_KEY = ".quant_state.bitsandbytes__"
 _PARTS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
@@ -128,3 +131,35 @@ def bnb_dense_stream(tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tu
             yield prefix, dequantize_bnb(prefix, p["weight"], p["parts"], p["state"])
     if pending:
         raise SnuggleError(f"bitsandbytes 4-bit weights with missing parts: {sorted(pending)[:3]}")
+
+
+Reader = Callable[[], torch.Tensor]
+
+
+def _read_group(prefix: str, parts: list[tuple[str, Reader]]) -> torch.Tensor:
+    dense = list(bnb_dense_stream((name, read()) for name, read in parts))
+    if [name for name, _ in dense] != [prefix]:
+        raise SnuggleError(f"{prefix}: unreadable bitsandbytes 4-bit weight (parts of other weights)")
+    return dense[0][1]
+
+
+def bnb_index(index: dict[str, Reader]) -> dict[str, Reader]:
+    """`name -> read()` of a bitsandbytes 4-bit checkpoint -> the same with every 4-bit weight as one entry
+    (its name, e.g. `...q_proj.weight`) whose read returns it dequantized (fp32); other tensors pass."""
+    # a 4-bit weight is the prefix of its quant_state key; its parts all start with that prefix
+    prefixes = {name.split(_STATE_KEY)[0] for name in index if _STATE_KEY in name}
+    groups: dict[str, list[tuple[str, Reader]]] = {}
+    out: dict[str, Reader] = {}
+    for name, read in index.items():
+        if _STATE_KEY in name:
+            prefix = name.split(_STATE_KEY)[0]
+        else:
+            prefix = name if name in prefixes else name.rsplit(".", 1)[0]  # X.weight, X.weight.absmax
+        if prefix in prefixes:
+            if prefix not in groups:
+                groups[prefix] = []
+                out[prefix] = functools.partial(_read_group, prefix, groups[prefix])
+            groups[prefix].append((name, read))
+        else:
+            out[name] = read
+    return out

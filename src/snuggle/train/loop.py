@@ -5,7 +5,8 @@ block), data parallelism applied to the model, optimizer, resume; then per step:
 micro-batches of that step, forward/backward with the loss normalised by the valid tokens of the whole
 global step, clip, update, log (rank 0), evaluate, checkpoint.
 
-With one process (`train.parallel` none) nothing is wrapped and no collective runs.
+With one process nothing is wrapped and no collective runs, whatever `train.parallel` asks (a forced
+ddp/fsdp is noted in one line): the plain trainer, under torchrun too.
 
 Faults (docs/reliability.md): a step whose loss or gradient norm is not finite is skipped (no update,
 the lr schedule does not advance, the data moves on) with a warning naming it, and
@@ -91,7 +92,7 @@ def _rank_config(cfg: RunConfig, ctx: DistContext, device: torch.device, strateg
         return cfg
     dtype = str(resolve_dtype(cfg.model.dtype, device)).removeprefix("torch.")
     # FSDP moves each unit to the GPU as it shards it: building on the CPU means no card ever holds
-    # the whole model (the price is host memory for one copy per process)
+    # the whole model, and the sharded load (build_model's defer_blocks) means no host holds it either
     build = "cpu" if strategy == "fsdp" and device.type == "cuda" else str(device)
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, device=build, dtype=dtype))
 
@@ -126,7 +127,12 @@ def _train(cfg: RunConfig, ctx: DistContext, device: torch.device) -> dict:
             check_output_dir(out, t.resume)
             check_reporters(t.report_to)
         torch.manual_seed(t.seed)  # the same LoRA initialisation on every rank
-        model, tokenizer = build_model(_rank_config(cfg, ctx, device, strategy))
+        rank_cfg = _rank_config(cfg, ctx, device, strategy)
+        if strategy == "fsdp":
+            # sharded load: only the root is read now; apply_parallel reads each block and shards it
+            model, tokenizer = build_model(rank_cfg, defer_blocks=True)
+        else:
+            model, tokenizer = build_model(rank_cfg)
         if ctx.is_main:
             data = rank_data(model, tokenizer)
     except Exception as e:
@@ -146,6 +152,8 @@ def _train(cfg: RunConfig, ctx: DistContext, device: torch.device) -> dict:
         rank=ctx.rank,
         seed=t.seed,
     )
+    if not ctx.enabled and t.parallel in ("ddp", "fsdp"):
+        say(_one_process_note(t.parallel))
     if ctx.enabled:
         say(
             f"snuggle: {ctx.world_size} processes, train.parallel={strategy}"
@@ -170,6 +178,16 @@ def _train(cfg: RunConfig, ctx: DistContext, device: torch.device) -> dict:
     finally:
         for r in reporters:
             r.close()
+
+
+def _one_process_note(requested: str) -> str:
+    # one process has no peer to all-reduce with and nothing to shard across: a wrapper would only add
+    # its hooks and copies to every step, so the run is the plain one (same curve, same checkpoints,
+    # which DCP reshards for any later world size)
+    return (
+        f"snuggle: one process: train.parallel={requested} applies no wrapper (nothing to communicate or "
+        "shard); training as the plain run does"
+    )
 
 
 def print_on_main(ctx: DistContext) -> Callable[[str], None]:
@@ -206,10 +224,17 @@ def _run(cfg, ctx: DistContext, device, strategy, model, data, plan, say, report
     t = cfg.train
     out = Path(t.output_dir)
     ctx.heartbeat("wrapping the model")
-    engine = apply_parallel(model, strategy, ctx, device)  # what forward is called on
+    engine = None
+    error: BaseException | None = None
+    try:
+        # what forward is called on; under FSDP this also reads the base, block by block, and a
+        # checkpoint that fails to read on one rank must stop every rank, not leave them waiting
+        engine = apply_parallel(model, strategy, ctx, device)
+    except Exception as e:
+        error = _oom_to_user_error(e, cfg, device, "building the model")
+    ctx.agree(error)
     # after wrapping: the settings are attributes read at forward time, and under FSDP the offload
     # buffers must be made for the GPU the shards now live on, and the plan must count shards
-    error: BaseException | None = None
     mem_plan = None
     try:
         enforce_budget(t.memory_budget_gib, device)

@@ -10,7 +10,13 @@ loop calls:
   one card.
 - `fsdp`: FSDP2 (`fully_shard`) on every decoder block, then on the root, which holds `embed_tokens`,
   `lm_head` (one tensor when tied) and the final norm. Parameters, gradients and optimizer state are
-  sharded; for full fine-tuning and for models larger than a card.
+  sharded; for full fine-tuning and for models larger than a card. The base is loaded sharded: the
+  loop builds the model with its blocks still on the meta device (`load_deferred`; the root, LoRA
+  factors and adapters are real), and each block is read from the checkpoint just before it is
+  sharded, so a process holds one whole block at a time besides its shards (and the root).
+
+One process is always `none`: a forced ddp/fsdp there has nothing to communicate or shard, and the loop
+says so and runs unwrapped.
 
 Both reduce gradients by SUM, not by the wrappers' default mean: every rank divides its token-loss sum
 by the valid-token count of the *global* step, so the sum over ranks is already the gradient of the
@@ -393,7 +399,16 @@ def apply_parallel(model: nn.Module, strategy: str, ctx: DistContext, device: to
 
     `device` is where training runs. FSDP accepts a model still on the CPU and moves each unit there
     as it shards it, so a model larger than one card never has to fit on one whole.
+
+    A model built with deferred blocks (`load_deferred`: FSDP's sharded load) gets each block read just
+    before it is sharded, so this process holds one whole block at a time besides its shards (and the
+    root, sharded last). Any other strategy reads every block first: there is nothing to shard.
     """
+    deferred = getattr(model, "deferred_blocks", None)
+    if deferred is not None:
+        del model.deferred_blocks  # consumed here, whatever the strategy
+        if strategy != "fsdp":
+            deferred.fill_all(model)
     if strategy == "none":
         return model
     if strategy == "ddp":
@@ -416,6 +431,8 @@ def apply_parallel(model: nn.Module, strategy: str, ctx: DistContext, device: to
         mp = MixedPrecisionPolicy(param_dtype=model.compute_dtype, reduce_dtype=torch.float32)
         units: list[nn.Module] = []
         for i, block in enumerate(model.model.layers):
+            if deferred is not None:
+                deferred.fill(model, i)  # the whole block, until fully_shard keeps this rank's rows
             _check_trainable_dtypes(block, f"model.layers.{i}")
             units.append(fully_shard(block, mesh=mesh, mp_policy=mp))
         # the root unit holds embed_tokens, lm_head and the final norm: a tied lm_head is one

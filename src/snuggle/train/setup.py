@@ -20,7 +20,7 @@ from snuggle.data import PackedRows, resolve_files, split_indices, tokenize_corp
 from snuggle.data.instruct import PackedExamples, tokenize_instruct
 from snuggle.data.tokenize import check_token_ids, tokenizer_id_limit
 from snuggle.errors import SnuggleError
-from snuggle.load import load
+from snuggle.load import load, load_deferred
 from snuggle.lora import LoRALinear, apply_lora, enable_full_finetune, resolve_targets
 from snuggle.model.decoder import Decoder
 from snuggle.train.checkpoint import latest_checkpoint, load_trainables
@@ -201,13 +201,19 @@ def _start_from_adapter(model: Decoder, cfg: RunConfig) -> None:
         )
 
 
-def build_model(cfg: RunConfig, load_adapter: bool = True) -> tuple[Decoder, object]:
+def build_model(
+    cfg: RunConfig, load_adapter: bool = True, defer_blocks: bool = False
+) -> tuple[Decoder, object]:
     """Base model + tokenizer, with LoRA / trainable embeddings / full fine-tuning applied.
 
     With `model.adapter` the LoRA factors start from that adapter; `load_adapter=False` builds the same
     structure without reading it (for a run's own checkpoint, which holds every trainable tensor anyway).
+    `defer_blocks` (FSDP's sharded load) reads only the root now: the blocks' base weights stay on the
+    meta device until `apply_parallel` reads and shards them one block at a time, while everything
+    built here (LoRA factors, their adapter values, the embeddings) is real, made as in one process.
     """
-    model, tokenizer = load(
+    loader = load_deferred if defer_blocks else load
+    model, tokenizer = loader(
         cfg.model.path, dtype=cfg.model.dtype, device=cfg.model.device, quantize=cfg.model.quantize
     )
     check_tokenizer_fits(tokenizer, model, f"model.path {cfg.model.path}")
