@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from pathlib import Path
 
 import torch
+from nf4_dequant import timed  # same directory: the scripts run from benchmarks/
 
 # tokens per micro-batch, hidden, kv width, intermediate (Llama-3.2 1B at 8x2048, Llama-3 8B at 2x2048)
 SHAPES = {
@@ -34,20 +34,6 @@ SHAPES = {
     "8b": (4096, 4096, 1024, 14336),
 }
 RANK, SCALE = 16, 2.0
-
-
-def timed(fn, reps: int = 30) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
 
 
 def base(x, g, Ws, As, Bs):
