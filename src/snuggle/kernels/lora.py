@@ -25,19 +25,55 @@ from snuggle.kernels._utils import rebind
 from snuggle.kernels.reference import LoRALinear
 from snuggle.quant.nf4 import NF4Weight, as_dense
 
-__all__ = ["LoRALinearFunction", "LoRAGroupFunction", "lora_linear", "FastLoRALinear", "fast_project"]
+__all__ = [
+    "LoRALinearFunction",
+    "LoRAGroupFunction",
+    "lora_linear",
+    "lora_output",
+    "lora_input_grad",
+    "lora_param_grads",
+    "FastLoRALinear",
+    "fast_project",
+    "fusable",
+]
+
+
+def lora_output(x2, weight, bias, xa, lora_B, scale: float) -> torch.Tensor:
+    """x2 W^T + b + scale xa B^T, (n, out), in x2's dtype: the base GEMM, then the low-rank update
+    accumulated onto its output in place (no (n, out) temporary). `xa` = x2 A^T is the caller's, so a
+    group of projections can share one product for it."""
+    dt = x2.dtype
+    w = as_dense(weight, dt)  # (out, in); a no-op cast when stored in the activation dtype
+    y = torch.addmm(bias.to(dt), x2, w.t()) if bias is not None else x2 @ w.t()  # (n, out)
+    del w  # a dequantized 4-bit weight: freed now, made again in backward
+    y.addmm_(xa, lora_B.to(dt).t(), alpha=scale)
+    return y
+
+
+def lora_input_grad(g2, weight, gB, lora_A, scale: float) -> torch.Tensor:
+    """dx = g W + scale gB A, (n, in); the LoRA term accumulated by the same addmm, not summed after."""
+    dt = g2.dtype
+    dx = g2 @ as_dense(weight, dt)
+    dx.addmm_(gB, lora_A.to(dt), alpha=scale)
+    return dx
+
+
+def lora_param_grads(g2, gB, x2, xa, weight, bias, lora_A, lora_B, scale: float, need):
+    """(dW, db, dA, dB) of one LoRA projection, None where `need` (four flags in that order) is False."""
+    need_w, need_b, need_a, need_bb = need
+    dA = (gB.t() @ x2).to(lora_A.dtype).mul_(scale) if need_a else None  # (r, in); scaled after the upcast
+    dB = (g2.t() @ xa).to(lora_B.dtype).mul_(scale) if need_bb else None  # (out, r)
+    dw = (g2.t() @ x2).to(weight.dtype) if need_w else None  # (out, in): only when the base weight trains
+    db = g2.sum(0).to(bias.dtype) if need_b else None
+    return dw, db, dA, dB
 
 
 class LoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scale: float):
-        dt = x.dtype
         x2 = x.reshape(-1, x.shape[-1])  # (n, in)
-        xa = x2 @ lora_A.to(dt).t()  # (n, r)
-        w = as_dense(weight, dt)  # (out, in); a no-op cast when stored in the activation dtype
-        y = torch.addmm(bias.to(dt), x2, w.t()) if bias is not None else x2 @ w.t()  # (n, out)
-        del w  # a dequantized 4-bit weight: freed now, made again in backward
-        y.addmm_(xa, lora_B.to(dt).t(), alpha=scale)  # the low-rank update, accumulated in place
+        xa = x2 @ lora_A.to(x.dtype).t()  # (n, r)
+        y = lora_output(x2, weight, bias, xa, lora_B, scale)
         ctx.scale = scale
         # an NF4Weight is a module, not a tensor: kept on ctx (its tensors live in the model anyway)
         ctx.nf4 = weight if isinstance(weight, NF4Weight) else None
@@ -53,19 +89,12 @@ class LoRALinearFunction(torch.autograd.Function):
         s, dt = ctx.scale, g.dtype
         g2 = g.reshape(-1, g.shape[-1])  # (n, out)
         gB = g2 @ lora_B.to(dt)  # (n, r)
-        dx = dw = db = dA = dB = None
+        dx = None
         if need_x:
-            dx = g2 @ as_dense(weight, dt)  # (n, in)
-            dx.addmm_(gB, lora_A.to(dt), alpha=s)
-            dx = dx.view(*g.shape[:-1], dx.shape[-1])
-        if need_a:
-            dA = (gB.t() @ x2).to(lora_A.dtype).mul_(s)  # (r, in); scaled after the upcast
-        if need_bb:
-            dB = (g2.t() @ xa).to(lora_B.dtype).mul_(s)  # (out, r)
-        if need_w:
-            dw = (g2.t() @ x2).to(weight.dtype)  # (out, in): only when the base weight trains
-        if need_b:
-            db = g2.sum(0).to(bias.dtype)
+            dx = lora_input_grad(g2, weight, gB, lora_A, s).view(*g.shape[:-1], -1)
+        dw, db, dA, dB = lora_param_grads(
+            g2, gB, x2, xa, weight, bias, lora_A, lora_B, s, (need_w, need_b, need_a, need_bb)
+        )
         return dx, dw, db, dA, dB, None
 
 
@@ -118,10 +147,7 @@ class LoRAGroupFunction(torch.autograd.Function):
         ranks = [A.shape[0] for A in As]
         ys, off = [], 0
         for W, b, B, s, r in zip(Ws, bs, Bs, scales, ranks, strict=True):
-            w = as_dense(W, dt)  # (out, in); a dequantized 4-bit weight lives only for this product
-            y = torch.addmm(b.to(dt), x2, w.t()) if b is not None else x2 @ w.t()  # (n, out)
-            del w
-            y.addmm_(xa[:, off : off + r], B.to(dt).t(), alpha=s)
+            y = lora_output(x2, W, b, xa[:, off : off + r], B, s)  # (n, out)
             ys.append(y.view(*x.shape[:-1], y.shape[-1]))
             off += r
         ctx.scales, ctx.ranks = scales, ranks
@@ -161,17 +187,16 @@ class LoRAGroupFunction(torch.autograd.Function):
         off = 0
         per_projection = zip(g2, Ws, bs, As, Bs, ctx.scales, ctx.ranks, strict=True)
         for i, (g, W, b, A, B, s, r) in enumerate(per_projection):
-            dW = (g.t() @ x2).to(W.dtype) if need[4 * i] else None  # only when the base weight trains
-            db = g.sum(0).to(b.dtype) if need[4 * i + 1] else None
+            w_b_bb = (need[4 * i], need[4 * i + 1], False, need[4 * i + 3])  # dA: from dA_cat above
+            dW, db, _, dB = lora_param_grads(g, None, x2, xa[:, off : off + r], W, b, A, B, s, w_b_bb)
             dA = dA_cat[off : off + r].to(A.dtype).mul_(s) if need[4 * i + 2] else None
-            dB = (g.t() @ xa[:, off : off + r]).to(B.dtype).mul_(s) if need[4 * i + 3] else None
             grads += [dW, db, dA, dB]
             off += r
         return (dx, None, *grads)
 
 
-def _groupable(mods) -> bool:
-    """Modules the group Function can take: fused LoRA projections with dropout off and no hooks."""
+def fusable(mods) -> bool:
+    """Modules a fused Function can take in their place: FastLoRALinear with dropout off and no hooks."""
     return all(
         type(m) is FastLoRALinear
         and isinstance(m.dropout, nn.Identity)
@@ -182,7 +207,7 @@ def _groupable(mods) -> bool:
 
 def fast_project(mods, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Drop-in for `decoder.project`: each module applied to x, as one Function when all are LoRA."""
-    if len(mods) < 2 or not _groupable(mods):
+    if len(mods) < 2 or not fusable(mods):
         return tuple(m(x) for m in mods)
     flat = []
     for m in mods:

@@ -14,8 +14,9 @@ import triton
 import triton.language as tl
 
 from snuggle.kernels._utils import patch_interpreter, use_triton
+from snuggle.kernels.lora import fusable, lora_input_grad, lora_output, lora_param_grads
 from snuggle.kernels.reference import swiglu
-from snuggle.quant.nf4 import NF4Weight, as_dense
+from snuggle.quant.nf4 import NF4Weight
 
 __all__ = ["SwiGLUFunction", "SwiGLUDownFunction", "fast_swiglu", "fast_act_down"]
 
@@ -80,17 +81,21 @@ class SwiGLUFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         g, u = ctx.saved_tensors
-        dy = dy.contiguous()
-        if ctx.reuse:
-            swiglu_backward(dy, g, u, g, u)
-            # the raw write bumps no version counter: do it, so anything else that saved gate/up (or a
-            # second backward through this graph) raises instead of silently reading gradients
-            torch.autograd.graph.increment_version(g)
-            torch.autograd.graph.increment_version(u)
-            return g, u
-        dg, du = torch.empty_like(g), torch.empty_like(u)
-        swiglu_backward(dy, g, u, dg, du)
-        return dg, du
+        return swiglu_grads(dy.contiguous(), g, u, ctx.reuse)
+
+
+def swiglu_grads(dy: torch.Tensor, g: torch.Tensor, u: torch.Tensor, reuse: bool):
+    """(d gate, d up), written over gate and up themselves when `reuse` (they are dead after this)."""
+    if reuse:
+        swiglu_backward(dy, g, u, g, u)
+        # the raw write bumps no version counter: do it, so anything else that saved gate/up (or a
+        # second backward through this graph) raises instead of silently reading gradients
+        torch.autograd.graph.increment_version(g)
+        torch.autograd.graph.increment_version(u)
+        return g, u
+    dg, du = torch.empty_like(g), torch.empty_like(u)
+    swiglu_backward(dy, g, u, dg, du)
+    return dg, du
 
 
 def fast_swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -112,13 +117,10 @@ class SwiGLUDownFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, g, u, weight, bias, lora_A, lora_B, scale: float):
         g, u = g.contiguous(), u.contiguous()
-        dt = g.dtype
         h = swiglu_forward(g, u).view(-1, g.shape[-1])  # (n, f)
-        xa = h @ lora_A.to(dt).t()  # (n, r)
-        w = as_dense(weight, dt)  # (out, f)
-        y = torch.addmm(bias.to(dt), h, w.t()) if bias is not None else h @ w.t()  # (n, out)
-        del w, h
-        y.addmm_(xa, lora_B.to(dt).t(), alpha=scale)
+        xa = h @ lora_A.to(h.dtype).t()  # (n, r)
+        y = lora_output(h, weight, bias, xa, lora_B, scale)  # (n, out)
+        del h
         ctx.scale, ctx.reuse = scale, not (g.is_leaf or u.is_leaf)
         ctx.nf4 = weight if isinstance(weight, NF4Weight) else None
         ctx.save_for_backward(g, u, xa, None if ctx.nf4 is not None else weight, lora_A, lora_B, bias)
@@ -130,43 +132,29 @@ class SwiGLUDownFunction(torch.autograd.Function):
         if ctx.nf4 is not None:
             weight = ctx.nf4
         need_g, need_u, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:6]
-        s, dt = ctx.scale, dy.dtype
+        s = ctx.scale
         dy2 = dy.reshape(-1, dy.shape[-1])  # (n, out)
-        gB = dy2 @ lora_B.to(dt)  # (n, r)
+        gB = dy2 @ lora_B.to(dy.dtype)  # (n, r)
         h = swiglu_forward(g, u).view(-1, g.shape[-1]) if (need_a or need_w) else None  # (n, f), again
-        dA = (gB.t() @ h).to(lora_A.dtype).mul_(s) if need_a else None  # (r, f)
-        dw = (dy2.t() @ h).to(weight.dtype) if need_w else None
-        del h
-        dB = (dy2.t() @ xa).to(lora_B.dtype).mul_(s) if need_bb else None  # (out, r)
-        db = dy2.sum(0).to(bias.dtype) if need_b else None
+        need = (need_w, need_b, need_a, need_bb)
+        dw, db, dA, dB = lora_param_grads(dy2, gB, h, xa, weight, bias, lora_A, lora_B, s, need)
+        del h  # before d(product) is made: the two never coexist
         dg = du = None
         if need_g or need_u:
-            dh = dy2 @ as_dense(weight, dt)  # (n, f)
-            dh.addmm_(gB, lora_A.to(dt), alpha=s)
-            if ctx.reuse:
-                swiglu_backward(dh, g, u, g, u)
-                torch.autograd.graph.increment_version(g)
-                torch.autograd.graph.increment_version(u)
-                dg, du = g, u
-            else:
-                dg, du = torch.empty_like(g), torch.empty_like(u)
-                swiglu_backward(dh, g, u, dg, du)
+            dh = lora_input_grad(dy2, weight, gB, lora_A, s)  # (n, f)
+            dg, du = swiglu_grads(dh, g, u, ctx.reuse)
         return dg, du, dw, db, dA, dB, None
 
 
 def fast_act_down(gate: torch.Tensor, up: torch.Tensor, act_fn, down) -> torch.Tensor:
     """Drop-in for `decoder.act_down`: down(act_fn(gate, up)), as one Function for SwiGLU and a LoRA down."""
-    from snuggle.kernels.lora import FastLoRALinear
-
-    fusable = (
+    ok = (
         act_fn is fast_swiglu
-        and type(down) is FastLoRALinear
-        and isinstance(down.dropout, torch.nn.Identity)
-        and not (down._forward_hooks or down._forward_pre_hooks)
+        and fusable([down])
         and use_triton(gate)
         and gate.shape == up.shape
         and gate.dtype == up.dtype
     )
-    if not fusable:
+    if not ok:
         return down(act_fn(gate, up))
     return SwiGLUDownFunction.apply(gate, up, down.weight, down.bias, down.lora_A, down.lora_B, down.scale)

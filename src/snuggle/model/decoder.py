@@ -219,9 +219,8 @@ class MLP(nn.Module):
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.project((self.gate_proj, self.up_proj), x)
-        if self.recompute_product:
-            return self.act_down(gate, up, self.act_fn, self.down_proj)
-        return self.down_proj(self.act_fn(gate, up))
+        fn = self.act_down if self.recompute_product else act_down  # the module's swap, or the reference
+        return fn(gate, up, self.act_fn, self.down_proj)
 
 
 class Block(nn.Module):

@@ -281,13 +281,12 @@ def plan_for_model(
 
 def _can_recompute_product(model: nn.Module) -> bool:
     """Whether the blocks' MLPs can run SwiGLU inside the LoRA down projection (the fast path's act_down)."""
-    from snuggle.kernels.lora import FastLoRALinear  # only imported where the fast path was applied
+    from snuggle.kernels.lora import fusable
+    from snuggle.model.decoder import act_down
 
     mlps = [block.mlp for block in model.model.layers]
-    return bool(mlps) and all(
-        getattr(m.act_down, "__name__", "") == "fast_act_down" and isinstance(m.down_proj, FastLoRALinear)
-        for m in mlps
-    )
+    # the swap point replaced (by the fast path), and a down projection it can fuse
+    return bool(mlps) and all(m.act_down is not act_down and fusable([m.down_proj]) for m in mlps)
 
 
 def memory_plan_for(cfg, model: nn.Module, device: torch.device) -> MemoryPlan | None:
