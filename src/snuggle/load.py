@@ -226,6 +226,16 @@ def _check_quantize(quantize: str) -> None:
         raise SnuggleError(f"unknown model.quantize {quantize!r}; use one of {', '.join(QUANTIZE)}")
 
 
+def _begin(path, dtype, device, with_tokenizer: bool, quantize: str, lazy: bool):
+    """`load` and `load_deferred` start here: (path, device, dtype, ModelArgs, tensors, tokenizer)."""
+    _check_quantize(quantize)
+    p, kind = _source(path)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    args, tensors, tokenizer = _open(p, kind, with_tokenizer, lazy)
+    return p, dev, dt, args, tensors, tokenizer
+
+
 def _meta_decoder(args: ModelArgs) -> Decoder:
     with torch.device("meta"):
         model = Decoder(args)
@@ -254,11 +264,7 @@ def load(
     dtype they compute in). A pre-quantized bitsandbytes 4-bit checkpoint loads either way: kept in
     4 bits with "nf4", else dequantized to `dtype`.
     """
-    _check_quantize(quantize)
-    p, kind = _source(path)
-    dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
-    args, tensors, tokenizer = _open(p, kind, with_tokenizer, lazy=False)
+    p, dev, dt, args, tensors, tokenizer = _begin(path, dtype, device, with_tokenizer, quantize, lazy=False)
     model = _meta_decoder(args)
     fill_weights(model, tensors, dt, dev, quantize)
     _finish(model, dt, p)
@@ -334,11 +340,7 @@ def load_deferred(
     Only the root's tensors (embeddings, final norm, lm_head) are read here. Every failure a checkpoint
     can be known to cause from its names (missing tensors) is raised here, before any block is read.
     """
-    _check_quantize(quantize)
-    p, kind = _source(path)
-    dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
-    args, index, tokenizer = _open(p, kind, with_tokenizer, lazy=True)
+    p, dev, dt, args, index, tokenizer = _begin(path, dtype, device, with_tokenizer, quantize, lazy=True)
     model = _meta_decoder(args)
     params = {n for n, _ in model.named_parameters()}
     readers: dict[int, dict[str, Reader]] = {}
