@@ -4,6 +4,7 @@ packages are one-line config errors before anything is written."""
 from __future__ import annotations
 
 import importlib.util
+import time
 from pathlib import Path
 
 import pytest
@@ -55,8 +56,16 @@ def test_wandb_offline_run_writes_its_files(run_setup, tmp_path, monkeypatch):
     train(make_cfg(model_dir, corpus, out, "train.report_to=wandb", "train.wandb_project=snuggle-test"))
     run_id = (out / "wandb" / "run-id").read_text()
     (run_dir,) = (wandb_dir / "wandb").glob(f"offline-run-*-{run_id}")
-    data = (run_dir / f"run-{run_id}.wandb").read_bytes()  # the records `wandb sync` would upload
-    for key in (b"train/loss", b"train/lr", b"snuggle-test"):
+    keys = (b"train/loss", b"train/lr", b"snuggle-test")
+    # the records `wandb sync` would upload. wandb's own service process writes this file; once on a
+    # loaded 2-core CI machine it held only its header when read right after `finish()` returned, so
+    # give that process a bounded while to write what it was handed
+    deadline = time.monotonic() + 30
+    data = (run_dir / f"run-{run_id}.wandb").read_bytes()
+    while not all(k in data for k in keys) and time.monotonic() < deadline:
+        time.sleep(0.5)
+        data = (run_dir / f"run-{run_id}.wandb").read_bytes()
+    for key in keys:
         assert key in data, key
 
 
