@@ -16,6 +16,13 @@ A Triton GEMM with the low-rank update in its epilogue was tried too (Triton 3.6
 autotuned): without the update it ran 25-35% slower than cuBLAS on these shapes, so it lost overall
 (benchmarks/results/lora-gemm-H200-wip.jsonl has those rows).
 
+- `augmented` (and `augmented+copy`): the low-rank factors folded into the base GEMM's K dimension.
+  One buffer per group holds [W_cat | B_blocks] over [A_cat | 0], shape (sum out + R, in + R):
+  forward is one GEMM of [x | s x A^T] with its top rows, backward one GEMM of [g | s g B] with its
+  left columns, so no pass reads an output back to add the low-rank term, and q/k/v (gate/up) become
+  one GEMM each way. `augmented` assumes the producers of x and g write them into the wider buffers
+  (the RMSNorm, SwiGLU and RoPE kernels can); `+copy` pays a copy of x and of g into them.
+
 usage: python benchmarks/lora_gemm.py [--shape 1b|8b|all] [--out DIR]
 """
 
@@ -23,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -72,6 +80,39 @@ def grouped(x, g, Ws, As, Bs):
         (gi.t() @ xa[:, i * r : (i + 1) * r]).mul_(SCALE)  # dB
 
 
+def augment(Ws, As, Bs):
+    """(sum out + R, in + R): [W_cat | B_blocks] over [A_cat | 0] (B_i at rank columns i, zeros else)."""
+    outs, fan_in, r = [W.shape[0] for W in Ws], Ws[0].shape[1], RANK
+    S, R = sum(outs), r * len(Ws)
+    big = Ws[0].new_zeros(S + R, fan_in + R)
+    row = 0
+    for i, (W, A, B) in enumerate(zip(Ws, As, Bs, strict=True)):
+        big[row : row + W.shape[0], :fan_in] = W
+        big[row : row + W.shape[0], fan_in + i * r : fan_in + (i + 1) * r] = B
+        big[S + i * r : S + (i + 1) * r, :fan_in] = A
+        row += W.shape[0]
+    return big
+
+
+def augmented(x, g, Ws, As, Bs, *, big, xbuf, gbuf, copy: bool):
+    n, fan_in = x.shape
+    S = big.shape[0] - (big.shape[1] - fan_in)  # sum of outs
+    if copy:  # the producers did not write into the wide buffers
+        xbuf[:, :fan_in].copy_(x)
+        off = 0
+        for gi in g:
+            gbuf[:, off : off + gi.shape[1]].copy_(gi)
+            off += gi.shape[1]
+    xin = xbuf[:, :fan_in]
+    xbuf[:, fan_in:] = (xin @ big[S:, :fan_in].t()).mul_(SCALE)  # s x A_cat^T, (n, R)
+    xbuf @ big[:S].t()  # y_cat (n, S): base and low-rank in one GEMM
+    gin = gbuf[:, :S]
+    gbuf[:, S:] = (gin @ big[:S, fan_in:]).mul_(SCALE)  # s [g_i B_i] in one GEMM, (n, R)
+    gbuf @ big[:, :fan_in]  # dx (n, in): every dgrad and low-rank term in one GEMM
+    gbuf[:, S:].t() @ xin  # dA_cat (R, in), scale already in
+    gin.t() @ xbuf[:, fan_in:]  # dB (S, R); only the diagonal blocks are used
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="all", choices=["1b", "8b", "all"])
@@ -91,7 +132,15 @@ def main() -> None:
             g = [torch.randn(n, o, device=dev, dtype=dt) for o in outs]
             # the GEMM work: forward + dgrad of the frozen weights (what a LoRA step cannot avoid)
             flop = sum(2 * 2 * n * fan_in * o for o in outs)
-            for name, fn in (("base", base), ("separate", separate), ("grouped", grouped)):
+            big = augment(Ws, As, Bs)
+            R = big.shape[1] - fan_in
+            xbuf = torch.randn(n, fan_in + R, device=dev, dtype=dt)
+            gbuf = torch.randn(n, sum(outs) + R, device=dev, dtype=dt)
+            variants = [("base", base), ("separate", separate), ("grouped", grouped)]
+            for copy in (False, True):
+                aug = partial(augmented, big=big, xbuf=xbuf, gbuf=gbuf, copy=copy)
+                variants.append(("augmented+copy" if copy else "augmented", aug))
+            for name, fn in variants:
                 ms = timed(lambda fn=fn, x=x, g=g, Ws=Ws, As=As, Bs=Bs: fn(x, g, Ws, As, Bs))
                 rows.append(
                     {
@@ -103,7 +152,7 @@ def main() -> None:
                     }
                 )
                 print(json.dumps(rows[-1]), flush=True)
-            del Ws, As, Bs, x, g
+            del Ws, As, Bs, x, g, big, xbuf, gbuf
     names = list(dict.fromkeys(r["variant"] for r in rows))
     print("\n| shape | group | " + " | ".join(f"{v} ms" for v in names) + " |")
     print("|---|---|" + "---|" * len(names))
