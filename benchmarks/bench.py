@@ -139,6 +139,7 @@ def build_snuggle(args, device):
         for block in model.model.layers:
             block.mlp.tile_tokens = args.tile
             block.mlp.recompute_product = args.recompute_product
+            block.recompute_norm = args.recompute_norm
     model.train()
 
     def step_loss(ids):
@@ -240,6 +241,8 @@ def run(args) -> dict:
         "tokens_per_s": tokens / step,
         "step_s": step,
         "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+        # what the caching allocator held: live tensors, its rounding and fragmentation (the cap binds it)
+        "reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30,
         "loss_first": losses[0],
         "loss_last": losses[-1],
         "losses": losses,
@@ -265,6 +268,11 @@ def main() -> None:
         action="store_true",
         help="the MLPs make their SwiGLU product again in backward instead of keeping it (without a plan)",
     )
+    p.add_argument(
+        "--recompute-norm",
+        action="store_true",
+        help="the LoRA groups normalize their input inside and keep the norm's input, not its output",
+    )
     p.add_argument("--profile", action="store_true", help="print one step's kernel profile on stderr")
     p.add_argument("--quantize", default="none", choices=["none", "nf4"], help="nf4: QLoRA (snuggle only)")
     p.add_argument("--tile", type=int, default=0, help="MLP sequence tile in tokens (0: untiled)")
@@ -288,6 +296,7 @@ def main() -> None:
         quantize=args.quantize,
         tile=args.tile,
         recompute_product=args.recompute_product,
+        recompute_norm=args.recompute_norm,
     )
     print(json.dumps(res), flush=True)
 

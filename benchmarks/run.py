@@ -68,9 +68,10 @@ SUITES["quick"] = [
     ("snuggle", "1b", 8, 2048, "none", 0, ()),
     ("snuggle", "8b", 2, 2048, "none", 0, ()),
     ("snuggle", "8b", 2, 2048, "none", 0, ("--recompute-product",)),
+    ("snuggle", "8b", 2, 2048, "none", 0, ("--recompute-product", "--recompute-norm")),
     ("snuggle", "8b", 2, 2048, "plan", 24, ()),
     ("snuggle", "8b", 2, 2048, "none", 24, NF4),
-    ("snuggle", "8b", 2, 2048, "none", 24, (*NF4, "--recompute-product")),
+    ("snuggle", "8b", 2, 2048, "none", 24, (*NF4, "--recompute-product", "--recompute-norm")),
     ("snuggle", "8b", 2, 2048, "plan", 24, NF4),
 ]
 SUITES["all"] = SUITES["1b"] + SUITES["8b"] + SUITES["qlora"] + SUITES["qlora-long"]
@@ -202,7 +203,8 @@ def label(r: dict) -> str:
     if r.get("batch", 0) * r.get("seq", 0) > 8192:
         name += f" {r['batch']}x{r['seq']}"
     ck = r["ckpt"] + ("+offload" if r.get("offload") and r["ckpt"].startswith("layers") else "")
-    ck += " +product recomputed" if r.get("recompute_product") else ""
+    again = [w for w, k in (("product", "recompute_product"), ("norms", "recompute_norm")) if r.get(k)]
+    ck += f" +{' and '.join(again)} recomputed" if again else ""
     cap = f", cap {r['cap_gib']:g} GiB" if r.get("cap_gib") else ""
     return f"{r['model']} {name}, ckpt {ck}{cap}"
 
@@ -247,6 +249,7 @@ def main() -> None:
         "tokens/s",
         "step s",
         "peak GiB",
+        "reserved GiB",
         "MFU",
         "of bound",
         "vs best peer",
@@ -266,8 +269,10 @@ def main() -> None:
         if "error" in r:
             lines.append(f"| {label(r)} | {r['error']} |" + " |" * (len(header) - 2))
             continue
+        reserved = f"{r['reserved_gib']:.1f}" if "reserved_gib" in r else "-"  # older rows lack it
         lines.append(
             f"| {label(r)} | {r['tokens_per_s']:,.0f} | {r['step_s']:.3f} | {r['peak_gib']:.1f} | "
+            f"{reserved} | "
             f"{r['mfu']:.1%} | {r['bound']:.1%} | {r.get('vs_best_peer', float('nan')):.2f} | "
             f"{r['loss_first']:.4f} | {r['loss_last']:.4f} |"
         )

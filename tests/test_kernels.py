@@ -36,7 +36,7 @@ from torch import nn  # noqa: E402
 from snuggle.lora import LoRALinear, apply_lora  # noqa: E402
 from snuggle.model.args import ModelArgs  # noqa: E402
 from snuggle.model.checkpointing import configure_checkpointing  # noqa: E402
-from snuggle.model.decoder import Decoder, RMSNorm, rope_cos_sin, rope_inv_freq  # noqa: E402
+from snuggle.model.decoder import Decoder, RMSNorm, project, rope_cos_sin, rope_inv_freq  # noqa: E402
 from snuggle.model.loss import IGNORE_INDEX  # noqa: E402
 
 try:
@@ -772,6 +772,49 @@ class TestLoRAGroup:
         for name in want:
             assert_close(got[name], want[name], F32, name)
 
+    @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+    @pytest.mark.parametrize("norm_trains", [False, True], ids=["frozen-norm", "trained-norm"])
+    def test_norm_inside_matches_norm_then_projections(self, norm_trains, dtype):
+        g = _seed(24)
+        n_in, outs = 72, (100, 20, 20)
+        refs, fasts = _group(n_in, outs, (4, 4, 2), True, dtype)
+        ref_norm = RMSNorm(n_in, 1e-5).to(DEV)
+        with torch.no_grad():
+            ref_norm.weight.copy_(1 + 0.3 * torch.randn(n_in, generator=g))
+        ref_norm.weight.requires_grad_(norm_trains)
+        fast_norm = FastRMSNorm.from_module(ref_norm)
+        x = 3 * torch.randn(2, 7, n_in, generator=g).to(DEV, dtype)
+        gys = [torch.randn(2, 7, o, generator=g).to(DEV, dtype) for o in outs]
+        results = []
+        for mods, norm, fn in ((refs, ref_norm, project), (fasts, fast_norm, fast_project)):
+            got, ys = _group_grads(mods, x, gys, lambda mods, x, fn=fn, norm=norm: fn(mods, x, norm))
+            if norm_trains:
+                got["norm"], norm.weight.grad = norm.weight.grad, None
+            results.append((got, ys))
+        (want, _), (got, ys) = results
+        assert all("LoRAGroupFunction" in fn_name(y) for y in ys)
+        assert got.keys() == want.keys() and ("norm" in want) == norm_trains
+        for name in want:
+            assert_close(got[name], want[name], dtype, name)
+        # kept: x itself (not its normalized copy) and the norm's (n,) statistics
+        ys = fast_project(fasts, x.requires_grad_(True), fast_norm)
+        saved = [t for t in ys[0].grad_fn.saved_tensors if t is not None and t.dim() >= 1]
+        assert sum(t.shape == (14, n_in) for t in saved) == 1
+        assert any(t.shape == (14,) and t.dtype == F32 for t in saved)
+
+    def test_norm_with_hooks_or_ungrouped_runs_first(self):
+        refs, fasts = _group(24, (48, 8), (4, 2), False, F32)
+        norm = FastRMSNorm.from_module(RMSNorm(24, 1e-5).to(DEV))
+        x = torch.randn(3, 5, 24, device=DEV, requires_grad=True)
+        for mods in ([fasts[0], refs[1]], [fasts[0]]):  # no group: the norm's own Function, then each
+            ys = fast_project(mods, x, norm)
+            assert "RMSNormFunctionBackward" in graph_names(ys[0])
+        hook = norm.register_forward_hook(lambda *a: None)
+        ys = fast_project(fasts, x, norm)
+        assert {"RMSNormFunctionBackward", "LoRAGroupFunctionBackward"} <= graph_names(ys[0])
+        hook.remove()
+        assert "RMSNormFunctionBackward" not in graph_names(fast_project(fasts, x, norm)[0])
+
     def test_keeps_x_once_and_falls_back(self):
         refs, fasts = _group(24, (48, 8), (4, 2), False, F32)
         x = torch.randn(3, 5, 24, device=DEV, requires_grad=True)
@@ -972,6 +1015,7 @@ def test_swap_keeps_parameters_and_matches_the_reference(tie, dtype):
         assert fast.lm_head.weight is fast.model.embed_tokens.weight
 
     fast.model.layers[0].mlp.recompute_product = True  # one MLP through SwiGLUDownFunction, one not
+    fast.model.layers[-1].recompute_norm = True  # one block's norms inside its LoRA groups, one not
     batch = _batch(2, 9, ref.args.vocab_size)
     loss = fast.loss_sum(*batch)
     assert "LinearCrossEntropyFunction" in fn_name(loss)
@@ -1015,15 +1059,20 @@ def compare_models(fast: Decoder, ref: Decoder, batch, dtype: torch.dtype) -> No
 
 
 @needs_triton
-@pytest.mark.parametrize("mode", ["checkpoint", "offload"])
+@pytest.mark.parametrize("mode", ["checkpoint", "offload", "every-saving"])
 def test_fast_path_under_activation_checkpointing(mode):
-    """Recomputed blocks run RoPE (in place) and SwiGLU (buffer reuse) twice: gradients must not change."""
+    """Recomputed blocks run RoPE (in place) and SwiGLU (buffer reuse) twice: gradients must not change.
+    `every-saving`: as the memory plan's most frugal choice, with the norms inside the LoRA groups, the
+    SwiGLU product made again, and the MLP (its norm with it) in tiles of 3 tokens."""
     ref = tiny_decoder(tie=False, seed=1)
     fast = copy.deepcopy(ref)
     apply_fast_path(fast)
     batch = _batch(1, 8, ref.args.vocab_size, seed=1)
     l0, g0 = _loss_and_grads(ref, batch)
-    configure_checkpointing(fast, None, offload=mode == "offload")
+    configure_checkpointing(fast, None, offload=mode != "checkpoint")
+    if mode == "every-saving":
+        for b in fast.model.layers:
+            b.recompute_norm, b.mlp.recompute_product, b.mlp.tile_tokens = True, True, 3
     l1, g1 = _loss_and_grads(fast, batch)
     assert_close(l1, l0, F32, "loss")
     for name in g0:
@@ -1164,3 +1213,22 @@ def test_whole_model_and_training_gpu(dtype):
     dev_fast = (torch.tensor(curves[0]) - c32).abs().max()
     dev_ref = (torch.tensor(curves[1]) - c32).abs().max()
     assert dev_fast <= 2 * dev_ref + 1e-2 * float(c32[0]), (float(dev_fast), float(dev_ref))
+
+
+@needs_triton
+def test_memory_plan_takes_the_fast_paths_elementwise_savings_first():
+    from snuggle.train.memory import apply_memory_plan, plan_for_model
+
+    ref = tiny_decoder(tie=False, seed=1)
+    fast = copy.deepcopy(ref)
+    apply_fast_path(fast)
+    roomy = plan_for_model(fast, 2, 64, 80.0)
+    assert (roomy.checkpoint_layers, roomy.recompute_product, roomy.recompute_norm) == (0, False, False)
+    just_below = roomy.predicted_gib - 1e-9  # "nothing" no longer fits
+    plan = plan_for_model(fast, 2, 64, just_below)
+    assert (plan.checkpoint_layers, plan.recompute_product, plan.recompute_norm) == (0, True, True)
+    apply_memory_plan(fast, plan)
+    assert all(b.recompute_norm and b.mlp.recompute_product for b in fast.model.layers)
+    # the reference model has neither: the same budget costs a recomputed block
+    plan = plan_for_model(ref, 2, 64, just_below)
+    assert plan.checkpoint_layers > 0 and not (plan.recompute_product or plan.recompute_norm)

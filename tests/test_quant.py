@@ -382,6 +382,23 @@ def test_plan_recomputes_the_swiglu_product_before_any_block():
     )
 
 
+def test_plan_recomputes_the_norms_with_the_product():
+    static = 16 * GIB
+    lean = predict_bytes(LLAMA3_8B, 4096, static, 2, 0, False, 0, fused_mlp=True)
+    leaner = predict_bytes(LLAMA3_8B, 4096, static, 2, 0, False, 0, fused_mlp=True, fused_norm=True)
+    # two (tokens, hidden) tensors a block not kept: the norms' outputs
+    assert lean - leaner >= 32 * 2 * 4096 * 4096 * 2
+    both = dict(can_recompute_product=True, can_recompute_norm=True)
+    p = plan_memory(LLAMA3_8B, static, 2, 2048, 24.0, **both)
+    assert p.recompute_product and p.recompute_norm and "SwiGLU product and norms recomputed" in p.describe()
+    only_product = plan_memory(LLAMA3_8B, static, 2, 2048, 24.0, can_recompute_product=True)
+    assert not only_product.recompute_norm and p.checkpoint_layers < only_product.checkpoint_layers
+    assert p.predicted_gib <= 24.0
+    # room to spare: neither
+    roomy = plan_memory(LLAMA3_8B, static, 2, 2048, 80.0, **both)
+    assert not (roomy.recompute_product or roomy.recompute_norm)
+
+
 def test_plan_that_cannot_fit_names_what_would():
     with pytest.raises(SnuggleError, match=r"data.seq_len <= (\d+)") as e:
         plan_memory(LLAMA3_8B, 6 * GIB, 1, 1 << 20, 24.0)

@@ -21,8 +21,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from snuggle.kernels._utils import rebind
+from snuggle.kernels._utils import rebind, use_triton
 from snuggle.kernels.reference import LoRALinear
+from snuggle.kernels.rmsnorm import FastRMSNorm, _rows, rmsnorm_backward, rmsnorm_forward
 from snuggle.quant.nf4 import NF4Weight, as_dense
 
 __all__ = [
@@ -135,13 +136,21 @@ class LoRAGroupFunction(torch.autograd.Function):
 
     `flat` holds (W, b, A, B) per projection (b may be None, W an `NF4Weight`); gradients as
     `LoRALinearFunction`.
+
+    With `norm_weight` the group projects RMSNorm(x) (the Triton kernel, `eps`) and keeps x and the
+    norm's per-row statistics instead of the normalized input: x is the block's residual stream, which
+    is kept anyway, so the group keeps one (n, in) tensor less, and the norm runs again in backward.
     """
 
     @staticmethod
-    def forward(ctx, x, scales: tuple[float, ...], *flat):
+    def forward(ctx, x, scales: tuple[float, ...], norm_weight, eps: float, *flat):
         dt = x.dtype
         Ws, bs, As, Bs = flat[0::4], flat[1::4], flat[2::4], flat[3::4]
-        x2 = x.reshape(-1, x.shape[-1])  # (n, in)
+        x_in = x.reshape(-1, x.shape[-1])  # (n, in)
+        x2, rstd = x_in, None
+        if norm_weight is not None:
+            x_in = _rows(x_in)  # unit column stride for the kernel
+            x2, rstd = rmsnorm_forward(x_in, norm_weight, eps)
         A_cat = torch.cat([A.to(dt) for A in As])  # (sum r, in)
         xa = x2 @ A_cat.t()  # (n, sum r): x read once for the whole group
         ranks = [A.shape[0] for A in As]
@@ -150,26 +159,32 @@ class LoRAGroupFunction(torch.autograd.Function):
             y = lora_output(x2, W, b, xa[:, off : off + r], B, s)  # (n, out)
             ys.append(y.view(*x.shape[:-1], y.shape[-1]))
             off += r
-        ctx.scales, ctx.ranks = scales, ranks
+        ctx.scales, ctx.ranks, ctx.eps = scales, ranks, eps
         ctx.nf4 = [W if isinstance(W, NF4Weight) else None for W in Ws]
         dense = [None if q is not None else W for W, q in zip(Ws, ctx.nf4, strict=True)]
         ctx.n_bias = [b is not None for b in bs]
-        ctx.save_for_backward(x2, xa, *dense, *As, *Bs, *[b for b in bs if b is not None])
+        # with a norm: its input, not x2 (the normalized input is made again in backward)
+        biases = [b for b in bs if b is not None]
+        ctx.save_for_backward(x_in, rstd, norm_weight, xa, *dense, *As, *Bs, *biases)
         return tuple(ys)
 
     @staticmethod
     def backward(ctx, *gs):
         k = len(ctx.scales)
-        x2, xa, *rest = ctx.saved_tensors
+        x2, rstd, norm_weight, xa, *rest = ctx.saved_tensors
+        x_in = x2  # what forward was given: x, or the norm's input
+        if norm_weight is not None:
+            x2 = rmsnorm_forward(x_in, norm_weight, ctx.eps)[0]  # (n, in), bit-identical to forward's
         Ws = [q if q is not None else w for w, q in zip(rest[:k], ctx.nf4, strict=True)]
         As, Bs, bias = rest[k : 2 * k], rest[2 * k : 3 * k], iter(rest[3 * k :])
         bs = [next(bias) if has else None for has in ctx.n_bias]
-        need = ctx.needs_input_grad[2:]  # per projection: W, b, A, B
+        need = ctx.needs_input_grad[4:]  # per projection: W, b, A, B
+        need_x, need_norm = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
         dt = gs[0].dtype
         g2 = [g.reshape(-1, g.shape[-1]) for g in gs]  # (n, out_i)
         gB = torch.cat([g @ B.to(dt) for g, B in zip(g2, Bs, strict=True)], dim=1)  # (n, sum r)
-        dx = None
-        if ctx.needs_input_grad[0]:
+        dx = dnorm = None
+        if need_x or need_norm:  # d(the projected input), then through the norm when there is one
             for g, W in zip(g2, Ws, strict=True):  # every dgrad summed into one buffer by the GEMM
                 w = as_dense(W, dt)
                 dx = g @ w if dx is None else dx.addmm_(g, w)
@@ -181,7 +196,9 @@ class LoRAGroupFunction(torch.autograd.Function):
             else:  # per-projection scales: on the rank columns of gB (n x sum r, tiny)
                 col = torch.repeat_interleave(torch.tensor(scales, dtype=dt), torch.tensor(ctx.ranks))
                 dx.addmm_(gB * col.to(gB.device), A_cat)
-            dx = dx.view(*gs[0].shape[:-1], dx.shape[-1])
+            if norm_weight is not None:
+                dx, dnorm = rmsnorm_backward(dx, x_in, norm_weight, rstd, need_x, need_norm)
+            dx = None if dx is None else dx.view(*gs[0].shape[:-1], dx.shape[-1])
         grads: list[torch.Tensor | None] = []
         dA_cat = (gB.t() @ x2) if any(need[4 * i + 2] for i in range(k)) else None  # (sum r, in)
         off = 0
@@ -192,7 +209,7 @@ class LoRAGroupFunction(torch.autograd.Function):
             dA = dA_cat[off : off + r].to(A.dtype).mul_(s) if need[4 * i + 2] else None
             grads += [dW, db, dA, dB]
             off += r
-        return (dx, None, *grads)
+        return (dx, None, dnorm, None, *grads)
 
 
 def fusable(mods) -> bool:
@@ -205,11 +222,22 @@ def fusable(mods) -> bool:
     )
 
 
-def fast_project(mods, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Drop-in for `decoder.project`: each module applied to x, as one Function when all are LoRA."""
-    if len(mods) < 2 or not fusable(mods):
+def fast_project(mods, x: torch.Tensor, norm: nn.Module | None = None) -> tuple[torch.Tensor, ...]:
+    """Drop-in for `decoder.project`: each module applied to x (to norm(x) when a norm is given), as one
+    Function when all are LoRA; a FastRMSNorm without hooks goes inside that Function too."""
+    grouped = len(mods) >= 2 and fusable(mods)
+    inside = (
+        grouped
+        and type(norm) is FastRMSNorm
+        and not (norm._forward_hooks or norm._forward_pre_hooks)
+        and use_triton(x)
+    )
+    if norm is not None and not inside:
+        x, norm = norm(x), None
+    if not grouped:
         return tuple(m(x) for m in mods)
     flat = []
     for m in mods:
         flat += [m.weight, m.bias, m.lora_A, m.lora_B]
-    return LoRAGroupFunction.apply(x, tuple(m.scale for m in mods), *flat)
+    norm_weight, eps = (norm.weight, norm.eps) if norm is not None else (None, 0.0)
+    return LoRAGroupFunction.apply(x, tuple(m.scale for m in mods), norm_weight, eps, *flat)

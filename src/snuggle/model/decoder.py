@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -108,8 +109,11 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-def project(mods, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Each projection of one input (q/k/v, gate/up); the fast path does a LoRA group as one Function."""
+def project(mods, x: torch.Tensor, norm: nn.Module | None = None) -> tuple[torch.Tensor, ...]:
+    """Each projection of one input (q/k/v, gate/up), of norm(x) when a norm is given; the fast path
+    does a LoRA group, with its norm, as one Function."""
+    if norm is not None:
+        x = norm(x)
     return tuple(m(x) for m in mods)
 
 
@@ -171,9 +175,10 @@ class Attention(nn.Module):
         self.rope_fn = rope_qk  # swap point: kernels.swap replaces it with the Triton kernel
         self.project = project  # swap point: q/k/v as one LoRA Function
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x, cos, sin, mask, cache: KVCache | None = None, norm: nn.Module | None = None):
+        """(B, T, C) -> (B, T, C); of norm(x) when `norm` is given (see `Block.recompute_norm`)."""
         B, T, _ = x.shape
-        q, k, v = self.project((self.q_proj, self.k_proj, self.v_proj), x)
+        q, k, v = self.project((self.q_proj, self.k_proj, self.v_proj), x, norm)
         q = q.view(B, T, self.n_heads, self.head_dim)
         k = k.view(B, T, self.n_kv, self.head_dim)
         v = v.view(B, T, self.n_kv, self.head_dim)
@@ -212,13 +217,15 @@ class MLP(nn.Module):
         # tokens per tile on long sequences (0: untiled); set by the memory plan, see model.tiling
         self.tile_tokens = 0
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C)
+    def forward(self, x: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:  # (B, T, C)
+        """MLP(x), or MLP(norm(x)) when `norm` is given (see `Block.recompute_norm`)."""
         if self.tile_tokens:
-            return tiled_mlp(self._forward, x, self.tile_tokens, self.parameters())
-        return self._forward(x)
+            params = [*self.parameters(), *(norm.parameters() if norm is not None else ())]
+            return tiled_mlp(partial(self._forward, norm=norm), x, self.tile_tokens, params)
+        return self._forward(x, norm)
 
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.project((self.gate_proj, self.up_proj), x)
+    def _forward(self, x: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
+        gate, up = self.project((self.gate_proj, self.up_proj), x, norm)
         fn = self.act_down if self.recompute_product else act_down  # the module's swap, or the reference
         return fn(gate, up, self.act_fn, self.down_proj)
 
@@ -230,8 +237,16 @@ class Block(nn.Module):
         self.self_attn = Attention(args, layer_idx)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.mlp = MLP(args)
+        # hand each norm to the projections after it instead of applying it first, so the fast path's
+        # LoRA group Function normalizes inside and keeps the block's residual stream (alive anyway)
+        # rather than the norm's output, making it again in backward: set by the memory plan, as it
+        # costs a norm pass and is only worth it where memory is short
+        self.recompute_norm = False
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None = None) -> torch.Tensor:
+        if self.recompute_norm:
+            x = x + self.self_attn(x, cos, sin, mask, cache, norm=self.input_layernorm)
+            return x + self.mlp(x, norm=self.post_attention_layernorm)
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 

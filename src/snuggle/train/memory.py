@@ -7,7 +7,9 @@ shapes (activation dtype, per token of a micro-batch):
     stored block     4h + 2q + 2kv + 3f   inputs and outputs of the norms, q, k, v, the attention
                                           output (o_proj's input), the residual, and gate, up and
                                           their product (2f with the fast path's SwiGLU inside the
-                                          LoRA down projection, which makes the product again)
+                                          LoRA down projection, which makes the product again; 2h
+                                          less with the norms inside the fast path's LoRA group
+                                          Functions, which keep only the norms' inputs)
     tiled MLP        4h + 2q + 2kv        the MLP keeps only its input; one tile's 3f at a time
     recomputed block h                    its input only (0 on the GPU when offloaded to CPU)
 
@@ -16,7 +18,8 @@ plus one recomputed block's full activations and the gradients in flight during 
 With h = hidden, q = heads x head_dim, kv = kv heads x head_dim, f = intermediate size.
 
 Savings, in the order they are taken (each costs time, so a run takes only what it needs): with the
-fast path, make the SwiGLU product again in backward instead of keeping it; recompute the fewest
+fast path, make the SwiGLU product and the norms' outputs again in backward instead of keeping them
+(elementwise passes); recompute the fewest
 blocks that fit (each recomputed block costs one more block forward), keeping their inputs in pinned
 CPU memory where that saves one block more (copies hidden under recomputation); then run the MLP in
 sequence tiles (long context). If the most frugal plan does not fit either, the run stops before
@@ -64,17 +67,26 @@ class MemoryPlan:
     static_gib: float  # weights, trainables' gradients and optimizer state
     num_layers: int
     recompute_product: bool = False  # the MLPs keep gate and up, and make their SwiGLU product again
+    recompute_norm: bool = False  # the LoRA groups keep the norms' inputs, and normalize again
 
     def describe(self) -> str:
+        again = [
+            what
+            for what, on in (
+                ("SwiGLU product", self.recompute_product and not self.tile_tokens),
+                ("norms", self.recompute_norm),
+            )
+            if on
+        ]
         if self.checkpoint_layers == 0:
-            ckpt = "no block checkpointing" if self.recompute_product else "no activation checkpointing"
+            ckpt = "no block checkpointing" if again else "no activation checkpointing"
         else:
             ckpt = f"checkpointing {self.checkpoint_layers} of {self.num_layers} blocks"
             if self.offload:
                 ckpt += " (inputs offloaded to CPU)"
         tiles = f", MLP in tiles of {self.tile_tokens} tokens" if self.tile_tokens else ""
-        if self.recompute_product and not self.tile_tokens:
-            tiles += ", SwiGLU product recomputed"
+        if again:
+            tiles += f", {' and '.join(again)} recomputed"
         return (
             f"memory plan for {self.budget_gib:.1f} GiB: {ckpt}{tiles}; predicted peak "
             f"{self.predicted_gib:.1f} GiB ({self.static_gib:.1f} weights and optimizer state)"
@@ -105,14 +117,20 @@ def static_bytes(model: nn.Module, optimizer: str = "adamw") -> int:
 
 
 def _block_bytes(
-    args: ModelArgs, tokens: int, mlp_tokens: int, act_bytes: int, fused_mlp: bool = False
+    args: ModelArgs,
+    tokens: int,
+    mlp_tokens: int,
+    act_bytes: int,
+    fused_mlp: bool = False,
+    fused_norm: bool = False,
 ) -> tuple[float, float]:
     """(one block's saved activations, its gradients in flight in backward) for `tokens` tokens whose
     MLP runs `mlp_tokens` at a time (= tokens when untiled); `fused_mlp`: the SwiGLU product is not
-    kept but made again in backward (kernels.swiglu.SwiGLUDownFunction)."""
+    kept but made again in backward (kernels.swiglu.SwiGLUDownFunction); `fused_norm`: neither are the
+    norms' outputs (kernels.lora.LoRAGroupFunction with the norm inside)."""
     h, f = args.hidden_size, args.intermediate_size
     q, kv = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
-    attn = (4 * h + 2 * q + 2 * kv) * tokens
+    attn = ((2 if fused_norm else 4) * h + 2 * q + 2 * kv) * tokens
     saved = attn + (2 if fused_mlp else 3) * f * mlp_tokens
     # d(activations) alive at once: the MLP's (d of the SwiGLU output and, fused, the product made
     # again; dx), or attention's (dq, dk, dv, do, and the flash backward's fp32 dq accumulator)
@@ -132,16 +150,17 @@ def predict_bytes(
     trainable_head: bool = False,
     transient: int = 0,
     fused_mlp: bool = False,
+    fused_norm: bool = False,
 ) -> int:
     """Predicted peak bytes of one training step with `tokens` tokens per micro-batch.
 
     `transient`: bytes of short-lived buffers beside the activations (a dequantized 4-bit weight).
     `fused_mlp`: the MLP keeps gate and up but not their product (see `_block_bytes`); a plan's
-    `recompute_product`.
+    `recompute_product`. `fused_norm`: the norms' outputs are not kept; a plan's `recompute_norm`.
     """
     L = args.num_layers
     mlp_tokens = tile_tokens if tile_tokens and tile_tokens < tokens else tokens
-    block, work = _block_bytes(args, tokens, mlp_tokens, act_bytes, fused_mlp)
+    block, work = _block_bytes(args, tokens, mlp_tokens, act_bytes, fused_mlp, fused_norm)
     # backward runs from the last block down: by the time the first k (checkpointed) blocks are
     # recomputed, the stored blocks' activations are freed, so one recomputed block counts as one
     # stored block when none is stored
@@ -160,10 +179,12 @@ def predict_bytes(
 
 
 def _candidates(L: int, can_offload: bool, can_recompute: bool):
-    """(checkpoint_layers, offload, tile_tokens, recompute_product) from the fastest to the most frugal.
+    """(checkpoint_layers, offload, tile_tokens, recompute) from the fastest to the most frugal;
+    `recompute`: make the SwiGLU product and the norms' outputs again (where the model can).
 
     Making the SwiGLU product again costs one elementwise pass a block (within noise of nothing for
-    Llama-3 8B on an H100) and frees a third of every stored MLP's activations, so it goes first. Then
+    Llama-3 8B on an H100) and frees a third of every stored MLP's activations, and the norms two
+    more passes for 2h of a block's 6h + 2kv + 2f (8B), so they go first. Then
     blocks are recomputed, each for one more block forward (~1.5% of an 8B step); moving the
     recomputed blocks' inputs to CPU memory hides under that recomputation, so at each count of
     recomputed blocks offloading comes before one block more.
@@ -189,23 +210,30 @@ def plan_memory(
     can_offload: bool = True,
     transient: int = 0,
     can_recompute_product: bool = False,
+    can_recompute_norm: bool = False,
 ) -> MemoryPlan:
     """The fastest plan whose predicted peak fits the budget, or a SnuggleError saying what would fit.
 
     `can_recompute_product`: the model's MLPs can make their SwiGLU product again in backward (the
-    fast path's `act_down`), so a plan may choose that before checkpointing blocks.
+    fast path's `act_down`); `can_recompute_norm`: its LoRA groups can take their norm inside (the fast
+    path's `project`); a plan may choose these before checkpointing blocks.
     """
     budget = budget_gib * GIB
 
-    def predict(tokens: int, k: int, offload: bool, tile: int, rp: bool = can_recompute_product) -> int:
-        return predict_bytes(args, tokens, static, act_bytes, k, offload, tile, trainable_head, transient, rp)
+    def predict(tokens: int, k: int, offload: bool, tile: int, again: bool = True) -> int:
+        rp, rn = again and can_recompute_product, again and can_recompute_norm
+        return predict_bytes(
+            args, tokens, static, act_bytes, k, offload, tile, trainable_head, transient, rp, rn
+        )
 
     tokens = batch_size * seq_len
-    for k, off, tile, rp in _candidates(args.num_layers, can_offload, can_recompute_product):
-        peak = predict(tokens, k, off, tile, rp)
+    can_again = can_recompute_product or can_recompute_norm
+    for k, off, tile, again in _candidates(args.num_layers, can_offload, can_again):
+        peak = predict(tokens, k, off, tile, again)
         if peak <= budget:
             tile = tile if tile < tokens else 0
-            return MemoryPlan(k, off, tile, peak / GIB, budget_gib, static / GIB, args.num_layers, rp)
+            rp, rn = again and can_recompute_product, again and can_recompute_norm
+            return MemoryPlan(k, off, tile, peak / GIB, budget_gib, static / GIB, args.num_layers, rp, rn)
     if static * _FRAGMENTATION + _FIXED_SLACK > budget:
         raise SnuggleError(
             f"the model alone needs {(static * _FRAGMENTATION + _FIXED_SLACK) / GIB:.2f} GiB (weights, "
@@ -250,6 +278,7 @@ def apply_memory_plan(model: nn.Module, plan: MemoryPlan) -> None:
     for block in model.model.layers:
         block.mlp.tile_tokens = plan.tile_tokens
         block.mlp.recompute_product = plan.recompute_product
+        block.recompute_norm = plan.recompute_norm
 
 
 def plan_for_model(
@@ -276,6 +305,7 @@ def plan_for_model(
         can_offload=can_offload,
         transient=2 * act_bytes * max(dense, default=0),  # one dequantized weight in forward, one in backward
         can_recompute_product=_can_recompute_product(model),
+        can_recompute_norm=_can_recompute_norm(model),
     )
 
 
@@ -287,6 +317,23 @@ def _can_recompute_product(model: nn.Module) -> bool:
     mlps = [block.mlp for block in model.model.layers]
     # the swap point replaced (by the fast path), and a down projection it can fuse
     return bool(mlps) and all(m.act_down is not act_down and fusable([m.down_proj]) for m in mlps)
+
+
+def _can_recompute_norm(model: nn.Module) -> bool:
+    """Whether every block's q/k/v and gate/up are LoRA groups that take their norm inside (fast path)."""
+    from snuggle.kernels.lora import fast_project, fusable
+    from snuggle.kernels.rmsnorm import FastRMSNorm
+
+    blocks = list(model.model.layers)
+    return bool(blocks) and all(
+        b.self_attn.project is fast_project
+        and b.mlp.project is fast_project
+        and type(b.input_layernorm) is FastRMSNorm
+        and type(b.post_attention_layernorm) is FastRMSNorm
+        and fusable([b.self_attn.q_proj, b.self_attn.k_proj, b.self_attn.v_proj])
+        and fusable([b.mlp.gate_proj, b.mlp.up_proj])
+        for b in blocks
+    )
 
 
 def memory_plan_for(cfg, model: nn.Module, device: torch.device) -> MemoryPlan | None:
