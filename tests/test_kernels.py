@@ -773,11 +773,18 @@ class TestLoRAGroup:
             assert_close(got[name], want[name], F32, name)
 
     @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
-    @pytest.mark.parametrize("norm_trains", [False, True], ids=["frozen-norm", "trained-norm"])
-    def test_norm_inside_matches_norm_then_projections(self, norm_trains, dtype):
+    @pytest.mark.parametrize(
+        "norm_trains,base_trains",
+        [(False, False), (True, False), (False, True)],
+        ids=["lora", "norm", "base"],
+    )
+    def test_norm_inside_matches_norm_then_projections(self, norm_trains, base_trains, dtype):
+        """dA from x and the norm's statistics (no normalized copy made again); a trained base weight's dW
+        from the normalized input made again."""
         g = _seed(24)
         n_in, outs = 72, (100, 20, 20)
         refs, fasts = _group(n_in, outs, (4, 4, 2), True, dtype)
+        refs[1].weight.requires_grad_(base_trains)
         ref_norm = RMSNorm(n_in, 1e-5).to(DEV)
         with torch.no_grad():
             ref_norm.weight.copy_(1 + 0.3 * torch.randn(n_in, generator=g))
@@ -1226,6 +1233,8 @@ def test_memory_plan_takes_the_fast_paths_elementwise_savings_first():
     assert (roomy.checkpoint_layers, roomy.recompute_product, roomy.recompute_norm) == (0, False, False)
     just_below = roomy.predicted_gib - 1e-9  # "nothing" no longer fits
     plan = plan_for_model(fast, 2, 64, just_below)
+    assert (plan.checkpoint_layers, plan.recompute_product, plan.recompute_norm) == (0, True, False)
+    plan = plan_for_model(fast, 2, 64, plan.predicted_gib - 1e-9)  # nor the product alone
     assert (plan.checkpoint_layers, plan.recompute_product, plan.recompute_norm) == (0, True, True)
     apply_memory_plan(fast, plan)
     assert all(b.recompute_norm and b.mlp.recompute_product for b in fast.model.layers)

@@ -173,13 +173,14 @@ class LoRAGroupFunction(torch.autograd.Function):
         k = len(ctx.scales)
         x2, rstd, norm_weight, xa, *rest = ctx.saved_tensors
         x_in = x2  # what forward was given: x, or the norm's input
-        if norm_weight is not None:
-            x2 = rmsnorm_forward(x_in, norm_weight, ctx.eps)[0]  # (n, in), bit-identical to forward's
         Ws = [q if q is not None else w for w, q in zip(rest[:k], ctx.nf4, strict=True)]
         As, Bs, bias = rest[k : 2 * k], rest[2 * k : 3 * k], iter(rest[3 * k :])
         bs = [next(bias) if has else None for has in ctx.n_bias]
         need = ctx.needs_input_grad[4:]  # per projection: W, b, A, B
         need_x, need_norm = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+        need_w = any(need[4 * i] for i in range(k))
+        if norm_weight is not None and need_w:  # a trained base weight's dW needs the normalized input
+            x2 = rmsnorm_forward(x_in, norm_weight, ctx.eps)[0]  # (n, in), bit-identical to forward's
         dt = gs[0].dtype
         g2 = [g.reshape(-1, g.shape[-1]) for g in gs]  # (n, out_i)
         gB = torch.cat([g @ B.to(dt) for g, B in zip(g2, Bs, strict=True)], dim=1)  # (n, sum r)
@@ -200,7 +201,13 @@ class LoRAGroupFunction(torch.autograd.Function):
                 dx, dnorm = rmsnorm_backward(dx, x_in, norm_weight, rstd, need_x, need_norm)
             dx = None if dx is None else dx.view(*gs[0].shape[:-1], dx.shape[-1])
         grads: list[torch.Tensor | None] = []
-        dA_cat = (gB.t() @ x2) if any(need[4 * i + 2] for i in range(k)) else None  # (sum r, in)
+        dA_cat = None  # (sum r, in)
+        if any(need[4 * i + 2] for i in range(k)):
+            if norm_weight is None or need_w:
+                dA_cat = gB.t() @ x2
+            else:  # gB^T norm(x) = (gB^T diag(rstd) x) diag(w): from x, no normalized copy made again
+                gB_r = (gB.float() * rstd[:, None]).to(dt)  # (n, sum r)
+                dA_cat = (gB_r.t() @ x_in).float().mul_(norm_weight.to(dt).float())
         off = 0
         per_projection = zip(g2, Ws, bs, As, Bs, ctx.scales, ctx.ranks, strict=True)
         for i, (g, W, b, A, B, s, r) in enumerate(per_projection):

@@ -178,25 +178,29 @@ def predict_bytes(
     return int((static + acts + work + loss + transient) * _FRAGMENTATION + _FIXED_SLACK)
 
 
-def _candidates(L: int, can_offload: bool, can_recompute: bool):
-    """(checkpoint_layers, offload, tile_tokens, recompute) from the fastest to the most frugal;
-    `recompute`: make the SwiGLU product and the norms' outputs again (where the model can).
+def _candidates(L: int, can_offload: bool, rp: bool, rn: bool):
+    """(checkpoint_layers, offload, tile_tokens, recompute_product, recompute_norm) from the fastest
+    to the most frugal; `rp`, `rn`: whether the model can make the SwiGLU product / the norms' outputs
+    again in backward.
 
     Making the SwiGLU product again costs one elementwise pass a block (within noise of nothing for
-    Llama-3 8B on an H100) and frees a third of every stored MLP's activations, and the norms two
-    more passes for 2h of a block's 6h + 2kv + 2f (8B), so they go first. Then
-    blocks are recomputed, each for one more block forward (~1.5% of an 8B step); moving the
-    recomputed blocks' inputs to CPU memory hides under that recomputation, so at each count of
-    recomputed blocks offloading comes before one block more.
+    Llama-3 8B on an H100) and frees a third of every stored MLP's activations, so it goes first; then
+    the norms' outputs (2h of a block's 6h + 2kv + 2f for 8B; their backward works from the norms'
+    inputs, so this costs little more than a few small products). Then blocks are recomputed, each for
+    one more block forward (~1.5% of an 8B step); moving the recomputed blocks' inputs to CPU memory
+    hides under that recomputation, so at each count of recomputed blocks offloading comes before one
+    block more.
     """
-    rp = can_recompute
-    yield 0, False, 0, False
-    yield 0, False, 0, rp
+    yield 0, False, 0, False, False
+    if rp:
+        yield 0, False, 0, True, False
+    if rn:
+        yield 0, False, 0, rp, True
     for k in range(1, L + 1):
-        yield k, False, 0, rp
+        yield k, False, 0, rp, rn
         if can_offload:
-            yield k, True, 0, rp
-    yield L, can_offload, _TILE_TOKENS, rp
+            yield k, True, 0, rp, rn
+    yield L, can_offload, _TILE_TOKENS, rp, rn
 
 
 def plan_memory(
@@ -220,19 +224,19 @@ def plan_memory(
     """
     budget = budget_gib * GIB
 
-    def predict(tokens: int, k: int, offload: bool, tile: int, again: bool = True) -> int:
-        rp, rn = again and can_recompute_product, again and can_recompute_norm
+    def predict(
+        tokens: int, k: int, offload: bool, tile: int, rp=can_recompute_product, rn=can_recompute_norm
+    ) -> int:
         return predict_bytes(
             args, tokens, static, act_bytes, k, offload, tile, trainable_head, transient, rp, rn
         )
 
     tokens = batch_size * seq_len
-    can_again = can_recompute_product or can_recompute_norm
-    for k, off, tile, again in _candidates(args.num_layers, can_offload, can_again):
-        peak = predict(tokens, k, off, tile, again)
+    candidates = _candidates(args.num_layers, can_offload, can_recompute_product, can_recompute_norm)
+    for k, off, tile, rp, rn in candidates:
+        peak = predict(tokens, k, off, tile, rp, rn)
         if peak <= budget:
             tile = tile if tile < tokens else 0
-            rp, rn = again and can_recompute_product, again and can_recompute_norm
             return MemoryPlan(k, off, tile, peak / GIB, budget_gib, static / GIB, args.num_layers, rp, rn)
     if static * _FRAGMENTATION + _FIXED_SLACK > budget:
         raise SnuggleError(
