@@ -36,6 +36,7 @@ __all__ = [
     "FastLoRALinear",
     "fast_project",
     "fusable",
+    "norm_fusable",
 ]
 
 
@@ -139,7 +140,8 @@ class LoRAGroupFunction(torch.autograd.Function):
 
     With `norm_weight` the group projects RMSNorm(x) (the Triton kernel, `eps`) and keeps x and the
     norm's per-row statistics instead of the normalized input: x is the block's residual stream, which
-    is kept anyway, so the group keeps one (n, in) tensor less, and the norm runs again in backward.
+    is kept anyway, so the group keeps one (n, in) tensor less. Backward forms dA from x and those
+    statistics; only a trained base weight's dW makes the normalized input again.
     """
 
     @staticmethod
@@ -163,7 +165,7 @@ class LoRAGroupFunction(torch.autograd.Function):
         ctx.nf4 = [W if isinstance(W, NF4Weight) else None for W in Ws]
         dense = [None if q is not None else W for W, q in zip(Ws, ctx.nf4, strict=True)]
         ctx.n_bias = [b is not None for b in bs]
-        # with a norm: its input, not x2 (the normalized input is made again in backward)
+        # with a norm: its input, not x2
         biases = [b for b in bs if b is not None]
         ctx.save_for_backward(x_in, rstd, norm_weight, xa, *dense, *As, *Bs, *biases)
         return tuple(ys)
@@ -171,16 +173,16 @@ class LoRAGroupFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *gs):
         k = len(ctx.scales)
-        x2, rstd, norm_weight, xa, *rest = ctx.saved_tensors
-        x_in = x2  # what forward was given: x, or the norm's input
+        x_in, rstd, norm_weight, xa, *rest = ctx.saved_tensors  # x_in: x, or the norm's input
         Ws = [q if q is not None else w for w, q in zip(rest[:k], ctx.nf4, strict=True)]
         As, Bs, bias = rest[k : 2 * k], rest[2 * k : 3 * k], iter(rest[3 * k :])
         bs = [next(bias) if has else None for has in ctx.n_bias]
         need = ctx.needs_input_grad[4:]  # per projection: W, b, A, B
         need_x, need_norm = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
         need_w = any(need[4 * i] for i in range(k))
-        if norm_weight is not None and need_w:  # a trained base weight's dW needs the normalized input
-            x2 = rmsnorm_forward(x_in, norm_weight, ctx.eps)[0]  # (n, in), bit-identical to forward's
+        x2 = x_in  # the projected input (n, in); with a norm, made again only for a trained base's dW
+        if norm_weight is not None:
+            x2 = rmsnorm_forward(x_in, norm_weight, ctx.eps)[0] if need_w else None  # bit-identical
         dt = gs[0].dtype
         g2 = [g.reshape(-1, g.shape[-1]) for g in gs]  # (n, out_i)
         gB = torch.cat([g @ B.to(dt) for g, B in zip(g2, Bs, strict=True)], dim=1)  # (n, sum r)
@@ -219,26 +221,28 @@ class LoRAGroupFunction(torch.autograd.Function):
         return (dx, None, dnorm, None, *grads)
 
 
+def _hooked(m: nn.Module) -> bool:
+    """A module with forward hooks: a fused Function, which never calls its forward, would skip them."""
+    return bool(m._forward_hooks or m._forward_pre_hooks)
+
+
 def fusable(mods) -> bool:
     """Modules a fused Function can take in their place: FastLoRALinear with dropout off and no hooks."""
     return all(
-        type(m) is FastLoRALinear
-        and isinstance(m.dropout, nn.Identity)
-        and not (m._forward_hooks or m._forward_pre_hooks)
-        for m in mods
+        type(m) is FastLoRALinear and isinstance(m.dropout, nn.Identity) and not _hooked(m) for m in mods
     )
+
+
+def norm_fusable(norm) -> bool:
+    """A norm the group Function can take inside: a FastRMSNorm without hooks."""
+    return type(norm) is FastRMSNorm and not _hooked(norm)
 
 
 def fast_project(mods, x: torch.Tensor, norm: nn.Module | None = None) -> tuple[torch.Tensor, ...]:
     """Drop-in for `decoder.project`: each module applied to x (to norm(x) when a norm is given), as one
     Function when all are LoRA; a FastRMSNorm without hooks goes inside that Function too."""
     grouped = len(mods) >= 2 and fusable(mods)
-    inside = (
-        grouped
-        and type(norm) is FastRMSNorm
-        and not (norm._forward_hooks or norm._forward_pre_hooks)
-        and use_triton(x)
-    )
+    inside = grouped and norm_fusable(norm) and use_triton(x)
     if norm is not None and not inside:
         x, norm = norm(x), None
     if not grouped:

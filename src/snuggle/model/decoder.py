@@ -239,8 +239,8 @@ class Block(nn.Module):
         self.mlp = MLP(args)
         # hand each norm to the projections after it instead of applying it first, so the fast path's
         # LoRA group Function normalizes inside and keeps the block's residual stream (alive anyway)
-        # rather than the norm's output, making it again in backward: set by the memory plan, as it
-        # costs a norm pass and is only worth it where memory is short
+        # rather than the norm's output: set by the memory plan, as its backward does a few more small
+        # products and it is only worth it where memory is short
         self.recompute_norm = False
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None = None) -> torch.Tensor:

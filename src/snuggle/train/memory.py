@@ -325,15 +325,14 @@ def _can_recompute_product(model: nn.Module) -> bool:
 
 def _can_recompute_norm(model: nn.Module) -> bool:
     """Whether every block's q/k/v and gate/up are LoRA groups that take their norm inside (fast path)."""
-    from snuggle.kernels.lora import fast_project, fusable
-    from snuggle.kernels.rmsnorm import FastRMSNorm
+    from snuggle.kernels.lora import fast_project, fusable, norm_fusable
 
     blocks = list(model.model.layers)
     return bool(blocks) and all(
         b.self_attn.project is fast_project
         and b.mlp.project is fast_project
-        and type(b.input_layernorm) is FastRMSNorm
-        and type(b.post_attention_layernorm) is FastRMSNorm
+        and norm_fusable(b.input_layernorm)
+        and norm_fusable(b.post_attention_layernorm)
         and fusable([b.self_attn.q_proj, b.self_attn.k_proj, b.self_attn.v_proj])
         and fusable([b.mlp.gate_proj, b.mlp.up_proj])
         for b in blocks
