@@ -128,14 +128,17 @@ def build_snuggle(args, device):
         # what the trainer does by default: the memory plan for the cap (or the whole card)
         from snuggle.train.memory import apply_memory_plan, device_budget_gib, plan_for_model
 
-        plan = plan_for_model(model, args.batch, args.seq, args.cap_gib or device_budget_gib(device))
+        budget = args.cap_gib or device_budget_gib(device)
+        plan = plan_for_model(model, args.batch, args.seq, budget, offload_blocks_max=args.offload_blocks)
         apply_memory_plan(model, plan)
         info.update(plan=plan.describe(), predicted_gib=plan.predicted_gib)
     else:
         n = {"none": 0, "all": None, "offload": None}.get(args.ckpt)
         if args.ckpt.startswith("layers:"):
             n = int(args.ckpt.split(":")[1])
-        configure_checkpointing(model, n, offload=args.ckpt == "offload" or args.offload)
+        configure_checkpointing(
+            model, n, offload=args.ckpt == "offload" or args.offload, offload_blocks=args.offload_blocks or 0
+        )
         for block in model.model.layers:
             block.mlp.tile_tokens = args.tile
             block.mlp.recompute_product = args.recompute_product
@@ -258,6 +261,13 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--ckpt", default="none", help="none | all | offload | layers:N")
     p.add_argument("--offload", action="store_true", help="with layers:N, offload the checkpointed inputs")
+    p.add_argument(
+        "--offload-blocks",
+        type=int,
+        default=None,
+        help="blocks whose saved activations wait in CPU memory (with --ckpt plan: the most the plan may "
+        "take; default: what the host link carries, measured)",
+    )
     p.add_argument("--cap-gib", type=float, default=0.0, help="emulate a smaller card")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=8)
@@ -297,6 +307,7 @@ def main() -> None:
         tile=args.tile,
         recompute_product=args.recompute_product,
         recompute_norm=args.recompute_norm,
+        offload_blocks=args.offload_blocks,
     )
     print(json.dumps(res), flush=True)
 

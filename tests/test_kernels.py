@@ -1066,17 +1066,27 @@ def compare_models(fast: Decoder, ref: Decoder, batch, dtype: torch.dtype) -> No
 
 
 @needs_triton
-@pytest.mark.parametrize("mode", ["checkpoint", "offload", "every-saving"])
+@pytest.mark.parametrize("mode", ["checkpoint", "offload", "every-saving", "saved-offload"])
 def test_fast_path_under_activation_checkpointing(mode):
     """Recomputed blocks run RoPE (in place) and SwiGLU (buffer reuse) twice: gradients must not change.
     `every-saving`: as the memory plan's most frugal choice, with the norms inside the LoRA groups, the
-    SwiGLU product made again, and the MLP (its norm with it) in tiles of 3 tokens."""
+    SwiGLU product made again, and the MLP (its norm with it) in tiles of 3 tokens. `saved-offload`: the
+    first block keeps everything it saves (the fused Functions' tensors too) in host memory, the second
+    is recomputed with its input offloaded, two steps (host buffers reused)."""
     ref = tiny_decoder(tie=False, seed=1)
     fast = copy.deepcopy(ref)
     apply_fast_path(fast)
     batch = _batch(1, 8, ref.args.vocab_size, seed=1)
     l0, g0 = _loss_and_grads(ref, batch)
-    configure_checkpointing(fast, None, offload=mode != "checkpoint")
+    if mode == "saved-offload":
+        configure_checkpointing(fast, 1, offload=True, offload_blocks=1)
+        fast.saved_offloader.min_bytes = 0  # tiny shapes: offload every saved tensor
+        for b in fast.model.layers:
+            b.recompute_norm, b.mlp.recompute_product = True, True
+        _loss_and_grads(fast, batch)
+        assert fast.saved_offloader.host and not fast.saved_offloader.pending
+    else:
+        configure_checkpointing(fast, None, offload=mode != "checkpoint")
     if mode == "every-saving":
         for b in fast.model.layers:
             b.recompute_norm, b.mlp.recompute_product, b.mlp.tile_tokens = True, True, 3

@@ -26,7 +26,17 @@ from snuggle.model.decoder import Decoder
 from snuggle.quant.nf4 import NF4_CODE, NF4Weight, dequantize_nf4_reference, quantize_nf4
 from snuggle.train.adamw8bit import AdamW8bit, decode, encode
 from snuggle.train.loop import train
-from snuggle.train.memory import GIB, plan_memory, predict_bytes, static_bytes
+from snuggle.train.memory import (
+    _FRAGMENTATION,
+    GIB,
+    MemoryPlan,
+    _block_bytes,
+    apply_memory_plan,
+    plan_for_model,
+    plan_memory,
+    predict_bytes,
+    static_bytes,
+)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -441,6 +451,121 @@ def test_training_with_a_budget_plans_and_keeps_the_curve(tiny_hf_model, tmp_pat
     with pytest.raises(SnuggleError, match="memory_budget_gib"):
         train(make_cfg(path, corpus, out, "model.device=cpu", "train.memory_budget_gib=0.01"))
     assert not (out / "metrics.jsonl").exists()
+
+
+# --- the memory plan: blocks whose saved activations wait in CPU memory ----------------------------
+
+STATIC_8B = int(15.6 * GIB)  # a 16-bit 8B base with LoRA
+
+
+def _peak_8b(k: int, offload: bool, m: int, tokens: int = 4096) -> int:
+    return predict_bytes(LLAMA3_8B, tokens, STATIC_8B, 2, k, offload, 0, offload_blocks=m)
+
+
+@pytest.mark.parametrize("k,offload", [(0, False), (3, False), (3, True)])
+def test_each_offloaded_block_saves_one_block_of_activations(k, offload):
+    block = _block_bytes(LLAMA3_8B, 4096, 4096, 2)[0]
+    assert block > 0.5 * GIB
+    peaks = [_peak_8b(k, offload, m) for m in range(6)]
+    # the first offloaded block saves nothing: one block's tensors are in flight to and from the host
+    assert abs(peaks[0] - peaks[1]) <= 1
+    # each one more saves one block's activations (and the allocator's share of them), nothing else
+    for m in range(1, 5):
+        assert abs(peaks[m] - peaks[m + 1] - block * _FRAGMENTATION) <= 2, m
+
+
+def test_plan_offloads_the_fewest_blocks_that_fit_before_recomputing_any():
+    args = (LLAMA3_8B, STATIC_8B, 2, 2048)
+    # a budget that three offloaded blocks meet and two do not
+    budget = _peak_8b(0, False, 3) / GIB
+    assert _peak_8b(0, False, 2) > budget * GIB and _peak_8b(0, False, 0) > budget * GIB
+    p = plan_memory(*args, budget, offload_blocks_max=8)
+    assert (p.checkpoint_layers, p.offload, p.offload_blocks, p.tile_tokens) == (0, False, 3, 0)
+    assert p.predicted_gib <= budget
+    # without a host link to carry them (CPU), the same budget costs recomputed blocks instead
+    for cpu in (plan_memory(*args, budget), plan_memory(*args, budget, offload_blocks_max=0)):
+        assert cpu.offload_blocks == 0 and cpu.checkpoint_layers > 0
+    assert plan_memory(*args, budget, offload_blocks_max=2).checkpoint_layers > 0
+    # room to spare: nothing offloaded
+    assert plan_memory(*args, 80.0, offload_blocks_max=8).offload_blocks == 0
+
+
+@pytest.mark.parametrize("offload_max", [4, 20])
+def test_plan_offloads_what_the_link_carries_and_recomputes_the_rest(offload_max):
+    args = (LLAMA3_8B, STATIC_8B, 2, 2048)
+    L = LLAMA3_8B.num_layers
+    # tighter than offloading alone reaches: as many blocks as the link carries (and no more than stay
+    # stored) are offloaded, and blocks are recomputed besides
+    most = min(offload_max, L // 2)
+    assert _peak_8b(6, False, min(offload_max, (L - 6) // 2)) < _peak_8b(0, False, most)
+    budget = _peak_8b(6, False, min(offload_max, (L - 6) // 2)) / GIB
+    p = plan_memory(*args, budget, offload_blocks_max=offload_max)
+    k = p.checkpoint_layers
+    assert 0 < k <= 6 and p.tile_tokens == 0 and p.predicted_gib <= budget
+    assert p.offload_blocks == min(offload_max, (L - k) // 2) > 0
+    assert p.offload_blocks <= L - k - p.offload_blocks  # never more offloaded than stored blocks
+    # the fewest recomputed blocks: one fewer does not fit, offloaded inputs or not
+    m = min(offload_max, (L - k + 1) // 2)
+    assert min(_peak_8b(k - 1, False, m), _peak_8b(k - 1, True, m)) > budget * GIB
+    # offloading saves recomputation: without it the same budget recomputes more blocks
+    assert plan_memory(*args, budget).checkpoint_layers > k
+    assert plan_memory(*args, budget).offload_blocks == 0
+
+
+def test_plan_describes_offloaded_blocks():
+    p = plan_memory(LLAMA3_8B, STATIC_8B, 2, 2048, _peak_8b(0, False, 3) / GIB, offload_blocks_max=8)
+    assert "activations of 3 blocks kept in CPU memory" in p.describe()
+    assert "no activation checkpointing" in p.describe()
+    mixed = MemoryPlan(5, True, 0, 20.0, 24.0, 15.6, 32, offload_blocks=7)
+    text = mixed.describe()
+    assert "checkpointing 5 of 32 blocks (inputs offloaded to CPU)" in text
+    assert "activations of 7 blocks kept in CPU memory" in text
+    roomy = plan_memory(LLAMA3_8B, STATIC_8B, 2, 2048, 80.0, offload_blocks_max=8)
+    for plain in (MemoryPlan(5, True, 0, 20.0, 24.0, 15.6, 32), roomy):
+        assert "kept in CPU memory" not in plain.describe()
+
+
+def _deep_decoder() -> Decoder:
+    torch.manual_seed(0)
+    args = ModelArgs(
+        model_type="llama",
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=72,
+        num_layers=8,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+    )
+    m = Decoder(args)
+    apply_lora(m, 4, 8)
+    return m
+
+
+def test_plan_for_a_cpu_model_offloads_no_blocks():
+    model = _deep_decoder()
+    B, T = 2, 64
+    static, act = static_bytes(model), 4
+    head = bool(model.lm_head.weight.requires_grad)
+
+    def peak(k, m):
+        return predict_bytes(model.args, B * T, static, act, k, False, 0, head, offload_blocks=m)
+
+    # a budget that offloading three blocks would meet, and that costs recomputed blocks otherwise
+    budget = peak(0, 3) / GIB
+    assert peak(0, 2) > budget * GIB
+    told = plan_for_model(model, B, T, budget, offload_blocks_max=4)
+    assert (told.checkpoint_layers, told.offload_blocks) == (0, 3)  # the plan does offload when it may
+    p = plan_for_model(model, B, T, budget)  # CPU: the host link is not measured, nothing offloaded
+    assert p.offload_blocks == 0 and p.checkpoint_layers > 0 and p.predicted_gib <= budget
+    # the plan set on the model: offloaded blocks first, the recomputed ones after them
+    apply_memory_plan(model, told)
+    assert model.saved_offloader is not None and model.saved_offloader.layers == {0, 1, 2}
+    assert model.checkpoint_layers == set()
+    apply_memory_plan(model, MemoryPlan(2, False, 0, 1.0, 1.0, 0.5, 8, offload_blocks=3))
+    assert model.saved_offloader.layers == {0, 1, 2} and model.checkpoint_layers == {3, 4}
+    apply_memory_plan(model, p)
+    assert model.saved_offloader is None and model.checkpoint_layers == set(range(p.checkpoint_layers))
 
 
 # --- 8-bit AdamW -----------------------------------------------------------------------------------

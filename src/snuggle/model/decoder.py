@@ -275,6 +275,8 @@ class Decoder(nn.Module):
         # wait meanwhile (None: on the GPU); see checkpointing.configure_checkpointing
         self.checkpoint_layers: set[int] = set()
         self.offloader = None
+        # blocks whose saved activations wait in CPU memory between forward and backward (None: none)
+        self.saved_offloader = None
         # (hidden (B,T,C), lm_head weight (V,C), labels (B,T)) -> summed loss; swap point for the fused kernel
         self.loss_fn = cross_entropy_sum
         # packed documents: "sdpa" with a boolean mask, or "flex" (block-sparse, memory-linear; CUDA)

@@ -242,6 +242,8 @@ def _run(cfg, ctx: DistContext, device, strategy, model, data, plan, say, report
     except Exception as e:
         error = e
     ctx.agree(error)  # a run that cannot fit stops on every rank, before any step
+    # one plan for every rank: its offload depends on each rank's own measurement of its host link
+    mem_plan = ctx.broadcast_object(mem_plan)
     if mem_plan is not None:
         say(f"snuggle: {mem_plan.describe()}")
         apply_memory_plan(model, mem_plan)

@@ -12,6 +12,8 @@ shapes (activation dtype, per token of a micro-batch):
                                           Functions, which keep only the norms' inputs)
     tiled MLP        4h + 2q + 2kv        the MLP keeps only its input; one tile's 3f at a time
     recomputed block h                    its input only (0 on the GPU when offloaded to CPU)
+    offloaded block  0                    a stored block whose saved tensors wait in pinned CPU
+                                          memory (plus one block in flight to and from the host)
 
 plus one recomputed block's full activations and the gradients in flight during backward, the loss
 (hidden states and their gradient; one chunk of logits) and the trainables' gradients and AdamW state.
@@ -19,16 +21,19 @@ With h = hidden, q = heads x head_dim, kv = kv heads x head_dim, f = intermediat
 
 Savings, in the order they are taken (each costs time, so a run takes only what it needs): with the
 fast path, make the SwiGLU product and the norms' outputs again in backward instead of keeping them
-(elementwise passes); recompute the fewest
-blocks that fit (each recomputed block costs one more block forward), keeping their inputs in pinned
-CPU memory where that saves one block more (copies hidden under recomputation); then run the MLP in
-sequence tiles (long context). If the most frugal plan does not fit either, the run stops before
-training and says which sequence length or batch size would fit.
+(elementwise passes); keep the saved activations of as many blocks in CPU memory as the host link
+carries during one forward (measured on the card before planning: copies that keep up with the
+compute cost nothing); recompute the fewest blocks that fit (each recomputed block costs one more
+block forward), keeping their inputs in pinned CPU memory where that saves one block more (copies
+hidden under recomputation); then run the MLP in sequence tiles (long context). If the most frugal
+plan does not fit either, the run stops before training and says which sequence length or batch size
+would fit.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import torch
 from torch import nn
@@ -68,6 +73,7 @@ class MemoryPlan:
     num_layers: int
     recompute_product: bool = False  # the MLPs keep gate and up, and make their SwiGLU product again
     recompute_norm: bool = False  # the LoRA groups keep the norms' inputs, and normalize again
+    offload_blocks: int = 0  # the first n blocks keep their saved activations in pinned CPU memory
 
     def describe(self) -> str:
         again = [
@@ -84,6 +90,8 @@ class MemoryPlan:
             ckpt = f"checkpointing {self.checkpoint_layers} of {self.num_layers} blocks"
             if self.offload:
                 ckpt += " (inputs offloaded to CPU)"
+        if self.offload_blocks:
+            ckpt += f", activations of {self.offload_blocks} blocks kept in CPU memory"
         tiles = f", MLP in tiles of {self.tile_tokens} tokens" if self.tile_tokens else ""
         if again:
             tiles += f", {' and '.join(again)} recomputed"
@@ -151,12 +159,14 @@ def predict_bytes(
     transient: int = 0,
     fused_mlp: bool = False,
     fused_norm: bool = False,
+    offload_blocks: int = 0,
 ) -> int:
     """Predicted peak bytes of one training step with `tokens` tokens per micro-batch.
 
     `transient`: bytes of short-lived buffers beside the activations (a dequantized 4-bit weight).
     `fused_mlp`: the MLP keeps gate and up but not their product (see `_block_bytes`); a plan's
     `recompute_product`. `fused_norm`: the norms' outputs are not kept; a plan's `recompute_norm`.
+    `offload_blocks`: blocks whose saved activations wait in CPU memory (see checkpointing).
     """
     L = args.num_layers
     mlp_tokens = tile_tokens if tile_tokens and tile_tokens < tokens else tokens
@@ -164,7 +174,10 @@ def predict_bytes(
     # backward runs from the last block down: by the time the first k (checkpointed) blocks are
     # recomputed, the stored blocks' activations are freed, so one recomputed block counts as one
     # stored block when none is stored
-    acts = max(L - checkpoint_layers, 1 if checkpoint_layers else 0) * block
+    stored = L - checkpoint_layers - offload_blocks
+    acts = max(stored, 1 if checkpoint_layers or offload_blocks else 0) * block
+    if offload_blocks:
+        acts += block  # an offloaded block's tensors until their copy is done, or fetched back early
     if checkpoint_layers and not offload:
         acts += checkpoint_layers * act_bytes * args.hidden_size * tokens
     # loss: final hidden states and their gradient, one chunk of logits; a trainable head's fp32 dW
@@ -178,29 +191,38 @@ def predict_bytes(
     return int((static + acts + work + loss + transient) * _FRAGMENTATION + _FIXED_SLACK)
 
 
-def _candidates(L: int, can_offload: bool, rp: bool, rn: bool):
-    """(checkpoint_layers, offload, tile_tokens, recompute_product, recompute_norm) from the fastest
-    to the most frugal; `rp`, `rn`: whether the model can make the SwiGLU product / the norms' outputs
-    again in backward.
+def _candidates(L: int, can_offload: bool, rp: bool, rn: bool, offload_max: int = 0):
+    """(checkpoint_layers, offload, tile_tokens, recompute_product, recompute_norm, offload_blocks) in
+    the order of their cost in time (the predicted peak mostly falls along it; the plan takes the first
+    that fits); `rp`, `rn`: whether the model can make the SwiGLU product / the
+    norms' outputs again in backward; `offload_max`: how many blocks' saved activations the host link
+    carries during one forward.
 
     Making the SwiGLU product again costs one elementwise pass a block (within noise of nothing for
     Llama-3 8B on an H100) and frees a third of every stored MLP's activations, so it goes first; then
     the norms' outputs (2h of a block's 6h + 2kv + 2f for 8B; their backward works from the norms'
-    inputs, so this costs little more than a few small products). Then blocks are recomputed, each for
-    one more block forward (~1.5% of an 8B step); moving the recomputed blocks' inputs to CPU memory
-    hides under that recomputation, so at each count of recomputed blocks offloading comes before one
-    block more.
+    inputs, so this costs little more than a few small products). Then blocks' activations go to CPU
+    memory, one block more each, up to what the link carries (copies hidden under compute). Then blocks
+    are recomputed, each for one more block forward (~1.5% of an 8B step); moving the recomputed
+    blocks' inputs to CPU memory hides under that recomputation, so at each count of recomputed blocks
+    offloading comes before one block more. Offloaded blocks are fetched back while the stored blocks'
+    backward frees room for them, so there are never more of them than stored blocks.
     """
-    yield 0, False, 0, False, False
+    yield 0, False, 0, False, False, 0
     if rp:
-        yield 0, False, 0, True, False
+        yield 0, False, 0, True, False, 0
     if rn:
-        yield 0, False, 0, rp, True
+        yield 0, False, 0, rp, True, 0
+    # one offloaded block saves nothing: its room is kept for the block in flight to or from the host
+    for m in range(2, min(offload_max, L // 2) + 1):
+        yield 0, False, 0, rp, rn, m
     for k in range(1, L + 1):
-        yield k, False, 0, rp, rn
+        m = min(offload_max, (L - k) // 2)
+        m = m if m >= 2 else 0
+        yield k, False, 0, rp, rn, m
         if can_offload:
-            yield k, True, 0, rp, rn
-    yield L, can_offload, _TILE_TOKENS, rp, rn
+            yield k, True, 0, rp, rn, m
+    yield L, can_offload, _TILE_TOKENS, rp, rn, 0
 
 
 def plan_memory(
@@ -215,29 +237,33 @@ def plan_memory(
     transient: int = 0,
     can_recompute_product: bool = False,
     can_recompute_norm: bool = False,
+    offload_blocks_max: int = 0,
 ) -> MemoryPlan:
     """The fastest plan whose predicted peak fits the budget, or a SnuggleError saying what would fit.
 
     `can_recompute_product`: the model's MLPs can make their SwiGLU product again in backward (the
     fast path's `act_down`); `can_recompute_norm`: its LoRA groups can take their norm inside (the fast
-    path's `project`); a plan may choose these before checkpointing blocks.
+    path's `project`); a plan may choose these before checkpointing blocks. `offload_blocks_max`: how
+    many blocks' saved activations may wait in CPU memory (`offload_capacity`; 0 without a GPU).
     """
     budget = budget_gib * GIB
 
     def predict(
-        tokens: int, k: int, offload: bool, tile: int, rp=can_recompute_product, rn=can_recompute_norm
+        tokens: int, k: int, offload: bool, tile: int, rp=can_recompute_product, rn=can_recompute_norm, m=0
     ) -> int:
         return predict_bytes(
-            args, tokens, static, act_bytes, k, offload, tile, trainable_head, transient, rp, rn
+            args, tokens, static, act_bytes, k, offload, tile, trainable_head, transient, rp, rn, m
         )
 
     tokens = batch_size * seq_len
-    candidates = _candidates(args.num_layers, can_offload, can_recompute_product, can_recompute_norm)
-    for k, off, tile, rp, rn in candidates:
-        peak = predict(tokens, k, off, tile, rp, rn)
+    candidates = _candidates(
+        args.num_layers, can_offload, can_recompute_product, can_recompute_norm, offload_blocks_max
+    )
+    for k, off, tile, rp, rn, m in candidates:
+        peak = predict(tokens, k, off, tile, rp, rn, m)
         if peak <= budget:
             tile = tile if tile < tokens else 0
-            return MemoryPlan(k, off, tile, peak / GIB, budget_gib, static / GIB, args.num_layers, rp, rn)
+            return MemoryPlan(k, off, tile, peak / GIB, budget_gib, static / GIB, args.num_layers, rp, rn, m)
     if static * _FRAGMENTATION + _FIXED_SLACK > budget:
         raise SnuggleError(
             f"the model alone needs {(static * _FRAGMENTATION + _FIXED_SLACK) / GIB:.2f} GiB (weights, "
@@ -278,7 +304,7 @@ def device_budget_gib(device: torch.device) -> float:
 
 def apply_memory_plan(model: nn.Module, plan: MemoryPlan) -> None:
     """Set the plan on the model: which blocks recompute (and offload), and the MLP tiles."""
-    configure_checkpointing(model, plan.checkpoint_layers, plan.offload)
+    configure_checkpointing(model, plan.checkpoint_layers, plan.offload, plan.offload_blocks)
     for block in model.model.layers:
         block.mlp.tile_tokens = plan.tile_tokens
         block.mlp.recompute_product = plan.recompute_product
@@ -292,12 +318,24 @@ def plan_for_model(
     budget_gib: float,
     optimizer: str = "adamw",
     can_offload: bool = True,
+    offload_blocks_max: int | None = None,
 ) -> MemoryPlan:
-    """`plan_memory` for a built `Decoder`: its real bytes, activation dtype, head and 4-bit weights."""
+    """`plan_memory` for a built `Decoder`: its real bytes, activation dtype, head and 4-bit weights.
+
+    `offload_blocks_max`: None measures what the host link carries on the model's GPU
+    (`offload_capacity`; 0 elsewhere or without `can_offload`)."""
     from snuggle.quant.nf4 import NF4Weight
 
     dense = [m.shape.numel() for m in model.modules() if isinstance(m, NF4Weight)]
     act_bytes = torch.empty((), dtype=model.compute_dtype).element_size()
+    rp, rn = _can_recompute_product(model), _can_recompute_norm(model)
+    device = model.lm_head.weight.device
+    if offload_blocks_max is None:
+        offload_blocks_max = 0
+        if can_offload and device.type == "cuda":
+            tokens = batch_size * seq_len
+            block = _block_bytes(model.args, tokens, tokens, act_bytes, rp, rn)[0]
+            offload_blocks_max = offload_capacity(model.args, tokens, block, model.compute_dtype, device)
     return plan_memory(
         model.args,
         static_bytes(model, optimizer),
@@ -308,9 +346,73 @@ def plan_for_model(
         trainable_head=bool(model.lm_head.weight.requires_grad),
         can_offload=can_offload,
         transient=2 * act_bytes * max(dense, default=0),  # one dequantized weight in forward, one in backward
-        can_recompute_product=_can_recompute_product(model),
-        can_recompute_norm=_can_recompute_norm(model),
+        can_recompute_product=rp,
+        can_recompute_norm=rn,
+        offload_blocks_max=offload_blocks_max,
     )
+
+
+def _timed(fn, device: torch.device, reps: int) -> float:
+    """Seconds per call of `fn` on the GPU, after one warm-up call."""
+    fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record(torch.cuda.current_stream(device))
+    for _ in range(reps):
+        fn()
+    end.record(torch.cuda.current_stream(device))
+    end.synchronize()
+    return start.elapsed_time(end) / 1000 / reps
+
+
+# share of the forward the copies may fill: the link is measured alone, and the copies must be done
+# before the step's peak (the loss), a little before the forward's end
+_LINK_SHARE = 0.8
+
+
+def host_link_rate(device: torch.device) -> float:
+    """Bytes per second of a device-to-pinned-host copy on this GPU (64 MiB, four times)."""
+    src = torch.empty(64 << 20, dtype=torch.uint8, device=device)
+    dst = torch.empty(64 << 20, dtype=torch.uint8, pin_memory=True)
+    return src.numel() / _timed(lambda: dst.copy_(src, non_blocking=True), device, 4)
+
+
+def gemm_rate(args: ModelArgs, tokens: int, dtype: torch.dtype, device: torch.device) -> float:
+    """FLOP/s of the model's largest projection (hidden -> intermediate) in `dtype` on this GPU."""
+    h, f = args.hidden_size, args.intermediate_size
+    rows = min(tokens, 4096)
+    with torch.no_grad():
+        x = torch.randn(rows, h, dtype=dtype, device=device)
+        w = torch.randn(f, h, dtype=dtype, device=device)
+        return 2 * rows * h * f / _timed(lambda: x @ w.t(), device, 4)
+
+
+def offload_capacity(args: ModelArgs, tokens: int, block_bytes: float, dtype: torch.dtype, device) -> int:
+    """How many blocks' saved activations (`block_bytes` each) the host link carries to CPU memory
+    during one forward of `tokens` tokens, measured on this GPU (~50 ms): the device-to-pinned-host copy
+    rate, and the time of one forward estimated from the blocks' GEMM FLOPs at the rate a GEMM of these
+    shapes runs here. Attention, LoRA and elementwise work are left out, so the forward is longer than
+    the estimate and the copies have more time than counted."""
+    if block_bytes <= 0:
+        return 0
+    h, f = args.hidden_size, args.intermediate_size
+    q, kv = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
+    block_flops = 2 * tokens * (h * (q + 2 * kv) + q * h + 3 * h * f)
+    forward_s = args.num_layers * block_flops / gemm_rate(args, tokens, dtype, device)
+    carried = int(_LINK_SHARE * host_link_rate(device) * forward_s // block_bytes)
+    # pinned pages cannot be swapped out: take at most half of what the host has free
+    return min(carried, int(0.5 * host_available_bytes() // block_bytes))
+
+
+def host_available_bytes() -> int:
+    """Memory the host can give without swapping (MemAvailable; free pages where /proc is missing)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def _can_recompute_product(model: nn.Module) -> bool:
