@@ -702,3 +702,31 @@ def test_parameter_count_counts_4bit_weights_by_shape(tiny_hf_model, tmp_path):
     dense, _ = load(path, with_tokenizer=False, device="cpu")
     q, _ = load(path, with_tokenizer=False, device="cpu", quantize="nf4")
     assert count_parameters(q) == count_parameters(dense) == sum(p.numel() for p in dense.parameters())
+
+
+def test_offload_capacity_is_what_the_link_carries_in_a_forward_within_the_host_share(monkeypatch):
+    """The arithmetic of `offload_capacity`, its two measurements replaced by fixed figures."""
+    from snuggle.train import memory
+
+    a = LLAMA3_8B
+    h, f, q, kv = a.hidden_size, a.intermediate_size, a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
+    tokens, block = 4096, 368 * 2**20
+    forward_s = a.num_layers * 2 * tokens * (h * (q + 2 * kv) + q * h + 3 * h * f) / 800e12
+    monkeypatch.setattr(memory, "gemm_rate", lambda *_: 800e12)
+    monkeypatch.setattr(memory, "host_link_rate", lambda _: 50e9)
+    monkeypatch.setattr(memory, "host_available_bytes", lambda: 100 * GIB)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    carried = int(0.8 * 50e9 * forward_s // block)
+    assert 4 <= carried <= 12  # an H100's link and GEMM rate give a few blocks, not none or all
+    assert memory.offload_capacity(a, tokens, block, torch.bfloat16, "cuda") == carried
+    # a slower link carries proportionally fewer
+    monkeypatch.setattr(memory, "host_link_rate", lambda _: 25e9)
+    assert memory.offload_capacity(a, tokens, block, torch.bfloat16, "cuda") == int(
+        0.8 * 25e9 * forward_s // block
+    )
+    # the host's pinned share bounds it, split between the processes of one host
+    monkeypatch.setattr(memory, "host_available_bytes", lambda: 4 * block)
+    assert memory.offload_capacity(a, tokens, block, torch.bfloat16, "cuda") == 2
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert memory.offload_capacity(a, tokens, block, torch.bfloat16, "cuda") == 1
+    assert memory.offload_capacity(a, tokens, 0, torch.bfloat16, "cuda") == 0

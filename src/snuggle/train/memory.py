@@ -399,8 +399,10 @@ def offload_capacity(args: ModelArgs, tokens: int, block_bytes: float, dtype: to
     block_flops = 2 * tokens * (h * (q + 2 * kv) + q * h + 3 * h * f)
     forward_s = args.num_layers * block_flops / gemm_rate(args, tokens, dtype, device)
     carried = int(_LINK_SHARE * host_link_rate(device) * forward_s // block_bytes)
-    # pinned pages cannot be swapped out: take at most half of what the host has free
-    return min(carried, int(0.5 * host_available_bytes() // block_bytes))
+    # pinned pages cannot be swapped out: take at most half of what the host has free, shared by the
+    # processes of this host (torchrun sets LOCAL_WORLD_SIZE)
+    share = 0.5 * host_available_bytes() / max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return min(carried, int(share // block_bytes))
 
 
 def host_available_bytes() -> int:
