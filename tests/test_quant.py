@@ -695,6 +695,45 @@ def test_qlora_trainer_end_to_end_on_gpu(tiny_hf_model, tmp_path, capsys, monkey
     assert main(["export", str(out), "--format", "hf", "--out", str(tmp_path / "merged")]) == 0
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_trainer_keeps_its_curve_with_blocks_offloaded_to_cpu_on_gpu(tiny_hf_model, tmp_path, monkeypatch):
+    """The trainer on a GPU with a plan that keeps two blocks' saved activations in pinned CPU memory
+    and recomputes one (its input offloaded): the loss curve of storing everything, over steps of two
+    micro-batches with evaluations in between."""
+    path, _ = tiny_hf_model(
+        "llama", False, tmp_path, hidden_size=128, intermediate_size=256, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, num_hidden_layers=4, max_position_embeddings=512,
+    )  # fmt: skip
+    import snuggle.model.checkpointing as checkpointing
+    import snuggle.train.loop as loop
+
+    monkeypatch.setattr(checkpointing, "_MIN_OFFLOAD_BYTES", 0)  # tiny shapes: offload every saved tensor
+    built = []
+    real_build = loop.build_model
+    monkeypatch.setattr(loop, "build_model", lambda cfg: built.append(real_build(cfg)) or built[-1])
+    corpus = write_jsonl(tmp_path / "c.jsonl", learnable_docs(300))
+
+    def curve(out: Path, plan: MemoryPlan) -> list[float]:
+        monkeypatch.setattr(loop, "memory_plan_for", lambda cfg, model, device: plan)
+        cfg = make_cfg(
+            path, corpus, out, "model.dtype=float32", "data.seq_len=128", "data.val_fraction=0.1",
+            "train.steps=12", "train.grad_accum=2", "train.lr=0.003", "train.eval_every=4",
+        )  # fmt: skip
+        train(cfg)
+        return [r["loss"] for r in read_metrics(out) if "loss" in r]
+
+    stored = curve(tmp_path / "stored", MemoryPlan(0, False, 0, 1.0, 20.0, 0.5, 4))
+    offloaded = curve(tmp_path / "offloaded", MemoryPlan(1, True, 0, 1.0, 20.0, 0.5, 4, offload_blocks=2))
+    model = built[-1][0]
+    off = model.saved_offloader
+    assert off is not None and off.layers == {0, 1} and off.host and not off.pending
+    assert all(buf.is_pinned() for buf in off.host.values())
+    assert model.checkpoint_layers == {2} and model.offloader is not None
+    assert len(offloaded) == len(stored) == 12 and stored[-1] < 0.8 * stored[0]
+    torch.testing.assert_close(offloaded, stored, rtol=2e-4, atol=0)
+
+
 def test_parameter_count_counts_4bit_weights_by_shape(tiny_hf_model, tmp_path):
     from snuggle.lora import count_parameters
 

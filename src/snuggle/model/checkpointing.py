@@ -136,6 +136,11 @@ def _covers_storage(t: torch.Tensor) -> bool:
     )
 
 
+# smaller saved tensors (statistics, seeds, low-rank products) stay on the device: their copies would
+# cost a launch each and free next to nothing
+_MIN_OFFLOAD_BYTES = 1 << 20
+
+
 class BlockActivationOffloader:
     """The tensors that the offloaded blocks save for backward, kept in pinned host memory in between.
 
@@ -149,13 +154,17 @@ class BlockActivationOffloader:
     """
 
     def __init__(
-        self, device: torch.device, layers: Iterable[int], keep: Iterable[torch.Tensor], min_bytes=1 << 20
+        self,
+        device: torch.device,
+        layers: Iterable[int],
+        keep: Iterable[torch.Tensor],
+        min_bytes: int | None = None,
     ):
         self.device = device
         self.layers = set(layers)
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.keep = {_storage_ptr(t) for t in keep}  # the weights: on the device for the whole step
-        self.min_bytes = min_bytes
+        self.min_bytes = _MIN_OFFLOAD_BYTES if min_bytes is None else min_bytes
         self.host: dict[tuple[int, int], torch.Tensor] = {}
         self.pending: dict[int, list[_Saved]] = {}  # offloaded in this forward, not yet fetched back
         self.credit = 0  # blocks' worth of device memory freed by backward and not yet refilled
