@@ -423,8 +423,21 @@ def _can_recompute_product(model: nn.Module) -> bool:
     from snuggle.model.decoder import act_down
 
     mlps = [block.mlp for block in model.model.layers]
-    # the swap point replaced (by the fast path), and a down projection it can fuse
-    return bool(mlps) and all(m.act_down is not act_down and fusable([m.down_proj]) for m in mlps)
+    # the swap point replaced (by the fast path), a down projection it can fuse, and activations the
+    # kernel can take (a model on the CPU of a GPU machine has the fast path swapped in, but runs the
+    # reference beneath it, which keeps the product)
+    return (
+        bool(mlps)
+        and _kernels_run_on(model)
+        and all(m.act_down is not act_down and fusable([m.down_proj]) for m in mlps)
+    )
+
+
+def _kernels_run_on(model: nn.Module) -> bool:
+    """Whether the fast path's kernels take this model's activations (its device), or fall back."""
+    from snuggle.kernels._utils import use_triton
+
+    return use_triton(model.lm_head.weight)
 
 
 def _can_recompute_norm(model: nn.Module) -> bool:
@@ -432,14 +445,18 @@ def _can_recompute_norm(model: nn.Module) -> bool:
     from snuggle.kernels.lora import fast_project, fusable, norm_fusable
 
     blocks = list(model.model.layers)
-    return bool(blocks) and all(
-        b.self_attn.project is fast_project
-        and b.mlp.project is fast_project
-        and norm_fusable(b.input_layernorm)
-        and norm_fusable(b.post_attention_layernorm)
-        and fusable([b.self_attn.q_proj, b.self_attn.k_proj, b.self_attn.v_proj])
-        and fusable([b.mlp.gate_proj, b.mlp.up_proj])
-        for b in blocks
+    return (
+        bool(blocks)
+        and _kernels_run_on(model)
+        and all(
+            b.self_attn.project is fast_project
+            and b.mlp.project is fast_project
+            and norm_fusable(b.input_layernorm)
+            and norm_fusable(b.post_attention_layernorm)
+            and fusable([b.self_attn.q_proj, b.self_attn.k_proj, b.self_attn.v_proj])
+            and fusable([b.mlp.gate_proj, b.mlp.up_proj])
+            for b in blocks
+        )
     )
 
 
