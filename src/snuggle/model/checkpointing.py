@@ -10,9 +10,10 @@ and costs its activations, so a run checkpoints only as many as its memory requi
 
 A block can also keep everything it saves for backward, but in pinned host memory
 (`BlockActivationOffloader`): no recomputation, only copies, which cost nothing while the host link
-keeps up with the compute. For an 8B model at 2 x 2048 tokens a block saves ~370 MB and its forward
-takes ~3 ms, so a link of ~25-50 GB/s carries a few blocks' worth per forward: the memory plan measures
-the link and offloads only as many blocks as it carries, and recomputes the rest of what memory needs.
+keeps up with the compute. For an 8B model at 2 x 2048 tokens a block saves ~390 MB and its forward
+takes ~3 ms, so an H100's host link (~55 GB/s measured) carries ~8 blocks' worth per forward: the
+memory plan measures the link and offloads only as many blocks as it carries, and recomputes the rest
+of what memory needs.
 
 Block order: the first `offload_blocks` blocks have their activations offloaded (their copies get the
 whole forward to leave the GPU), the next `checkpoint_layers` blocks are recomputed, the rest stored.
