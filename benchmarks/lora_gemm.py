@@ -10,7 +10,9 @@ this times the whole forward and backward sequence of GEMMs (no autograd, no ele
   each projection's dx summed by autograd.
 - `grouped`: one x A_cat^T for the group; the low-rank update written first and the base GEMM
   accumulated onto it (beta = 1, read in cuBLAS's epilogue); in backward one gB_cat A_cat for dx with
-  every base dgrad accumulated onto it, and dA_cat from one product with x.
+  every base dgrad accumulated onto it, and dA_cat from one product with x. This is
+  `kernels.lora.LoRAGroupFunction`'s sequence; `grouped, base first` is the same with each output's
+  base GEMM first and the low-rank update added after it, as that Function did before.
 
 A Triton GEMM with the low-rank update in its epilogue was tried too (Triton 3.6, pointer loads,
 autotuned): without the update it ran 25-35% slower than cuBLAS on these shapes, so it lost overall
@@ -80,6 +82,26 @@ def grouped(x, g, Ws, As, Bs):
         (gi.t() @ xa[:, i * r : (i + 1) * r]).mul_(SCALE)  # dB
 
 
+def grouped_base_first(x, g, Ws, As, Bs):
+    """`grouped` with each output's two products in the other order: the base GEMM first, then the
+    low-rank update added onto it (a memory-bound pass that reads and writes the output); what
+    `kernels.lora` did before the low-rank term went first."""
+    r = RANK
+    A_cat = torch.cat(As)
+    xa = x @ A_cat.t()
+    for i, (W, B) in enumerate(zip(Ws, Bs, strict=True)):
+        y = x @ W.t()
+        y.addmm_(xa[:, i * r : (i + 1) * r], B.t(), alpha=SCALE)
+    gB = torch.cat([gi @ B for gi, B in zip(g, Bs, strict=True)], dim=1)
+    dx = None
+    for W, gi in zip(Ws, g, strict=True):
+        dx = gi @ W if dx is None else dx.addmm_(gi, W)
+    dx.addmm_(gB, A_cat, alpha=SCALE)
+    (gB.t() @ x).mul_(SCALE)
+    for i, gi in enumerate(g):
+        (gi.t() @ xa[:, i * r : (i + 1) * r]).mul_(SCALE)
+
+
 def augment(Ws, As, Bs):
     """(sum out + R, in + R): [W_cat | B_blocks] over [A_cat | 0] (B_i at rank columns i, zeros else)."""
     outs, fan_in, r = [W.shape[0] for W in Ws], Ws[0].shape[1], RANK
@@ -136,7 +158,12 @@ def main() -> None:
             R = big.shape[1] - fan_in
             xbuf = torch.randn(n, fan_in + R, device=dev, dtype=dt)
             gbuf = torch.randn(n, sum(outs) + R, device=dev, dtype=dt)
-            variants = [("base", base), ("separate", separate), ("grouped", grouped)]
+            variants = [
+                ("base", base),
+                ("separate", separate),
+                ("grouped", grouped),
+                ("grouped, base first", grouped_base_first),
+            ]
             for copy in (False, True):
                 aug = partial(augmented, big=big, xbuf=xbuf, gbuf=gbuf, copy=copy)
                 variants.append(("augmented+copy" if copy else "augmented", aug))

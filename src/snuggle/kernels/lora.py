@@ -9,7 +9,13 @@ order, never forming an out x in matrix, and with no scaled copy of the (n, out)
     gB = g B                 (n, r)
     dB = s g^T xa            (out, r)
     dA = s gB^T x            (r, in)
-    dx = g W + s gB A        (n, in), the LoRA term accumulated by the same addmm, not summed after
+    dx = s gB A + g W        (n, in), the dgrad accumulated onto the LoRA term by its own GEMM
+
+The order of the two products into one output matters for the bytes moved: the rank-r product alone is
+memory-bound (K = r), so it runs first and only writes its (n, out) result; the base GEMM, which is
+compute-bound, then adds onto it (beta = 1), reading it in cuBLAS's epilogue while other tiles keep the
+tensor cores busy. Base first and then `y += s xa B^T` would read and write the whole output once more
+in a memory-bound kernel.
 
 The frozen W gets no gradient unless it requires one (full fine-tuning through this module).
 Dropout on the LoRA input would need the dropped x kept too; the fused path takes p = 0 only and
@@ -30,6 +36,7 @@ __all__ = [
     "LoRALinearFunction",
     "LoRAGroupFunction",
     "lora_linear",
+    "low_rank",
     "lora_output",
     "lora_input_grad",
     "lora_param_grads",
@@ -40,24 +47,32 @@ __all__ = [
 ]
 
 
+def low_rank(u: torch.Tensor, factor: torch.Tensor, scale: float, bias=None) -> torch.Tensor:
+    """scale u factor (+ bias), a new (n, m) tensor from u (n, r) and factor (r, m): the first of two
+    products into one output (see the module docstring), the scale applied inside the GEMM."""
+    if bias is not None:
+        return torch.addmm(bias, u, factor, alpha=scale)
+    out = torch.empty(u.shape[0], factor.shape[1], dtype=u.dtype, device=u.device)
+    return out.addmm_(u, factor, beta=0, alpha=scale)  # beta = 0: the empty buffer is never read
+
+
 def lora_output(x2, weight, bias, xa, lora_B, scale: float) -> torch.Tensor:
-    """x2 W^T + b + scale xa B^T, (n, out), in x2's dtype: the base GEMM, then the low-rank update
-    accumulated onto its output in place (no (n, out) temporary). `xa` = x2 A^T is the caller's, so a
-    group of projections can share one product for it."""
+    """x2 W^T + b + scale xa B^T, (n, out), in x2's dtype: the low-rank update (and bias) written first,
+    then the base GEMM accumulated onto it in place (beta = 1, no (n, out) temporary). `xa` = x2 A^T is
+    the caller's, so a group of projections can share one product for it."""
     dt = x2.dtype
+    y = low_rank(xa, lora_B.to(dt).t(), scale, None if bias is None else bias.to(dt))  # (n, out)
     w = as_dense(weight, dt)  # (out, in); a no-op cast when stored in the activation dtype
-    y = torch.addmm(bias.to(dt), x2, w.t()) if bias is not None else x2 @ w.t()  # (n, out)
+    y.addmm_(x2, w.t())
     del w  # a dequantized 4-bit weight: freed now, made again in backward
-    y.addmm_(xa, lora_B.to(dt).t(), alpha=scale)
     return y
 
 
 def lora_input_grad(g2, weight, gB, lora_A, scale: float) -> torch.Tensor:
-    """dx = g W + scale gB A, (n, in); the LoRA term accumulated by the same addmm, not summed after."""
+    """dx = scale gB A + g W, (n, in); the dgrad accumulated onto the LoRA term by the same addmm."""
     dt = g2.dtype
-    dx = g2 @ as_dense(weight, dt)
-    dx.addmm_(gB, lora_A.to(dt), alpha=scale)
-    return dx
+    dx = low_rank(gB, lora_A.to(dt), scale)
+    return dx.addmm_(g2, as_dense(weight, dt))
 
 
 def lora_param_grads(g2, gB, x2, xa, weight, bias, lora_A, lora_B, scale: float, need):
@@ -188,17 +203,17 @@ class LoRAGroupFunction(torch.autograd.Function):
         gB = torch.cat([g @ B.to(dt) for g, B in zip(g2, Bs, strict=True)], dim=1)  # (n, sum r)
         dx = dnorm = None
         if need_x or need_norm:  # d(the projected input), then through the norm when there is one
-            for g, W in zip(g2, Ws, strict=True):  # every dgrad summed into one buffer by the GEMM
-                w = as_dense(W, dt)
-                dx = g @ w if dx is None else dx.addmm_(g, w)
-                del w
             scales = ctx.scales
             A_cat = torch.cat([A.to(dt) for A in As])  # (sum r, in)
-            if len(set(scales)) == 1:
-                dx.addmm_(gB, A_cat, alpha=scales[0])
+            if len(set(scales)) == 1:  # the low-rank term first, every dgrad then summed onto it
+                dx = low_rank(gB, A_cat, scales[0])
             else:  # per-projection scales: on the rank columns of gB (n x sum r, tiny)
                 col = torch.repeat_interleave(torch.tensor(scales, dtype=dt), torch.tensor(ctx.ranks))
-                dx.addmm_(gB * col.to(gB.device), A_cat)
+                dx = low_rank(gB * col.to(gB.device), A_cat, 1.0)
+            for g, W in zip(g2, Ws, strict=True):  # by the GEMMs themselves (beta = 1)
+                w = as_dense(W, dt)
+                dx.addmm_(g, w)
+                del w
             if norm_weight is not None:
                 dx, dnorm = rmsnorm_backward(dx, x_in, norm_weight, rstd, need_x, need_norm)
             dx = None if dx is None else dx.view(*gs[0].shape[:-1], dx.shape[-1])
