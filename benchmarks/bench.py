@@ -5,8 +5,8 @@ fused AdamW on the trainables, input = labels = random token ids, W warm-up step
 N timed steps, peak = torch.cuda.max_memory_allocated() since the first step. Every variant builds
 the same weights and LoRA factors from the parameter names (ours are HF's), so loss curves compare.
 
-usage: python benchmarks/bench.py --variant snuggle --model 1b --batch 8 --seq 2048 [--ckpt offload|plan]
-       [--quantize nf4] [--tile TOKENS] [--cap-gib 24]
+usage: python benchmarks/bench.py --variant snuggle|hf|liger|unsloth --model 1b --batch 8 --seq 2048
+       [--ckpt offload|plan] [--quantize nf4] [--tile TOKENS] [--cap-gib 24]
 prints one JSON line (also when the run fails: {"error": ...}).
 """
 
@@ -56,6 +56,7 @@ SHAPES = {
 }
 COMMON = dict(rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=131072)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+MODEL_DIR = "/tmp/snuggle-bench-{model}"  # where write_model_dir saves the weights for Unsloth
 
 
 def hf_config(name: str):
@@ -185,6 +186,85 @@ def build_hf(args, device, liger: bool = False):
     return model, step_loss, {}
 
 
+def write_model_dir(args, device) -> str:
+    """The random-init weights of `build_hf`, saved as an HF directory with a tokenizer, for a peer that
+    only loads from a path (Unsloth): MODEL_DIR, reused when already written."""
+    from pathlib import Path
+
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+    path = Path(MODEL_DIR.format(model=args.model))
+    if (path / "config.json").exists():
+        return str(path)
+    cfg = hf_config(args.model)
+    cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = 1, 2, 3
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    model.to_empty(device=device)
+    model.tie_weights()
+    init_weights(model.named_parameters())
+    tmp = path.with_name(path.name + ".part")
+    model.save_pretrained(tmp)
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    # a word-level vocabulary of the model's size: the inputs are token ids, the tokenizer is never run
+    vocab = {f"t{i}": i for i in range(cfg.vocab_size)}
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(WordLevel(vocab, unk_token="t0")),
+        unk_token="t0",
+        bos_token="t1",
+        eos_token="t2",
+        pad_token="t3",
+        model_max_length=cfg.max_position_embeddings,
+    )
+    tok.save_pretrained(tmp)
+    tmp.rename(path)
+    return str(path)
+
+
+def build_unsloth(args, device):
+    """Unsloth's FastLanguageModel on the weights of `build_hf` (loaded from a directory it writes),
+    LoRA as the others; checkpointing: Unsloth's own offloaded mode ("unsloth") or none."""
+    import unsloth  # noqa: F401  (first: it patches transformers and peft when imported)
+    from unsloth import FastLanguageModel
+
+    path = write_model_dir(args, device)
+    model, _ = FastLanguageModel.from_pretrained(
+        model_name=path,
+        max_seq_length=args.seq,
+        dtype=torch.bfloat16,
+        load_in_4bit=args.quantize == "nf4",  # bitsandbytes NF4 with double quantization
+        fix_tokenizer=False,
+    )
+    model = FastLanguageModel.get_peft_model(
+        model,
+        r=16,
+        lora_alpha=16,
+        lora_dropout=0.0,
+        bias="none",
+        target_modules=TARGETS,
+        use_gradient_checkpointing="unsloth" if args.ckpt != "none" else False,
+        max_seq_length=args.seq,
+    )
+    for name, mod in model.named_modules():
+        if hasattr(mod, "lora_A") and "default" in getattr(mod, "lora_A", {}):
+            init_lora(
+                name.removeprefix("base_model.model."),
+                mod.lora_A["default"].weight,
+                mod.lora_B["default"].weight,
+            )
+    # model.train(), not FastLanguageModel.for_training: that one sets gradient checkpointing on everywhere
+    model.train()
+
+    def step_loss(ids):
+        return model(input_ids=ids, labels=ids).loss
+
+    return model, step_loss, {}
+
+
 def profile_step(step_loss, opt, ids) -> None:
     """Print the CUDA kernels of one more step by total time (stderr), to see where a step goes."""
     from torch.profiler import ProfilerActivity, profile
@@ -215,6 +295,8 @@ def run(args) -> dict:
         model, step_loss, info = build_snuggle(args, device)
     elif args.variant in ("hf", "liger"):
         model, step_loss, info = build_hf(args, device, liger=args.variant == "liger")
+    elif args.variant == "unsloth":
+        model, step_loss, info = build_unsloth(args, device)
     else:
         raise SystemExit(f"unknown variant {args.variant}")
     params = [p for p in model.parameters() if p.requires_grad]
@@ -255,7 +337,7 @@ def run(args) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--variant", required=True, choices=["snuggle", "hf", "liger"])
+    p.add_argument("--variant", required=True, choices=["snuggle", "hf", "liger", "unsloth"])
     p.add_argument("--model", default="1b", choices=list(SHAPES))
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=2048)
@@ -284,7 +366,9 @@ def main() -> None:
         help="the LoRA groups normalize their input inside and keep the norm's input, not its output",
     )
     p.add_argument("--profile", action="store_true", help="print one step's kernel profile on stderr")
-    p.add_argument("--quantize", default="none", choices=["none", "nf4"], help="nf4: QLoRA (snuggle only)")
+    p.add_argument(
+        "--quantize", default="none", choices=["none", "nf4"], help="nf4: QLoRA (snuggle, unsloth)"
+    )
     p.add_argument("--tile", type=int, default=0, help="MLP sequence tile in tokens (0: untiled)")
     args = p.parse_args()
     try:

@@ -74,6 +74,27 @@ SUITES["quick"] = [
     ("snuggle", "8b", 2, 2048, "none", 24, (*NF4, "--recompute-product", "--recompute-norm")),
     ("snuggle", "8b", 2, 2048, "plan", 24, NF4),
 ]
+# Unsloth in the same run, in the configurations the targets of issues #3 and #4 name: its fastest
+# (no checkpointing), and for 8B under a 24 GiB cap its fastest that fits (its offloaded checkpointing)
+SUITES["peers"] = [
+    ("unsloth", "1b", 8, 2048, "none", 0, ()),
+    ("unsloth", "8b", 2, 2048, "none", 0, ()),
+    ("unsloth", "8b", 2, 2048, "all", 0, ()),
+    ("unsloth", "8b", 2, 2048, "none", 24, NF4),
+]
+# its smallest footprints (offloaded checkpointing), for the "at least its speed there" targets
+SUITES["peers-footprint"] = [
+    ("unsloth", "1b", 8, 2048, "all", 0, ()),
+    ("unsloth", "8b", 2, 2048, "all", 24, NF4),
+]
+# snuggle's rows of those targets, with the peers beside them: one table with same-run ratios
+SUITES["targets"] = [
+    ("snuggle", "1b", 8, 2048, "none", 0, ()),
+    ("snuggle", "8b", 2, 2048, "none", 0, ()),
+    ("snuggle", "8b", 2, 2048, "plan", 24, ()),
+    ("snuggle", "8b", 2, 2048, "plan", 24, NF4),
+    *SUITES["peers"],
+]
 SUITES["all"] = SUITES["1b"] + SUITES["8b"] + SUITES["qlora"] + SUITES["qlora-long"]
 SUITES["8b-cap"] = [c for c in SUITES["8b"] if c[5]]
 # peers' figures measured on one H100 with this setup (shared/ANCHORS.md), for rows we cannot run here
@@ -92,13 +113,65 @@ QLORA_ANCHORS = {
 }
 
 
-def qlora_peer(r: dict) -> float | None:
-    """Unsloth's tokens/s for the QLoRA case this row matches: the smallest-footprint figure for an
-    offloaded row, else its fastest configuration that fits the same (or any) cap."""
-    if (r["batch"], r["seq"]) == (2, 2048):
-        return QLORA_ANCHORS[(2, 2048, "all" if r["ckpt"] in ("offload", "all") else "none")][0]
-    hit = QLORA_ANCHORS.get((r["batch"], r["seq"], "all"))
-    return hit[0] if hit else None
+def anchor_rows() -> list[dict]:
+    """ANCHORS.md's Unsloth figures as rows shaped like measured ones (they hold for an H100 only)."""
+    rows = [
+        dict(
+            variant=v,
+            model=m,
+            batch=8 if m == "1b" else 2,
+            seq=2048,
+            ckpt=c,
+            quantize="none",
+            cap_gib=0,
+            tokens_per_s=t,
+            peak_gib=g,
+            anchor=True,
+        )
+        for (v, m, c), (t, g) in ANCHORS.items()
+    ]
+    rows += [
+        dict(
+            variant="unsloth",
+            model="8b",
+            batch=b,
+            seq=q,
+            ckpt=c,
+            quantize="nf4",
+            cap_gib=0,
+            tokens_per_s=t,
+            peak_gib=g,
+            anchor=True,
+        )
+        for (b, q, c), (t, g) in QLORA_ANCHORS.items()
+    ]
+    return rows
+
+
+def best_peer(r: dict, peers: list[dict]) -> float | None:
+    """The peers' figure a snuggle row is held against: for an offloaded row, the fastest peer run with
+    checkpointing (the smallest-footprint comparison); else the fastest peer configuration that fits the
+    row's memory cap (its peak under the cap, or itself run under one no larger). Same model, batch,
+    sequence and precision; `peers` are measured rows first, anchors only where none was measured."""
+    cap = r.get("cap_gib") or 0
+
+    def fits(p: dict) -> bool:
+        return not cap or 0 < (p.get("cap_gib") or 0) <= cap or p["peak_gib"] <= cap
+
+    same = [
+        p
+        for p in peers
+        if "tokens_per_s" in p
+        and (p["model"], p["batch"], p["seq"], p.get("quantize", "none"))
+        == (r["model"], r["batch"], r["seq"], r.get("quantize", "none"))
+    ]
+    if r["ckpt"] in ("offload", "all"):
+        same = [p for p in same if p["ckpt"] != "none"]
+    else:
+        same = [p for p in same if fits(p)]
+    measured = [p["tokens_per_s"] for p in same if not p.get("anchor")]
+    anchors = [p["tokens_per_s"] for p in same if p.get("anchor")]
+    return max(measured or anchors, default=None)
 
 
 DATASHEET_TFLOPS = 989.0
@@ -211,14 +284,14 @@ def label(r: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("suite", choices=list(SUITES))
+    ap.add_argument("suite", nargs="+", choices=list(SUITES), help="one or more, run in this order")
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--timeout", type=int, default=300)
     a = ap.parse_args()
     env = environment()
     peak = measure_matmul_tflops() if env["gpu"] != "cpu" else float("nan")
     rows = []
-    for case in SUITES[a.suite]:
+    for case in [c for name in a.suite for c in SUITES[name]]:
         r = run_case(case, a.timeout)
         if "tokens_per_s" in r:
             achieved = r["tokens_per_s"] * flops_per_token(r["model"], r["seq"]) / 1e12
@@ -226,24 +299,19 @@ def main() -> None:
             r["bound"] = achieved / peak
         rows.append(r)
         print(json.dumps({k: v for k, v in r.items() if k != "losses"}), flush=True)
-    # ratio to the best peer (same model) that ran here or is in ANCHORS.md
+    # ratio to the best peer that ran here; ANCHORS.md's figures stand in only on the card they were
+    # measured on (an H100), and only for cases no peer ran for in this run
+    peers = [p for p in rows if p["variant"] != "snuggle"]
+    if "H100" in env["gpu"]:
+        peers += anchor_rows()
     for r in rows:
-        if r.get("quantize") == "nf4":
-            peer = qlora_peer(r)
-            if "tokens_per_s" in r and peer:
-                r["vs_best_peer"] = r["tokens_per_s"] / peer
-            continue
-        peers = [
-            p["tokens_per_s"]
-            for p in rows
-            if p["variant"] != "snuggle" and p["model"] == r["model"] and "tokens_per_s" in p
-        ]
-        peers += [v[0] for k, v in ANCHORS.items() if k[1] == r["model"]]
-        if "tokens_per_s" in r and peers:
-            r["vs_best_peer"] = r["tokens_per_s"] / max(peers)
+        peer = best_peer(r, peers) if r["variant"] == "snuggle" and "tokens_per_s" in r else None
+        if peer:
+            r["vs_best_peer"] = r["tokens_per_s"] / peer
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"{a.suite}-{env['gpu'].replace(' ', '_')}-{env['commit']}"
+    suite = "+".join(a.suite)
+    stem = f"{suite}-{env['gpu'].replace(' ', '_')}-{env['commit']}"
     header = [
         "case",
         "tokens/s",
@@ -257,7 +325,7 @@ def main() -> None:
         "loss last",
     ]
     lines = [
-        f"# snuggle benchmark `{a.suite}`",
+        f"# snuggle benchmark `{suite}`",
         "",
         "environment: " + ", ".join(f"{k} {v}" for k, v in env.items()),
         f"measured bf16 matmul: {peak:.0f} TFLOP/s",
@@ -278,7 +346,8 @@ def main() -> None:
         )
     lines += [
         "",
-        "Peers not run here, from shared/ANCHORS.md (same setup, one H100): "
+        "vs best peer: against the peers run above; on an H100, ANCHORS.md's figures below stand in for the "
+        "peers not run. Peers' figures from shared/ANCHORS.md (same setup, one H100): "
         + "; ".join(
             f"{k[0]} {k[1]} ckpt {k[2]}: {v[0]:,} tokens/s at {v[1]} GiB" for k, v in ANCHORS.items()
         ),
