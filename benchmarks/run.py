@@ -287,18 +287,43 @@ def main() -> None:
     ap.add_argument("suite", nargs="+", choices=list(SUITES), help="one or more, run in this order")
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--timeout", type=int, default=300)
+    ap.add_argument(
+        "--rows",
+        default="",
+        help="no runs: the table from the JSON lines an earlier run printed (its first line the "
+        "environment), e.g. of a run stopped before its end; SUITE then only names the files",
+    )
     a = ap.parse_args()
+    suite = "+".join(a.suite)
+    if a.rows:
+        lines = [json.loads(ln) for ln in Path(a.rows).read_text().splitlines() if ln.startswith("{")]
+        head, peak = lines[0], lines[0]["matmul_tflops"]
+        rows = [r if "mfu" in r else add_rates(r, peak) for r in lines[1:]]  # bench.py's own lines lack them
+        write_tables(suite, head["environment"], peak, rows, Path(a.out))
+        return
     env = environment()
     peak = measure_matmul_tflops() if env["gpu"] != "cpu" else float("nan")
+    # first, so that a run stopped before its end still has them beside its rows (see --rows)
+    print(json.dumps({"environment": env, "matmul_tflops": peak}), flush=True)
     rows = []
     for case in [c for name in a.suite for c in SUITES[name]]:
-        r = run_case(case, a.timeout)
-        if "tokens_per_s" in r:
-            achieved = r["tokens_per_s"] * flops_per_token(r["model"], r["seq"]) / 1e12
-            r["mfu"] = achieved / DATASHEET_TFLOPS
-            r["bound"] = achieved / peak
+        r = add_rates(run_case(case, a.timeout), peak)
         rows.append(r)
         print(json.dumps({k: v for k, v in r.items() if k != "losses"}), flush=True)
+    write_tables(suite, env, peak, rows, Path(a.out))
+
+
+def add_rates(r: dict, peak: float) -> dict:
+    """MFU (against the datasheet peak) and the share of the measured matmul rate, for a row that ran."""
+    if "tokens_per_s" in r:
+        achieved = r["tokens_per_s"] * flops_per_token(r["model"], r["seq"]) / 1e12
+        r["mfu"] = achieved / DATASHEET_TFLOPS
+        r["bound"] = achieved / peak
+    return r
+
+
+def write_tables(suite: str, env: dict, peak: float, rows: list[dict], out: Path) -> None:
+    """The ratios to the best peer, then the table as markdown (printed too), CSV and JSON lines."""
     # ratio to the best peer that ran here; ANCHORS.md's figures stand in only on the card they were
     # measured on (an H100), and only for cases no peer ran for in this run
     peers = [p for p in rows if p["variant"] != "snuggle"]
@@ -308,9 +333,7 @@ def main() -> None:
         peer = best_peer(r, peers) if r["variant"] == "snuggle" and "tokens_per_s" in r else None
         if peer:
             r["vs_best_peer"] = r["tokens_per_s"] / peer
-    out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    suite = "+".join(a.suite)
     stem = f"{suite}-{env['gpu'].replace(' ', '_')}-{env['commit']}"
     header = [
         "case",

@@ -7,6 +7,7 @@ cap"), so which peer row a snuggle row is held against is tested here, with meas
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from argparse import Namespace
 from pathlib import Path
@@ -98,3 +99,37 @@ def test_model_dir_holds_the_benchmark_weights_and_a_tokenizer_of_the_vocabulary
     assert bench.write_model_dir(Namespace(model="tiny"), torch.device("cpu")) == str(path)
     assert (path / "config.json").stat().st_mtime_ns == stamp
     assert json.loads((path / "config.json").read_text())["pad_token_id"] == 3
+
+
+def test_table_rebuilt_from_printed_rows_carries_same_run_ratios(tmp_path):
+    """`run.py --rows`: a run stopped before its table still gets one, from the lines it printed."""
+    env = {"gpu": "NVIDIA H200", "commit": "abc1234"}
+    lines = [
+        {"environment": env, "matmul_tflops": 800.0},
+        {
+            **row("snuggle", ckpt="plan", cap=24, tok=15000, peak=23.3),
+            "loss_first": 12.6,
+            "loss_last": 12.5,
+            "step_s": 0.27,
+        },
+        {**row("unsloth", tok=15800, peak=30.6), "loss_first": 12.6, "loss_last": 12.5, "step_s": 0.26},
+        {
+            **row("unsloth", ckpt="all", tok=10000, peak=16.7),
+            "loss_first": 12.6,
+            "loss_last": 12.5,
+            "step_s": 0.4,
+        },
+    ]
+    src = tmp_path / "rows.jsonl"
+    src.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    subprocess.run(
+        [sys.executable, str(BENCH / "run.py"), "targets", "--rows", str(src), "--out", str(tmp_path)],
+        check=True,
+        capture_output=True,
+    )
+    table = (tmp_path / "targets-NVIDIA_H200-abc1234.md").read_text()
+    # held against Unsloth's offloaded run (the only one that fits 24 GiB); no H100 anchor on an H200
+    assert "| 8b snuggle, ckpt plan, cap 24 GiB | 15,000 |" in table
+    assert "| 1.50 |" in table
+    rows = [json.loads(x) for x in (tmp_path / "targets-NVIDIA_H200-abc1234.jsonl").read_text().splitlines()]
+    assert rows[0]["vs_best_peer"] == 1.5 and "mfu" in rows[1] and rows[1]["gpu"] == "NVIDIA H200"
