@@ -154,6 +154,26 @@ def build_snuggle(args, device):
     return model, step_loss, info
 
 
+def init_peft_lora(model) -> None:
+    """A PEFT-wrapped model's LoRA factors (HF + PEFT, Liger, Unsloth) set as `init_lora` sets ours."""
+    for name, mod in model.named_modules():
+        if hasattr(mod, "lora_A") and "default" in getattr(mod, "lora_A", {}):
+            init_lora(
+                name.removeprefix("base_model.model."),
+                mod.lora_A["default"].weight,
+                mod.lora_B["default"].weight,
+            )
+
+
+def hf_step_loss(model):
+    """The mean next-token loss of a transformers causal LM (labels = inputs, shifted inside)."""
+
+    def step_loss(ids):
+        return model(input_ids=ids, labels=ids).loss
+
+    return step_loss
+
+
 def build_hf(args, device, liger: bool = False):
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
@@ -171,19 +191,9 @@ def build_hf(args, device, liger: bool = False):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS))
-    for name, mod in model.named_modules():
-        if hasattr(mod, "lora_A") and "default" in getattr(mod, "lora_A", {}):
-            init_lora(
-                name.removeprefix("base_model.model."),
-                mod.lora_A["default"].weight,
-                mod.lora_B["default"].weight,
-            )
+    init_peft_lora(model)
     model.train()
-
-    def step_loss(ids):
-        return model(input_ids=ids, labels=ids).loss
-
-    return model, step_loss, {}
+    return model, hf_step_loss(model), {}
 
 
 def write_model_dir(args, device) -> str:
@@ -249,20 +259,11 @@ def build_unsloth(args, device):
         use_gradient_checkpointing="unsloth" if args.ckpt != "none" else False,
         max_seq_length=args.seq,
     )
-    for name, mod in model.named_modules():
-        if hasattr(mod, "lora_A") and "default" in getattr(mod, "lora_A", {}):
-            init_lora(
-                name.removeprefix("base_model.model."),
-                mod.lora_A["default"].weight,
-                mod.lora_B["default"].weight,
-            )
+    init_peft_lora(model)
     # model.train(), not FastLanguageModel.for_training: that one sets gradient checkpointing on everywhere
     model.train()
 
-    def step_loss(ids):
-        return model(input_ids=ids, labels=ids).loss
-
-    return model, step_loss, {}
+    return model, hf_step_loss(model), {}
 
 
 def profile_step(step_loss, opt, ids) -> None:

@@ -133,3 +133,23 @@ def test_table_rebuilt_from_printed_rows_carries_same_run_ratios(tmp_path):
     assert "| 1.50 |" in table
     rows = [json.loads(x) for x in (tmp_path / "targets-NVIDIA_H200-abc1234.jsonl").read_text().splitlines()]
     assert rows[0]["vs_best_peer"] == 1.5 and "mfu" in rows[1] and rows[1]["gpu"] == "NVIDIA H200"
+
+
+def test_hf_peft_variant_starts_from_the_seeded_lora_factors_and_trains_on_cpu():
+    """build_hf (the HF + PEFT and Liger variants, and Unsloth's LoRA set the same way): A as init_lora
+    draws it from the projection's name, B zero, and one step's loss near ln(vocab) for random weights."""
+    pytest.importorskip("peft")
+    model, step_loss, _ = bench.build_hf(Namespace(model="tiny", ckpt="none"), torch.device("cpu"))
+    mods = {n.removeprefix("base_model.model."): m for n, m in model.named_modules() if hasattr(m, "lora_A")}
+    name = "model.layers.1.mlp.down_proj"
+    a, b = (
+        torch.empty_like(mods[name].lora_A["default"].weight),
+        torch.empty_like(mods[name].lora_B["default"].weight),
+    )
+    bench.init_lora(name, a, b)
+    assert torch.equal(mods[name].lora_A["default"].weight, a) and not b.any()
+    ids = torch.randint(0, bench.SHAPES["tiny"]["vocab_size"], (2, 16))
+    loss = step_loss(ids)
+    loss.backward()
+    assert abs(loss.item() - torch.log(torch.tensor(1000.0)).item()) < 0.5
+    assert mods[name].lora_B["default"].weight.grad.abs().sum() > 0
