@@ -140,10 +140,12 @@ def build_snuggle(args, device):
         configure_checkpointing(
             model, n, offload=args.ckpt == "offload" or args.offload, offload_blocks=args.offload_blocks or 0
         )
-        for block in model.model.layers:
+        for i, block in enumerate(model.model.layers):
             block.mlp.tile_tokens = args.tile
             block.mlp.recompute_product = args.recompute_product
             block.recompute_norm = args.recompute_norm
+            # a recomputed block makes all of its insides again anyway
+            block.mlp.recompute_gate_up = args.recompute_gate_up and i not in model.checkpoint_layers
     model.train()
 
     def step_loss(ids):
@@ -366,6 +368,11 @@ def main() -> None:
         action="store_true",
         help="the LoRA groups normalize their input inside and keep the norm's input, not its output",
     )
+    p.add_argument(
+        "--recompute-gate-up",
+        action="store_true",
+        help="the MLPs of blocks not recomputed keep only their input and make gate and up again in backward",
+    )
     p.add_argument("--profile", action="store_true", help="print one step's kernel profile on stderr")
     p.add_argument(
         "--quantize", default="none", choices=["none", "nf4"], help="nf4: QLoRA (snuggle, unsloth)"
@@ -392,6 +399,7 @@ def main() -> None:
         tile=args.tile,
         recompute_product=args.recompute_product,
         recompute_norm=args.recompute_norm,
+        recompute_gate_up=args.recompute_gate_up,
         offload_blocks=args.offload_blocks,
     )
     print(json.dumps(res), flush=True)

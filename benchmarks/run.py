@@ -74,6 +74,15 @@ SUITES["quick"] = [
     ("snuggle", "8b", 2, 2048, "none", 24, (*NF4, "--recompute-product", "--recompute-norm")),
     ("snuggle", "8b", 2, 2048, "plan", 24, NF4),
 ]
+# what making gate and up again costs (against the row before it) and frees, beside a recomputed block's
+# cost (layers:N rows of the 8b suite): the figures the memory plan needs before it may choose it
+SUITES["gate-up"] = [
+    ("snuggle", "8b", 2, 2048, "none", 0, ("--recompute-norm",)),
+    ("snuggle", "8b", 2, 2048, "none", 0, ("--recompute-norm", "--recompute-gate-up")),
+    ("snuggle", "8b", 2, 2048, "layers:8", 0, ("--recompute-norm",)),
+    ("snuggle", "1b", 8, 2048, "none", 0, ("--recompute-norm",)),
+    ("snuggle", "1b", 8, 2048, "none", 0, ("--recompute-norm", "--recompute-gate-up")),
+]
 # Unsloth in the same run, in the configurations the targets of issues #3 and #4 name: its fastest
 # (no checkpointing), and for 8B under a 24 GiB cap its fastest that fits (its offloaded checkpointing)
 SUITES["peers"] = [
@@ -276,7 +285,15 @@ def label(r: dict) -> str:
     if r.get("batch", 0) * r.get("seq", 0) > 8192:
         name += f" {r['batch']}x{r['seq']}"
     ck = r["ckpt"] + ("+offload" if r.get("offload") and r["ckpt"].startswith("layers") else "")
-    again = [w for w, k in (("product", "recompute_product"), ("norms", "recompute_norm")) if r.get(k)]
+    again = [
+        w
+        for w, k in (
+            ("product", "recompute_product"),
+            ("norms", "recompute_norm"),
+            ("gate/up", "recompute_gate_up"),
+        )
+        if r.get(k)
+    ]
     ck += f" +{' and '.join(again)} recomputed" if again else ""
     cap = f", cap {r['cap_gib']:g} GiB" if r.get("cap_gib") else ""
     return f"{r['model']} {name}, ckpt {ck}{cap}"

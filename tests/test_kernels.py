@@ -36,7 +36,14 @@ from torch import nn  # noqa: E402
 from snuggle.lora import LoRALinear, apply_lora  # noqa: E402
 from snuggle.model.args import ModelArgs  # noqa: E402
 from snuggle.model.checkpointing import configure_checkpointing  # noqa: E402
-from snuggle.model.decoder import Decoder, RMSNorm, project, rope_cos_sin, rope_inv_freq  # noqa: E402
+from snuggle.model.decoder import (  # noqa: E402
+    Decoder,
+    RMSNorm,
+    gate_up_down,
+    project,
+    rope_cos_sin,
+    rope_inv_freq,
+)
 from snuggle.model.loss import IGNORE_INDEX  # noqa: E402
 
 try:
@@ -50,6 +57,7 @@ if HAS_TRITON:
     from snuggle.kernels import apply_fast_path, linear_ce, reference, rmsnorm, triton_available
     from snuggle.kernels.linear_ce import fused_linear_cross_entropy
     from snuggle.kernels.lora import FastLoRALinear, fast_project, lora_linear
+    from snuggle.kernels.mlp import fast_gate_up_down
     from snuggle.kernels.rmsnorm import FastRMSNorm, fast_rms_norm
     from snuggle.kernels.rope import fast_rope_qk
     from snuggle.kernels.swiglu import fast_act_down, fast_swiglu
@@ -871,6 +879,117 @@ class TestSwiGLUDown:
         assert "SwiGLUDownFunction" not in fn_name(fast_act_down(gate, up, reference.swiglu, fast))
 
 
+def _mlp(n_in, inter, ranks, bias, dtype, rslora=(False,)):
+    """gate, up, down LoRA projections: reference modules and the fused path's (shared Parameters)."""
+    refs = []
+    for i, ((o, k), r) in enumerate(zip(((inter, n_in), (inter, n_in), (n_in, inter)), ranks, strict=True)):
+        ref, _ = _lora_pair(k, o, r, bias, w_dtype=dtype, rslora=rslora[i % len(rslora)])
+        refs.append(ref)
+    return refs, [FastLoRALinear.from_module(m) for m in refs]
+
+
+def _mlp_grads(mods, norm, x0, gy, fn):
+    """Output, dx and every trainable gradient (LoRA factors, trained base weights and biases, the norm)."""
+    x = x0.clone().requires_grad_(True)
+    y = fn(mods, x, norm)
+    y.backward(gy)
+    out = {"y": y, "x": x.grad}
+    for i, m in enumerate(mods):
+        for name in ("lora_A", "lora_B", "weight", "bias"):
+            p = getattr(m, name)
+            if isinstance(p, torch.Tensor) and p.requires_grad:
+                out[f"{name}{i}"], p.grad = p.grad, None
+    if norm is not None and norm.weight.requires_grad:
+        out["norm"], norm.weight.grad = norm.weight.grad, None
+    return out
+
+
+@needs_triton
+class TestLoRAMLP:
+    """The whole MLP as one Function that keeps only its input: as the group and SwiGLU-down Functions."""
+
+    @staticmethod
+    def ref_mlp(mods, x, norm):
+        return gate_up_down(mods, x, reference.swiglu, norm)
+
+    @staticmethod
+    def fast_mlp(mods, x, norm):
+        return fast_gate_up_down(mods, x, fast_swiglu, norm)
+
+    @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+    @pytest.mark.parametrize(
+        "norm_kind,bias,base_trains",
+        [("none", False, False), ("frozen", True, False), ("trained", False, True)],
+        ids=["no-norm", "norm-bias", "trained-norm-and-base"],
+    )
+    def test_matches_reference(self, norm_kind, bias, base_trains, dtype):
+        g = _seed(25)
+        n_in, inter = 72, 100  # neither a power of two
+        refs, fasts = _mlp(n_in, inter, (4, 3, 5), bias, dtype, rslora=(True, False))
+        refs[1].weight.requires_grad_(base_trains)  # up: full fine-tuning through the Function
+        ref_norm = fast_norm = None
+        if norm_kind != "none":
+            ref_norm = RMSNorm(n_in, 1e-5).to(DEV)
+            with torch.no_grad():
+                ref_norm.weight.copy_(1 + 0.3 * torch.randn(n_in, generator=g))
+            ref_norm.weight.requires_grad_(norm_kind == "trained")
+            fast_norm = FastRMSNorm.from_module(ref_norm)
+        x = 3 * torch.randn(2, 7, n_in, generator=g).to(DEV, dtype)
+        gy = torch.randn(2, 7, n_in, generator=g).to(DEV, dtype)
+        want = _mlp_grads(refs, ref_norm, x, gy, self.ref_mlp)
+        got = _mlp_grads(fasts, fast_norm, x, gy, self.fast_mlp)
+        assert got.keys() == want.keys() and len(want) == 2 + 6 + base_trains + (norm_kind == "trained")
+        for name in want:
+            assert_close(got[name], want[name], dtype, name)
+        y = self.fast_mlp(fasts, x.requires_grad_(True), fast_norm)
+        assert "LoRAMLPFunction" in fn_name(y)
+
+    def test_keeps_only_the_input_and_low_rank_products(self):
+        refs, fasts = _mlp(24, 36, (4, 2, 3), False, F32)
+        norm = FastRMSNorm.from_module(RMSNorm(24, 1e-5).to(DEV))
+        x = torch.randn(3, 5, 24, device=DEV, requires_grad=True)
+        y = self.fast_mlp(fasts, x, norm)
+        saved = [tuple(t.shape) for t in y.grad_fn.saved_tensors if t is not None and t.dim() == 2]
+        # x (15, 24), x A^T for gate and up (15, 6), h A_down^T (15, 3), the weights and factors:
+        # nothing intermediate-sized per token (no gate, up or product)
+        assert sorted(s for s in saved if s[0] == 15) == [(15, 3), (15, 6), (15, 24)]
+        assert sorted(s for s in saved if s[0] != 15) == sorted(
+            [(36, 24), (36, 24), (24, 36), (4, 24), (2, 24), (3, 36), (36, 4), (36, 2), (24, 3)]
+        )
+
+    def test_falls_back_to_the_pieces(self):
+        g = _seed(26)
+        refs, fasts = _mlp(24, 36, (4, 2, 3), True, F32)
+        x = torch.randn(2, 3, 24, generator=g).to(DEV)
+        gy = torch.randn(2, 3, 24, generator=g).to(DEV)
+        want = _mlp_grads(refs, None, x, gy, self.ref_mlp)
+        for mods, act in (([fasts[0], fasts[1], refs[2]], fast_swiglu), (fasts, reference.swiglu)):
+            y = fast_gate_up_down(mods, x.clone().requires_grad_(True), act)
+            assert "LoRAMLPFunction" not in graph_names(y)
+            got = _mlp_grads(mods, None, x, gy, lambda m, x, n, act=act: fast_gate_up_down(m, x, act, n))
+            for name in want:
+                assert_close(got[name], want[name], F32, name)
+
+    @pytest.mark.parametrize("dtype", [F32, BF16], ids=dtype_id)
+    def test_nf4_base_weights(self, dtype):
+        from snuggle.quant.nf4 import NF4Weight
+
+        g = _seed(27)
+        refs, fasts = _mlp(64, 128, (4, 4, 4), False, dtype)
+        for ref, fast in zip(refs, fasts, strict=True):
+            nf4 = NF4Weight.from_dense(ref.weight.detach(), dtype=dtype)
+            for m in (ref, fast):
+                del m._parameters["weight"]
+                m.weight = nf4
+        x = torch.randn(2, 5, 64, generator=g).to(DEV, dtype)
+        gy = torch.randn(2, 5, 64, generator=g).to(DEV, dtype)
+        want = _mlp_grads(refs, None, x, gy, self.ref_mlp)
+        got = _mlp_grads(fasts, None, x, gy, self.fast_mlp)
+        assert got.keys() == want.keys()
+        for name in want:
+            assert_close(got[name], want[name], dtype, name)
+
+
 # --------------------------------------------------------------------------------------------- NF4
 
 
@@ -1010,7 +1129,14 @@ def test_swap_keeps_parameters_and_matches_the_reference(tie, dtype):
     fns = [
         f"model.layers.{i}.{fn}"
         for i in range(L)
-        for fn in ("self_attn.rope_fn", "self_attn.project", "mlp.act_fn", "mlp.act_down", "mlp.project")
+        for fn in (
+            "self_attn.rope_fn",
+            "self_attn.project",
+            "mlp.act_fn",
+            "mlp.act_down",
+            "mlp.project",
+            "mlp.gate_up_down",
+        )
     ]
     assert sorted(swapped) == sorted(norms + loras + fns + ["loss_fn"])
     assert [(n, p) for n, p in fast.named_parameters()] == before  # same names, same objects, same order
@@ -1028,6 +1154,26 @@ def test_swap_keeps_parameters_and_matches_the_reference(tie, dtype):
     assert "LinearCrossEntropyFunction" in fn_name(loss)
     fused = {"LoRAGroupFunctionBackward", "SwiGLUDownFunctionBackward", "SwiGLUFunctionBackward"}
     assert fused <= graph_names(loss)
+    compare_models(fast, ref, batch, dtype)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=dtype_id)
+def test_mlps_keeping_only_their_input_match_the_reference(dtype):
+    """`MLP.recompute_gate_up` on the fast path: one block's MLP as LoRAMLPFunction with its norm handed
+    to it, one without, one as before; logits, loss and every gradient as the reference model's."""
+    ref = tiny_decoder(tie=False, seed=2, layers=3, dtype=dtype)
+    fast = copy.deepcopy(ref)
+    assert "model.layers.0.mlp.gate_up_down" in apply_fast_path(fast)
+    fast.model.layers[1].mlp.recompute_gate_up = True
+    fast.model.layers[2].mlp.recompute_gate_up = True
+    fast.model.layers[2].recompute_norm = True
+    ref.model.layers[1].mlp.recompute_gate_up = True  # the reference's swap point: the same products
+    batch = _batch(2, 9, ref.args.vocab_size)
+    loss = fast.loss_sum(*batch)
+    names = graph_names(loss)
+    assert {"LoRAMLPFunctionBackward", "SwiGLUFunctionBackward"} <= names
+    assert "LoRAMLPFunctionBackward" not in graph_names(ref.loss_sum(*batch))
     compare_models(fast, ref, batch, dtype)
 
 
@@ -1066,23 +1212,27 @@ def compare_models(fast: Decoder, ref: Decoder, batch, dtype: torch.dtype) -> No
 
 
 @needs_triton
-@pytest.mark.parametrize("mode", ["checkpoint", "offload", "every-saving", "saved-offload"])
+@pytest.mark.parametrize(
+    "mode", ["checkpoint", "offload", "every-saving", "saved-offload", "gate-up-saved-offload"]
+)
 def test_fast_path_under_activation_checkpointing(mode):
     """Recomputed blocks run RoPE (in place) and SwiGLU (buffer reuse) twice: gradients must not change.
     `every-saving`: as the memory plan's most frugal choice, with the norms inside the LoRA groups, the
     SwiGLU product made again, and the MLP (its norm with it) in tiles of 3 tokens. `saved-offload`: the
     first block keeps everything it saves (the fused Functions' tensors too) in host memory, the second
-    is recomputed with its input offloaded, two steps (host buffers reused)."""
+    is recomputed with its input offloaded, two steps (host buffers reused); `gate-up-saved-offload` the
+    same with both MLPs keeping only their input (`recompute_gate_up`)."""
     ref = tiny_decoder(tie=False, seed=1)
     fast = copy.deepcopy(ref)
     apply_fast_path(fast)
     batch = _batch(1, 8, ref.args.vocab_size, seed=1)
     l0, g0 = _loss_and_grads(ref, batch)
-    if mode == "saved-offload":
+    if mode in ("saved-offload", "gate-up-saved-offload"):
         configure_checkpointing(fast, 1, offload=True, offload_blocks=1)
         fast.saved_offloader.min_bytes = 0  # tiny shapes: offload every saved tensor
         for b in fast.model.layers:
             b.recompute_norm, b.mlp.recompute_product = True, True
+            b.mlp.recompute_gate_up = mode == "gate-up-saved-offload"
         _loss_and_grads(fast, batch)
         assert fast.saved_offloader.host and not fast.saved_offloader.pending
     else:
@@ -1193,6 +1343,19 @@ class TestLargeShapesGPU:
         a = dequantize_nf4(**parts, in_features=n_in, dtype=dtype)
         e = dequantize_nf4_reference(**parts, in_features=n_in, dtype=dtype)
         assert_close(a, e, dtype, "dense")
+
+    @pytest.mark.parametrize("n_in,inter,r", [(4096, 14336, 16), (576, 1536, 8)])
+    def test_mlp_keeping_only_its_input(self, n_in, inter, r, dtype):
+        g = _seed(25)
+        refs, fasts = _mlp(n_in, inter, (r, r, r), False, dtype)
+        ref_norm = RMSNorm(n_in, 1e-5).to(DEV)
+        fast_norm = FastRMSNorm.from_module(ref_norm)
+        x = torch.randn(2, 1023, n_in, generator=g).to(DEV, dtype)
+        gy = torch.randn(2, 1023, n_in, generator=g).to(DEV, dtype)
+        want = _mlp_grads(refs, ref_norm, x, gy, TestLoRAMLP.ref_mlp)
+        got = _mlp_grads(fasts, fast_norm, x, gy, TestLoRAMLP.fast_mlp)
+        for name in want:
+            assert_close(got[name], want[name], dtype, name)
 
     @pytest.mark.parametrize("n_in,n_out,r", [(4096, 1024, 16), (576, 1536, 8)])
     def test_lora(self, n_in, n_out, r, dtype):

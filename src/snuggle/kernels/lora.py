@@ -40,6 +40,9 @@ __all__ = [
     "lora_output",
     "lora_input_grad",
     "lora_param_grads",
+    "group_forward",
+    "group_outputs",
+    "group_grads",
     "FastLoRALinear",
     "fast_project",
     "fusable",
@@ -161,29 +164,16 @@ class LoRAGroupFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, scales: tuple[float, ...], norm_weight, eps: float, *flat):
-        dt = x.dtype
         Ws, bs, As, Bs = flat[0::4], flat[1::4], flat[2::4], flat[3::4]
-        x_in = x.reshape(-1, x.shape[-1])  # (n, in)
-        x2, rstd = x_in, None
-        if norm_weight is not None:
-            x_in = _rows(x_in)  # unit column stride for the kernel
-            x2, rstd = rmsnorm_forward(x_in, norm_weight, eps)
-        A_cat = torch.cat([A.to(dt) for A in As])  # (sum r, in)
-        xa = x2 @ A_cat.t()  # (n, sum r): x read once for the whole group
-        ranks = [A.shape[0] for A in As]
-        ys, off = [], 0
-        for W, b, B, s, r in zip(Ws, bs, Bs, scales, ranks, strict=True):
-            y = lora_output(x2, W, b, xa[:, off : off + r], B, s)  # (n, out)
-            ys.append(y.view(*x.shape[:-1], y.shape[-1]))
-            off += r
-        ctx.scales, ctx.ranks, ctx.eps = scales, ranks, eps
+        x_in, _, rstd, xa, ys = group_forward(x, norm_weight, eps, Ws, bs, As, Bs, scales)
+        ctx.scales, ctx.eps = scales, eps
         ctx.nf4 = [W if isinstance(W, NF4Weight) else None for W in Ws]
         dense = [None if q is not None else W for W, q in zip(Ws, ctx.nf4, strict=True)]
         ctx.n_bias = [b is not None for b in bs]
         # with a norm: its input, not x2
         biases = [b for b in bs if b is not None]
         ctx.save_for_backward(x_in, rstd, norm_weight, xa, *dense, *As, *Bs, *biases)
-        return tuple(ys)
+        return tuple(y.view(*x.shape[:-1], y.shape[-1]) for y in ys)
 
     @staticmethod
     def backward(ctx, *gs):
@@ -192,48 +182,84 @@ class LoRAGroupFunction(torch.autograd.Function):
         Ws = [q if q is not None else w for w, q in zip(rest[:k], ctx.nf4, strict=True)]
         As, Bs, bias = rest[k : 2 * k], rest[2 * k : 3 * k], iter(rest[3 * k :])
         bs = [next(bias) if has else None for has in ctx.n_bias]
-        need = ctx.needs_input_grad[4:]  # per projection: W, b, A, B
         need_x, need_norm = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
-        need_w = any(need[4 * i] for i in range(k))
-        x2 = x_in  # the projected input (n, in); with a norm, made again only for a trained base's dW
-        if norm_weight is not None:
-            x2 = rmsnorm_forward(x_in, norm_weight, ctx.eps)[0] if need_w else None  # bit-identical
-        dt = gs[0].dtype
         g2 = [g.reshape(-1, g.shape[-1]) for g in gs]  # (n, out_i)
-        gB = torch.cat([g @ B.to(dt) for g, B in zip(g2, Bs, strict=True)], dim=1)  # (n, sum r)
-        dx = dnorm = None
-        if need_x or need_norm:  # d(the projected input), then through the norm when there is one
-            scales = ctx.scales
-            A_cat = torch.cat([A.to(dt) for A in As])  # (sum r, in)
-            if len(set(scales)) == 1:  # the low-rank term first, every dgrad then summed onto it
-                dx = low_rank(gB, A_cat, scales[0])
-            else:  # per-projection scales: on the rank columns of gB (n x sum r, tiny)
-                col = torch.repeat_interleave(torch.tensor(scales, dtype=dt), torch.tensor(ctx.ranks))
-                dx = low_rank(gB * col.to(gB.device), A_cat, 1.0)
-            for g, W in zip(g2, Ws, strict=True):  # by the GEMMs themselves (beta = 1)
-                w = as_dense(W, dt)
-                dx.addmm_(g, w)
-                del w
-            if norm_weight is not None:
-                dx, dnorm = rmsnorm_backward(dx, x_in, norm_weight, rstd, need_x, need_norm)
-            dx = None if dx is None else dx.view(*gs[0].shape[:-1], dx.shape[-1])
-        grads: list[torch.Tensor | None] = []
-        dA_cat = None  # (sum r, in)
-        if any(need[4 * i + 2] for i in range(k)):
-            if norm_weight is None or need_w:
-                dA_cat = gB.t() @ x2
-            else:  # gB^T norm(x) = (gB^T diag(rstd) x) diag(w): from x, no normalized copy made again
-                gB_r = (gB.float() * rstd[:, None]).to(dt)  # (n, sum r)
-                dA_cat = (gB_r.t() @ x_in).float().mul_(norm_weight.to(dt).float())
-        off = 0
-        per_projection = zip(g2, Ws, bs, As, Bs, ctx.scales, ctx.ranks, strict=True)
-        for i, (g, W, b, A, B, s, r) in enumerate(per_projection):
-            w_b_bb = (need[4 * i], need[4 * i + 1], False, need[4 * i + 3])  # dA: from dA_cat above
-            dW, db, _, dB = lora_param_grads(g, None, x2, xa[:, off : off + r], W, b, A, B, s, w_b_bb)
-            dA = dA_cat[off : off + r].to(A.dtype).mul_(s) if need[4 * i + 2] else None
-            grads += [dW, db, dA, dB]
-            off += r
+        x2 = x_in if norm_weight is None else None  # with a norm: made again only where needed
+        dx, dnorm, grads = group_grads(
+            g2, x_in, x2, rstd, norm_weight, ctx.eps, xa, Ws, bs, As, Bs, ctx.scales,
+            need_x, need_norm, ctx.needs_input_grad[4:],
+        )  # fmt: skip
+        dx = None if dx is None else dx.view(*gs[0].shape[:-1], dx.shape[-1])
         return (dx, None, dnorm, None, *grads)
+
+
+def group_forward(x, norm_weight, eps: float, Ws, bs, As, Bs, scales):
+    """`LoRAGroupFunction`'s forward without autograd: (x_in, x2, rstd, xa, ys) with x_in = x as (n, in)
+    (the norm's input when there is one), x2 the projected input (norm(x) or x), rstd the norm's
+    statistics (None without one), xa = x2 A_cat^T (n, sum r) and each projection's output (n, out_i)."""
+    dt = x.dtype
+    x_in = x.reshape(-1, x.shape[-1])  # (n, in)
+    x2, rstd = x_in, None
+    if norm_weight is not None:
+        x_in = _rows(x_in)  # unit column stride for the kernel
+        x2, rstd = rmsnorm_forward(x_in, norm_weight, eps)
+    xa = x2 @ torch.cat([A.to(dt) for A in As]).t()  # (n, sum r): x read once for the whole group
+    return x_in, x2, rstd, xa, group_outputs(x2, xa, Ws, bs, Bs, scales)
+
+
+def group_outputs(x2, xa, Ws, bs, Bs, scales) -> list[torch.Tensor]:
+    """Each projection's x2 W_i^T + b_i + s_i xa_i B_i^T, (n, out_i), from the group's xa (n, sum r)."""
+    ys, off = [], 0
+    for W, b, B, s in zip(Ws, bs, Bs, scales, strict=True):
+        r = B.shape[1]
+        ys.append(lora_output(x2, W, b, xa[:, off : off + r], B, s))  # (n, out)
+        off += r
+    return ys
+
+
+def group_grads(g2, x_in, x2, rstd, norm_weight, eps, xa, Ws, bs, As, Bs, scales, need_x, need_norm, need):
+    """The gradients of a LoRA group (see `LoRAGroupFunction`) from its outputs' gradients g2 (n, out_i):
+    (dx (n, in) or None, d norm_weight or None, [dW, db, dA, dB] per projection). `x2` is the projected
+    input, or None where a norm's output was not kept: it is then made again only for a trained base's
+    dW, and dA comes from x_in and the norm's statistics. `need`: per projection W, b, A, B flags."""
+    k = len(scales)
+    need_w = any(need[4 * i] for i in range(k))
+    if x2 is None and need_w:
+        x2 = rmsnorm_forward(x_in, norm_weight, eps)[0]  # bit-identical to the forward's
+    dt = g2[0].dtype
+    gB = torch.cat([g @ B.to(dt) for g, B in zip(g2, Bs, strict=True)], dim=1)  # (n, sum r)
+    dx = dnorm = None
+    if need_x or need_norm:  # d(the projected input), then through the norm when there is one
+        A_cat = torch.cat([A.to(dt) for A in As])  # (sum r, in)
+        if len(set(scales)) == 1:  # the low-rank term first, every dgrad then summed onto it
+            dx = low_rank(gB, A_cat, scales[0])
+        else:  # per-projection scales: on the rank columns of gB (n x sum r, tiny)
+            ranks = [A.shape[0] for A in As]
+            col = torch.repeat_interleave(torch.tensor(scales, dtype=dt), torch.tensor(ranks))
+            dx = low_rank(gB * col.to(gB.device), A_cat, 1.0)
+        for g, W in zip(g2, Ws, strict=True):  # by the GEMMs themselves (beta = 1)
+            w = as_dense(W, dt)
+            dx.addmm_(g, w)
+            del w
+        if norm_weight is not None:
+            dx, dnorm = rmsnorm_backward(dx, x_in, norm_weight, rstd, need_x, need_norm)
+    grads: list[torch.Tensor | None] = []
+    dA_cat = None  # (sum r, in)
+    if any(need[4 * i + 2] for i in range(k)):
+        if x2 is not None:
+            dA_cat = gB.t() @ x2
+        else:  # gB^T norm(x) = (gB^T diag(rstd) x) diag(w): from x, no normalized copy made again
+            gB_r = (gB.float() * rstd[:, None]).to(dt)  # (n, sum r)
+            dA_cat = (gB_r.t() @ x_in).float().mul_(norm_weight.to(dt).float())
+    off = 0
+    for i, (g, W, b, A, B, s) in enumerate(zip(g2, Ws, bs, As, Bs, scales, strict=True)):
+        r = A.shape[0]
+        w_b_bb = (need[4 * i], need[4 * i + 1], False, need[4 * i + 3])  # dA: from dA_cat above
+        dW, db, _, dB = lora_param_grads(g, None, x2, xa[:, off : off + r], W, b, A, B, s, w_b_bb)
+        dA = dA_cat[off : off + r].to(A.dtype).mul_(s) if need[4 * i + 2] else None
+        grads += [dW, db, dA, dB]
+        off += r
+    return dx, dnorm, grads
 
 
 def _hooked(m: nn.Module) -> bool:

@@ -21,7 +21,8 @@ def apply_fast_path(model: nn.Module) -> list[str]:
     RMSNorm modules (the Qwen3 q_norm/k_norm included) become FastRMSNorm, LoRALinear modules without
     dropout become FastLoRALinear, each Attention.rope_fn and MLP.act_fn the fused kernels, the
     projections that share an input one LoRA Function (`project`), SwiGLU part of the LoRA down
-    projection's Function (`act_down`, which then keeps gate and up but not their product), and
+    projection's Function (`act_down`, which then keeps gate and up but not their product), the whole
+    MLP one Function that keeps only its input where the memory plan asks for it (`gate_up_down`), and
     `model.loss_fn` the fused linear cross-entropy, and, on CUDA, packed documents' attention goes
     through FlexAttention (`model.attention = "flex"`). Without triton (or without CUDA and
     TRITON_INTERPRET=1) nothing changes and the list is empty.
@@ -31,11 +32,12 @@ def apply_fast_path(model: nn.Module) -> list[str]:
     # imported here: these modules import triton, which `snuggle.kernels` itself must not need
     from snuggle.kernels.linear_ce import fused_linear_cross_entropy
     from snuggle.kernels.lora import FastLoRALinear, fast_project
+    from snuggle.kernels.mlp import fast_gate_up_down
     from snuggle.kernels.reference import LoRALinear, RMSNorm, cross_entropy_sum, rope_qk, swiglu
     from snuggle.kernels.rmsnorm import FastRMSNorm
     from snuggle.kernels.rope import fast_rope_qk
     from snuggle.kernels.swiglu import fast_act_down, fast_swiglu
-    from snuggle.model.decoder import MLP, Attention, act_down, project
+    from snuggle.model.decoder import MLP, Attention, act_down, gate_up_down, project
     from snuggle.model.flex import flex_available
 
     swapped: list[str] = []
@@ -57,6 +59,9 @@ def apply_fast_path(model: nn.Module) -> list[str]:
         if isinstance(parent, MLP) and parent.act_down is act_down:
             parent.act_down = fast_act_down
             swapped.append(f"{prefix}.act_down")
+        if isinstance(parent, MLP) and parent.gate_up_down is gate_up_down:
+            parent.gate_up_down = fast_gate_up_down
+            swapped.append(f"{prefix}.gate_up_down")
         if isinstance(parent, (Attention, MLP)) and parent.project is project:
             parent.project = fast_project
             swapped.append(f"{prefix}.project")

@@ -18,7 +18,14 @@ from snuggle.kernels.lora import fusable, lora_input_grad, lora_output, lora_par
 from snuggle.kernels.reference import swiglu
 from snuggle.quant.nf4 import NF4Weight
 
-__all__ = ["SwiGLUFunction", "SwiGLUDownFunction", "fast_swiglu", "fast_act_down"]
+__all__ = [
+    "SwiGLUFunction",
+    "SwiGLUDownFunction",
+    "swiglu_down_forward",
+    "swiglu_down_grads",
+    "fast_swiglu",
+    "fast_act_down",
+]
 
 patch_interpreter()
 
@@ -117,10 +124,7 @@ class SwiGLUDownFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, g, u, weight, bias, lora_A, lora_B, scale: float):
         g, u = g.contiguous(), u.contiguous()
-        h = swiglu_forward(g, u).view(-1, g.shape[-1])  # (n, f)
-        xa = h @ lora_A.to(h.dtype).t()  # (n, r)
-        y = lora_output(h, weight, bias, xa, lora_B, scale)  # (n, out)
-        del h
+        y, xa = swiglu_down_forward(g, u, weight, bias, lora_A, lora_B, scale)
         ctx.scale, ctx.reuse = scale, not (g.is_leaf or u.is_leaf)
         ctx.nf4 = weight if isinstance(weight, NF4Weight) else None
         ctx.save_for_backward(g, u, xa, None if ctx.nf4 is not None else weight, lora_A, lora_B, bias)
@@ -131,19 +135,36 @@ class SwiGLUDownFunction(torch.autograd.Function):
         g, u, xa, weight, lora_A, lora_B, bias = ctx.saved_tensors
         if ctx.nf4 is not None:
             weight = ctx.nf4
-        need_g, need_u, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:6]
-        s = ctx.scale
         dy2 = dy.reshape(-1, dy.shape[-1])  # (n, out)
-        gB = dy2 @ lora_B.to(dy.dtype)  # (n, r)
-        h = swiglu_forward(g, u).view(-1, g.shape[-1]) if (need_a or need_w) else None  # (n, f), again
-        need = (need_w, need_b, need_a, need_bb)
-        dw, db, dA, dB = lora_param_grads(dy2, gB, h, xa, weight, bias, lora_A, lora_B, s, need)
-        del h  # before d(product) is made: the two never coexist
-        dg = du = None
-        if need_g or need_u:
-            dh = lora_input_grad(dy2, weight, gB, lora_A, s)  # (n, f)
-            dg, du = swiglu_grads(dh, g, u, ctx.reuse)
-        return dg, du, dw, db, dA, dB, None
+        need = ctx.needs_input_grad[:6]
+        grads = swiglu_down_grads(dy2, g, u, xa, weight, bias, lora_A, lora_B, ctx.scale, need, ctx.reuse)
+        return (*grads, None)
+
+
+def swiglu_down_forward(g, u, weight, bias, lora_A, lora_B, scale: float):
+    """`SwiGLUDownFunction`'s forward without autograd, g and u contiguous (n, f) or (..., f):
+    (y (n, out), xa = h A^T (n, r)) with h = silu(g) * u made and freed here."""
+    h = swiglu_forward(g, u).view(-1, g.shape[-1])  # (n, f)
+    xa = h @ lora_A.to(h.dtype).t()  # (n, r)
+    y = lora_output(h, weight, bias, xa, lora_B, scale)  # (n, out)
+    return y, xa
+
+
+def swiglu_down_grads(dy2, g, u, xa, weight, bias, lora_A, lora_B, scale: float, need, reuse: bool):
+    """(d gate, d up, dW, db, dA, dB) of y = down(silu(g) * u) from dy2 (n, out), None where `need` (six
+    flags in that order) is False; d gate and d up are written over g and u when `reuse`."""
+    need_g, need_u, need_w, need_b, need_a, need_bb = need
+    gB = dy2 @ lora_B.to(dy2.dtype)  # (n, r)
+    h = swiglu_forward(g, u).view(-1, g.shape[-1]) if (need_a or need_w) else None  # (n, f), again
+    dw, db, dA, dB = lora_param_grads(
+        dy2, gB, h, xa, weight, bias, lora_A, lora_B, scale, (need_w, need_b, need_a, need_bb)
+    )
+    del h  # before d(product) is made: the two never coexist
+    dg = du = None
+    if need_g or need_u:
+        dh = lora_input_grad(dy2, weight, gB, lora_A, scale)  # (n, f)
+        dg, du = swiglu_grads(dh.view(g.shape), g, u, reuse)
+    return dg, du, dw, db, dA, dB
 
 
 def fast_act_down(gate: torch.Tensor, up: torch.Tensor, act_fn, down) -> torch.Tensor:

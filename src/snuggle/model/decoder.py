@@ -34,6 +34,7 @@ __all__ = [
     "apply_rope",
     "rope_qk",
     "swiglu",
+    "gate_up_down",
     "attention_mask",
 ]
 
@@ -120,6 +121,13 @@ def project(mods, x: torch.Tensor, norm: nn.Module | None = None) -> tuple[torch
 def act_down(gate: torch.Tensor, up: torch.Tensor, act_fn, down: nn.Module) -> torch.Tensor:
     """down(act_fn(gate, up)); the fast path fuses SwiGLU into a LoRA down projection's Function."""
     return down(act_fn(gate, up))
+
+
+def gate_up_down(mods, x: torch.Tensor, act_fn, norm: nn.Module | None = None) -> torch.Tensor:
+    """down(act_fn(gate(x'), up(x'))) for mods = (gate, up, down), x' = norm(x) when a norm is given;
+    the fast path runs it as one Function that keeps only x and makes gate and up again in backward."""
+    gate, up = project(mods[:2], x, norm)
+    return act_down(gate, up, act_fn, mods[2])
 
 
 def attention_mask(
@@ -216,6 +224,10 @@ class MLP(nn.Module):
         self.recompute_product = False
         # tokens per tile on long sequences (0: untiled); set by the memory plan, see model.tiling
         self.tile_tokens = 0
+        # keep only the MLP's input and make gate and up again in backward (through gate_up_down, when
+        # the fast path provides one): frees 2 x intermediate a token for the gate/up GEMMs once more
+        self.recompute_gate_up = False
+        self.gate_up_down = gate_up_down  # swap point: kernels.mlp's Function
 
     def forward(self, x: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:  # (B, T, C)
         """MLP(x), or MLP(norm(x)) when `norm` is given (see `Block.recompute_norm`)."""
@@ -225,6 +237,8 @@ class MLP(nn.Module):
         return self._forward(x, norm)
 
     def _forward(self, x: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
+        if self.recompute_gate_up:
+            return self.gate_up_down((self.gate_proj, self.up_proj, self.down_proj), x, self.act_fn, norm)
         gate, up = self.project((self.gate_proj, self.up_proj), x, norm)
         fn = self.act_down if self.recompute_product else act_down  # the module's swap, or the reference
         return fn(gate, up, self.act_fn, self.down_proj)
