@@ -124,37 +124,14 @@ QLORA_ANCHORS = {
 
 def anchor_rows() -> list[dict]:
     """ANCHORS.md's Unsloth figures as rows shaped like measured ones (they hold for an H100 only)."""
-    rows = [
-        dict(
-            variant=v,
-            model=m,
-            batch=8 if m == "1b" else 2,
-            seq=2048,
-            ckpt=c,
-            quantize="none",
-            cap_gib=0,
-            tokens_per_s=t,
-            peak_gib=g,
-            anchor=True,
-        )
-        for (v, m, c), (t, g) in ANCHORS.items()
-    ]
-    rows += [
-        dict(
-            variant="unsloth",
-            model="8b",
-            batch=b,
-            seq=q,
-            ckpt=c,
-            quantize="nf4",
-            cap_gib=0,
-            tokens_per_s=t,
-            peak_gib=g,
-            anchor=True,
-        )
-        for (b, q, c), (t, g) in QLORA_ANCHORS.items()
-    ]
-    return rows
+
+    def row(model, batch, seq, ckpt, quantize, figures):
+        tokens_per_s, peak_gib = figures
+        return dict(variant="unsloth", model=model, batch=batch, seq=seq, ckpt=ckpt, quantize=quantize,
+                    cap_gib=0, tokens_per_s=tokens_per_s, peak_gib=peak_gib, anchor=True)  # fmt: skip
+
+    rows = [row(m, 8 if m == "1b" else 2, 2048, c, "none", f) for (_, m, c), f in ANCHORS.items()]
+    return rows + [row("8b", b, q, c, "nf4", f) for (b, q, c), f in QLORA_ANCHORS.items()]
 
 
 def best_peer(r: dict, peers: list[dict]) -> float | None:

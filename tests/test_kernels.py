@@ -972,15 +972,10 @@ class TestLoRAMLP:
 
     @pytest.mark.parametrize("dtype", [F32, BF16], ids=dtype_id)
     def test_nf4_base_weights(self, dtype):
-        from snuggle.quant.nf4 import NF4Weight
-
         g = _seed(27)
         refs, fasts = _mlp(64, 128, (4, 4, 4), False, dtype)
         for ref, fast in zip(refs, fasts, strict=True):
-            nf4 = NF4Weight.from_dense(ref.weight.detach(), dtype=dtype)
-            for m in (ref, fast):
-                del m._parameters["weight"]
-                m.weight = nf4
+            _nf4_base(ref, fast, dtype)
         x = torch.randn(2, 5, 64, generator=g).to(DEV, dtype)
         gy = torch.randn(2, 5, 64, generator=g).to(DEV, dtype)
         want = _mlp_grads(refs, None, x, gy, self.ref_mlp)
@@ -991,6 +986,16 @@ class TestLoRAMLP:
 
 
 # --------------------------------------------------------------------------------------------- NF4
+
+
+def _nf4_base(ref, fast, dtype) -> None:
+    """The reference and fused modules (sharing Parameters) both on one NF4 copy of ref's base weight."""
+    from snuggle.quant.nf4 import NF4Weight
+
+    nf4 = NF4Weight.from_dense(ref.weight.detach(), dtype=dtype)
+    for m in (ref, fast):
+        del m._parameters["weight"]
+        m.weight = nf4
 
 
 def _nf4_parts(out, n_in, seed, block=64, group=4):
@@ -1016,14 +1021,9 @@ class TestNF4:
 
     @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
     def test_lora_on_nf4_base_matches_reference(self, dtype):
-        from snuggle.quant.nf4 import NF4Weight
-
         g = _seed(31)
         ref, fast = _lora_pair(100, 72, 4, bias=False)
-        nf4 = NF4Weight.from_dense(ref.weight.detach(), dtype=dtype)
-        for m in (ref, fast):
-            del m._parameters["weight"]
-            m.weight = nf4
+        _nf4_base(ref, fast, dtype)
         x = torch.randn(2, 7, 100, generator=g).to(DEV, dtype)
         gy = torch.randn(2, 7, 72, generator=g).to(DEV, dtype)
         # no dense (72, 100) weight is kept for backward: it is dequantized again there
