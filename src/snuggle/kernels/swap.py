@@ -22,7 +22,7 @@ def apply_fast_path(model: nn.Module) -> list[str]:
     dropout become FastLoRALinear, each Attention.rope_fn and MLP.act_fn the fused kernels, the
     projections that share an input one LoRA Function (`project`), SwiGLU part of the LoRA down
     projection's Function (`act_down`, which then keeps gate and up but not their product), the whole
-    MLP one Function that keeps only its input where the memory plan asks for it (`gate_up_down`), and
+    MLP one Function that keeps only its input where `MLP.recompute_gate_up` asks for it (`gate_up_down`), and
     `model.loss_fn` the fused linear cross-entropy, and, on CUDA, packed documents' attention goes
     through FlexAttention (`model.attention = "flex"`). Without triton (or without CUDA and
     TRITON_INTERPRET=1) nothing changes and the list is empty.
