@@ -35,6 +35,8 @@ SUITES: dict[str, list[tuple]] = {
         ("hf", "1b", 8, 2048, "all", 0, ()),
         ("liger", "1b", 8, 2048, "all", 0, ()),
         ("liger", "1b", 8, 2048, "none", 0, ()),
+        ("unsloth", "1b", 8, 2048, "all", 0, ()),
+        ("unsloth", "1b", 8, 2048, "none", 0, ()),
         ("snuggle", "1b", 8, 2048, "none", 0, ()),
         ("snuggle", "1b", 8, 2048, "none", 0, ("--no-kernels",)),
         ("snuggle", "1b", 8, 2048, "offload", 0, ()),
@@ -42,6 +44,8 @@ SUITES: dict[str, list[tuple]] = {
     ],
     "8b": [
         ("hf", "8b", 2, 2048, "all", 0, ()),
+        ("unsloth", "8b", 2, 2048, "all", 0, ()),
+        ("unsloth", "8b", 2, 2048, "none", 0, ()),
         ("snuggle", "8b", 2, 2048, "none", 0, ()),
         ("snuggle", "8b", 2, 2048, "offload", 0, ()),
         ("snuggle", "8b", 2, 2048, "offload", 24, ()),
@@ -54,11 +58,15 @@ SUITES: dict[str, list[tuple]] = {
 NF4 = ("--quantize", "nf4")
 # QLoRA (shared/ANCHORS.md: 8B, batch 2 x 2048; and batch 1 x long sequences capped at 24 GiB)
 SUITES["qlora"] = [
+    ("unsloth", "8b", 2, 2048, "none", 24, NF4),
+    ("unsloth", "8b", 2, 2048, "all", 0, NF4),
     ("snuggle", "8b", 2, 2048, "none", 24, NF4),
     ("snuggle", "8b", 2, 2048, "plan", 24, NF4),
     ("snuggle", "8b", 2, 2048, "offload", 0, NF4),
 ]
 SUITES["qlora-long"] = [
+    ("unsloth", "8b", 1, 32768, "all", 24, (*NF4, "--warmup", "1", "--steps", "2")),
+    ("unsloth", "8b", 1, 65536, "all", 24, (*NF4, "--warmup", "1", "--steps", "2")),
     ("snuggle", "8b", 1, 32768, "plan", 24, (*NF4, "--warmup", "1", "--steps", "2")),
     ("snuggle", "8b", 1, 65536, "plan", 24, (*NF4, "--warmup", "1", "--steps", "2")),
     ("snuggle", "8b", 1, 131072, "plan", 24, (*NF4, "--warmup", "1", "--steps", "1")),
