@@ -80,6 +80,19 @@ def init_weights(named_params, seed: int = 0) -> None:
 
 
 @torch.no_grad()
+def init_rope_buffers(model) -> None:
+    """A transformers model built on meta and moved with `to_empty` has uninitialized buffers: RoPE's
+    inverse frequencies (not parameters, so `init_weights` skips them) are made again, in fp32, by a
+    fresh rotary module of the same config, as `from_pretrained` would have them."""
+    for mod in model.modules():
+        if isinstance(getattr(mod, "inv_freq", None), torch.Tensor) and hasattr(mod, "config"):
+            fresh = type(mod)(mod.config)
+            for name in ("inv_freq", "original_inv_freq"):
+                if isinstance(getattr(mod, name, None), torch.Tensor):
+                    setattr(mod, name, getattr(fresh, name).to(mod.inv_freq.device, torch.float32))
+
+
+@torch.no_grad()
 def init_lora(module_name: str, a: torch.Tensor, b: torch.Tensor) -> None:
     """LoRA A uniform(+-1/sqrt(in)) seeded by the projection's name, B zero, as PEFT starts."""
     bound = 1.0 / math.sqrt(a.shape[1])
@@ -189,6 +202,7 @@ def build_hf(args, device, liger: bool = False):
     model.to_empty(device=device)
     model.tie_weights()
     init_weights(model.named_parameters())
+    init_rope_buffers(model)
     if args.ckpt != "none":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()

@@ -148,6 +148,11 @@ def test_hf_peft_variant_starts_from_the_seeded_lora_factors_and_trains_on_cpu()
     )
     bench.init_lora(name, a, b)
     assert torch.equal(mods[name].lora_A["default"].weight, a) and not b.any()
+    # RoPE's buffers are made again after to_empty (uninitialized memory gave NaN losses here), in fp32
+    rope = model.base_model.model.model.rotary_emb
+    with torch.device("cpu"):
+        fresh = type(rope)(rope.config)
+    assert rope.inv_freq.dtype == torch.float32 and torch.equal(rope.inv_freq, fresh.inv_freq.float())
     ids = torch.randint(0, bench.SHAPES["tiny"]["vocab_size"], (2, 16))
     loss = step_loss(ids)
     loss.backward()
