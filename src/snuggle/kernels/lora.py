@@ -43,6 +43,8 @@ __all__ = [
     "group_forward",
     "group_outputs",
     "group_grads",
+    "save_projections",
+    "saved_projections",
     "FastLoRALinear",
     "fast_project",
     "fusable",
@@ -167,21 +169,14 @@ class LoRAGroupFunction(torch.autograd.Function):
         Ws, bs, As, Bs = flat[0::4], flat[1::4], flat[2::4], flat[3::4]
         x_in, _, rstd, xa, ys = group_forward(x, norm_weight, eps, Ws, bs, As, Bs, scales)
         ctx.scales, ctx.eps = scales, eps
-        ctx.nf4 = [W if isinstance(W, NF4Weight) else None for W in Ws]
-        dense = [None if q is not None else W for W, q in zip(Ws, ctx.nf4, strict=True)]
-        ctx.n_bias = [b is not None for b in bs]
         # with a norm: its input, not x2
-        biases = [b for b in bs if b is not None]
-        ctx.save_for_backward(x_in, rstd, norm_weight, xa, *dense, *As, *Bs, *biases)
+        ctx.save_for_backward(x_in, rstd, norm_weight, xa, *save_projections(ctx, Ws, bs, As, Bs))
         return tuple(y.view(*x.shape[:-1], y.shape[-1]) for y in ys)
 
     @staticmethod
     def backward(ctx, *gs):
-        k = len(ctx.scales)
         x_in, rstd, norm_weight, xa, *rest = ctx.saved_tensors  # x_in: x, or the norm's input
-        Ws = [q if q is not None else w for w, q in zip(rest[:k], ctx.nf4, strict=True)]
-        As, Bs, bias = rest[k : 2 * k], rest[2 * k : 3 * k], iter(rest[3 * k :])
-        bs = [next(bias) if has else None for has in ctx.n_bias]
+        Ws, bs, As, Bs = saved_projections(ctx, rest)
         need_x, need_norm = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
         g2 = [g.reshape(-1, g.shape[-1]) for g in gs]  # (n, out_i)
         x2 = x_in if norm_weight is None else None  # with a norm: made again only where needed
@@ -191,6 +186,24 @@ class LoRAGroupFunction(torch.autograd.Function):
         )  # fmt: skip
         dx = None if dx is None else dx.view(*gs[0].shape[:-1], dx.shape[-1])
         return (dx, None, dnorm, None, *grads)
+
+
+def save_projections(ctx, Ws, bs, As, Bs) -> list:
+    """What a Function of several LoRA projections saves for backward: the dense base weights (an
+    `NF4Weight` is a module, not a tensor: it is kept on ctx, its tensors live in the model anyway), the
+    factors, then the biases there are. `saved_projections` takes them apart again."""
+    ctx.nf4 = [W if isinstance(W, NF4Weight) else None for W in Ws]
+    ctx.n_bias = [b is not None for b in bs]
+    dense = [None if q is not None else W for W, q in zip(Ws, ctx.nf4, strict=True)]
+    return [*dense, *As, *Bs, *(b for b in bs if b is not None)]
+
+
+def saved_projections(ctx, rest) -> tuple[list, list, tuple, tuple]:
+    """(Ws, bs, As, Bs) from the saved tensors `save_projections` gave (`rest`, in that order)."""
+    k = len(ctx.nf4)
+    Ws = [q if q is not None else w for w, q in zip(rest[:k], ctx.nf4, strict=True)]
+    As, Bs, bias = tuple(rest[k : 2 * k]), tuple(rest[2 * k : 3 * k]), iter(rest[3 * k :])
+    return Ws, [next(bias) if has else None for has in ctx.n_bias], As, Bs
 
 
 def group_forward(x, norm_weight, eps: float, Ws, bs, As, Bs, scales):

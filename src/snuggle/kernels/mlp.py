@@ -21,10 +21,18 @@ from __future__ import annotations
 import torch
 
 from snuggle.kernels._utils import use_triton
-from snuggle.kernels.lora import fusable, group_forward, group_grads, group_outputs, norm_fusable
+from snuggle.kernels.lora import (
+    fast_project,
+    fusable,
+    group_forward,
+    group_grads,
+    group_outputs,
+    norm_fusable,
+    save_projections,
+    saved_projections,
+)
 from snuggle.kernels.rmsnorm import rmsnorm_forward
-from snuggle.kernels.swiglu import fast_swiglu, swiglu_down_forward, swiglu_down_grads
-from snuggle.quant.nf4 import NF4Weight
+from snuggle.kernels.swiglu import fast_act_down, fast_swiglu, swiglu_down_forward, swiglu_down_grads
 
 __all__ = ["LoRAMLPFunction", "fast_gate_up_down"]
 
@@ -42,19 +50,13 @@ class LoRAMLPFunction(torch.autograd.Function):
         y, xa_down = swiglu_down_forward(g, u, Ws[2], bs[2], As[2], Bs[2], scales[2])
         del g, u  # the point of this Function: made again in backward
         ctx.scales, ctx.eps = scales, eps
-        ctx.nf4 = [W if isinstance(W, NF4Weight) else None for W in Ws]
-        dense = [None if q is not None else W for W, q in zip(Ws, ctx.nf4, strict=True)]
-        ctx.n_bias = [b is not None for b in bs]
-        biases = [b for b in bs if b is not None]
-        ctx.save_for_backward(x_in, rstd, norm_weight, xa, xa_down, *dense, *As, *Bs, *biases)
+        ctx.save_for_backward(x_in, rstd, norm_weight, xa, xa_down, *save_projections(ctx, Ws, bs, As, Bs))
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         x_in, rstd, norm_weight, xa, xa_down, *rest = ctx.saved_tensors
-        Ws = [q if q is not None else w for w, q in zip(rest[:3], ctx.nf4, strict=True)]
-        As, Bs, bias = rest[3:6], rest[6:9], iter(rest[9:])
-        bs = [next(bias) if has else None for has in ctx.n_bias]
+        Ws, bs, As, Bs = saved_projections(ctx, rest)
         need = ctx.needs_input_grad[4:]  # per projection: W, b, A, B
         need_x, need_norm = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
         scales = ctx.scales
@@ -79,9 +81,6 @@ def fast_gate_up_down(mods, x: torch.Tensor, act_fn, norm=None) -> torch.Tensor:
     """Drop-in for `decoder.gate_up_down`: down(act_fn(gate(x'), up(x'))), x' = norm(x) when a norm is
     given, as one Function (keeping only x) for SwiGLU between LoRA projections; otherwise the fast
     path's pieces one by one, which keep gate and up."""
-    from snuggle.kernels.lora import fast_project
-    from snuggle.kernels.swiglu import fast_act_down
-
     ok = act_fn is fast_swiglu and fusable(mods) and use_triton(x) and (norm is None or norm_fusable(norm))
     if not ok:
         gate, up = fast_project(mods[:2], x, norm)
