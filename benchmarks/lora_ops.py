@@ -1,11 +1,17 @@
-"""Each cuBLAS call of a LoRA group's forward + backward timed alone, beside its memory-traffic floor
-and, for the rank-sized products, beside `kernels.rank`'s Triton kernel for it.
+"""Each cuBLAS call of a LoRA group's forward + backward timed alone, beside its memory-traffic floor.
 
 `lora_gemm.py` times whole sequences; this splits `kernels.lora.LoRAGroupFunction`'s sequence into its
 calls so that the time over the frozen GEMMs can be put on the ones that take it. For the rank-r products
 (memory-bound: K or N is the rank) the floor is the bytes they must move at the card's copy bandwidth
 (measured here with a device-to-device copy); for the base GEMMs the row says what accumulating onto an
 existing output (beta = 1) costs over writing a fresh one.
+
+On an H200 the rank-sized products of one Llama-3 8B block take 1.35 ms against a floor of 0.42, and
+of one Llama-3.2 1B block 1.78 against 0.91 (results/lora-ops-H200-42e9286.jsonl). Triton kernels tiled
+for bandwidth (one per product shape, commit "Experiment: Triton kernels for the LoRA products ...")
+ran 1.5-4x slower than these cuBLAS calls in the same run (8B: 3.04 ms a block against 1.30), and the
+8B step at 0.915x (results/lora-ops-H200-rank-kernels-wip.jsonl, ab-H200-42e9286-vs-rank-kernels.jsonl),
+so they were taken out again.
 
 usage: python benchmarks/lora_ops.py [--shape 1b|8b|all] [--out DIR]
 """
@@ -30,10 +36,8 @@ def copy_bandwidth(dev) -> float:
 
 
 def group_ops(n, fan_in, outs, dev, dt):
-    """(name, cuBLAS call, `kernels.rank` call, bytes that must move or None) per call of the group; the
-    base GEMMs (compute-bound) have no rank-kernel call, their rows say what beta = 1 costs."""
-    from snuggle.kernels.rank import mm_narrow, mm_rank_k, mm_tn
-
+    """(name, call, bytes that must move or None for the compute-bound base GEMMs) per call of the group;
+    the base GEMMs' rows say what accumulating onto an output (beta = 1) costs."""
     k, r = len(outs), RANK
     Ws = [torch.randn(o, fan_in, device=dev, dtype=dt) * 0.02 for o in outs]
     A_cat = torch.randn(k * r, fan_in, device=dev, dtype=dt) * 0.02
@@ -48,60 +52,37 @@ def group_ops(n, fan_in, outs, dev, dt):
     S = sum(outs)
     xai = [xa[:, i * r : (i + 1) * r] for i in range(k)]
     return [
-        (
-            "x A^T (n, R)",
-            lambda: x @ A_cat.t(),
-            lambda: mm_narrow(x, A_cat.t()),
-            e * (n * fan_in + n * k * r),
-        ),
+        ("x A^T (n, R)", lambda: x @ A_cat.t(), e * (n * fan_in + n * k * r)),
         (
             "xa_i B_i^T into y_i (beta 0)",
             lambda: [y.addmm_(u, B.t(), beta=0, alpha=SCALE) for y, u, B in zip(ys, xai, Bs, strict=True)],
-            lambda: [mm_rank_k(u, B.t(), SCALE) for u, B in zip(xai, Bs, strict=True)],
             e * (n * S + n * k * r),
         ),
-        ("base x W_i^T, beta 0", lambda: [x @ W.t() for W in Ws], None, None),
+        ("base x W_i^T, beta 0", lambda: [x @ W.t() for W in Ws], None),
         (
             "base x W_i^T onto y_i, beta 1",
             lambda: [y.addmm_(x, W.t()) for y, W in zip(ys, Ws, strict=True)],
             None,
-            None,
         ),
-        (
-            "g_i B_i (n, R)",
-            lambda: [gi @ B for gi, B in zip(g, Bs, strict=True)],
-            lambda: [mm_narrow(gi, B) for gi, B in zip(g, Bs, strict=True)],
-            e * (n * S + n * k * r),
-        ),
+        ("g_i B_i (n, R)", lambda: [gi @ B for gi, B in zip(g, Bs, strict=True)], e * (n * S + n * k * r)),
         (
             "gB A into dx (beta 0)",
             lambda: dx.addmm_(gB, A_cat, beta=0, alpha=SCALE),
-            lambda: mm_rank_k(gB, A_cat, SCALE),
             e * (n * fan_in + n * k * r),
         ),
-        ("base g_i W_i, beta 0", lambda: [gi @ W for gi, W in zip(g, Ws, strict=True)], None, None),
+        ("base g_i W_i, beta 0", lambda: [gi @ W for gi, W in zip(g, Ws, strict=True)], None),
         (
             "base g_i W_i onto dx, beta 1",
             lambda: [dx.addmm_(gi, W) for gi, W in zip(g, Ws, strict=True)],
             None,
-            None,
         ),
-        ("dA = gB^T x (R, in)", lambda: gB.t() @ x, lambda: mm_tn(gB, x), e * (n * fan_in + n * k * r)),
+        ("dA = gB^T x (R, in)", lambda: gB.t() @ x, e * (n * fan_in + n * k * r)),
         (
             "dB_i = g_i^T xa_i (out, r)",
             lambda: [gi.t() @ u for gi, u in zip(g, xai, strict=True)],
-            lambda: [mm_tn(gi, u) for gi, u in zip(g, xai, strict=True)],
             e * (n * S + n * k * r),
         ),
     ]
-
-
-def _max_rel_err(got, want) -> float:
-    got, want = (got if isinstance(got, list) else [got]), (want if isinstance(want, list) else [want])
-    return max(
-        float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-6))
-        for a, b in zip(got, want, strict=True)
-    )
 
 
 def main() -> None:
@@ -118,29 +99,21 @@ def main() -> None:
         n, h, kv, f = SHAPES[shape]
         groups = {"qkv": (h, [h, kv, kv]), "o": (h, [h]), "gate_up": (h, [f, f]), "down": (f, [h])}
         for group, (fan_in, outs) in groups.items():
-            for name, fn, rank_fn, nbytes in group_ops(n, fan_in, outs, dev, dt):
+            for name, fn, nbytes in group_ops(n, fan_in, outs, dev, dt):
                 ms = timed(fn)
                 row = {"shape": shape, "group": group, "op": name, "ms": round(ms, 4)}
                 if nbytes is not None:
                     row["floor_ms"] = round(nbytes / bw, 4)
-                if rank_fn is not None:
-                    row["rank_kernel_ms"] = round(timed(rank_fn), 4)
-                    # the product of both, against each other (the cuBLAS call's beta = 0 output)
-                    row["max_rel_err"] = _max_rel_err(rank_fn(), fn())
                 rows.append(row)
                 print(json.dumps(row), flush=True)
             torch.cuda.empty_cache()
-    print("\n| shape | group | op | cuBLAS ms | rank kernel ms | floor ms |\n|---|---|---|---|---|---|")
+    print("\n| shape | group | op | ms | floor ms |\n|---|---|---|---|---|")
     for r in rows:
-        print(
-            f"| {r['shape']} | {r['group']} | {r['op']} | {r['ms']:.3f} | {r.get('rank_kernel_ms', '')} "
-            f"| {r.get('floor_ms', '')} |"
-        )
+        print(f"| {r['shape']} | {r['group']} | {r['op']} | {r['ms']:.3f} | {r.get('floor_ms', '')} |")
     for shape in dict.fromkeys(r["shape"] for r in rows):
-        mine = [r for r in rows if r["shape"] == shape and "rank_kernel_ms" in r]
+        mine = [r for r in rows if r["shape"] == shape and "floor_ms" in r]
         print(
-            f"{shape}: rank-sized products a block {sum(r['ms'] for r in mine):.3f} ms (cuBLAS), "
-            f"{sum(r['rank_kernel_ms'] for r in mine):.3f} ms (kernels.rank), "
+            f"{shape}: rank-sized products a block {sum(r['ms'] for r in mine):.3f} ms, "
             f"floor {sum(r['floor_ms'] for r in mine):.3f} ms"
         )
     if a.out:

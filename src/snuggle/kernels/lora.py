@@ -28,7 +28,6 @@ import torch
 from torch import nn
 
 from snuggle.kernels._utils import rebind, use_triton
-from snuggle.kernels.rank import mm_narrow, mm_rank_k, mm_tn
 from snuggle.kernels.reference import LoRALinear
 from snuggle.kernels.rmsnorm import FastRMSNorm, _rows, rmsnorm_backward, rmsnorm_forward
 from snuggle.quant.nf4 import NF4Weight, as_dense
@@ -55,9 +54,11 @@ __all__ = [
 
 def low_rank(u: torch.Tensor, factor: torch.Tensor, scale: float, bias=None) -> torch.Tensor:
     """scale u factor (+ bias), a new (n, m) tensor from u (n, r) and factor (r, m): the first of two
-    products into one output (see the module docstring), the scale applied inside the product
-    (`kernels.rank`'s kernel for it where it takes the operands, else cuBLAS)."""
-    return mm_rank_k(u, factor, scale, bias)
+    products into one output (see the module docstring), the scale applied inside the GEMM."""
+    if bias is not None:
+        return torch.addmm(bias, u, factor, alpha=scale)
+    out = torch.empty(u.shape[0], factor.shape[1], dtype=u.dtype, device=u.device)
+    return out.addmm_(u, factor, beta=0, alpha=scale)  # beta = 0: the empty buffer is never read
 
 
 def lora_output(x2, weight, bias, xa, lora_B, scale: float) -> torch.Tensor:
@@ -82,8 +83,8 @@ def lora_input_grad(g2, weight, gB, lora_A, scale: float) -> torch.Tensor:
 def lora_param_grads(g2, gB, x2, xa, weight, bias, lora_A, lora_B, scale: float, need):
     """(dW, db, dA, dB) of one LoRA projection, None where `need` (four flags in that order) is False."""
     need_w, need_b, need_a, need_bb = need
-    dA = mm_tn(gB, x2, scale).to(lora_A.dtype) if need_a else None  # (r, in), from fp32
-    dB = mm_tn(g2, xa, scale).to(lora_B.dtype) if need_bb else None  # (out, r)
+    dA = (gB.t() @ x2).to(lora_A.dtype).mul_(scale) if need_a else None  # (r, in); scaled after the upcast
+    dB = (g2.t() @ xa).to(lora_B.dtype).mul_(scale) if need_bb else None  # (out, r)
     dw = (g2.t() @ x2).to(weight.dtype) if need_w else None  # (out, in): only when the base weight trains
     db = g2.sum(0).to(bias.dtype) if need_b else None
     return dw, db, dA, dB
@@ -93,7 +94,7 @@ class LoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scale: float):
         x2 = x.reshape(-1, x.shape[-1])  # (n, in)
-        xa = mm_narrow(x2, lora_A.to(x.dtype).t())  # (n, r)
+        xa = x2 @ lora_A.to(x.dtype).t()  # (n, r)
         y = lora_output(x2, weight, bias, xa, lora_B, scale)
         ctx.scale = scale
         # an NF4Weight is a module, not a tensor: kept on ctx (its tensors live in the model anyway)
@@ -109,7 +110,7 @@ class LoRALinearFunction(torch.autograd.Function):
         need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
         s, dt = ctx.scale, g.dtype
         g2 = g.reshape(-1, g.shape[-1])  # (n, out)
-        gB = mm_narrow(g2, lora_B.to(dt))  # (n, r)
+        gB = g2 @ lora_B.to(dt)  # (n, r)
         dx = None
         if need_x:
             dx = lora_input_grad(g2, weight, gB, lora_A, s).view(*g.shape[:-1], -1)
@@ -215,7 +216,7 @@ def group_forward(x, norm_weight, eps: float, Ws, bs, As, Bs, scales):
     if norm_weight is not None:
         x_in = _rows(x_in)  # unit column stride for the kernel
         x2, rstd = rmsnorm_forward(x_in, norm_weight, eps)
-    xa = mm_narrow(x2, torch.cat([A.to(dt) for A in As]).t())  # (n, sum r): x read once for the group
+    xa = x2 @ torch.cat([A.to(dt) for A in As]).t()  # (n, sum r): x read once for the whole group
     return x_in, x2, rstd, xa, group_outputs(x2, xa, Ws, bs, Bs, scales)
 
 
@@ -239,7 +240,7 @@ def group_grads(g2, x_in, x2, rstd, norm_weight, eps, xa, Ws, bs, As, Bs, scales
     if x2 is None and need_w:
         x2 = rmsnorm_forward(x_in, norm_weight, eps)[0]  # bit-identical to the forward's
     dt = g2[0].dtype
-    gB = torch.cat([mm_narrow(g, B.to(dt)) for g, B in zip(g2, Bs, strict=True)], dim=1)  # (n, sum r)
+    gB = torch.cat([g @ B.to(dt) for g, B in zip(g2, Bs, strict=True)], dim=1)  # (n, sum r)
     dx = dnorm = None
     if need_x or need_norm:  # d(the projected input), then through the norm when there is one
         A_cat = torch.cat([A.to(dt) for A in As])  # (sum r, in)
@@ -259,10 +260,10 @@ def group_grads(g2, x_in, x2, rstd, norm_weight, eps, xa, Ws, bs, As, Bs, scales
     dA_cat = None  # (sum r, in)
     if any(need[4 * i + 2] for i in range(k)):
         if x2 is not None:
-            dA_cat = mm_tn(gB, x2)  # fp32
+            dA_cat = gB.t() @ x2
         else:  # gB^T norm(x) = (gB^T diag(rstd) x) diag(w): from x, no normalized copy made again
             gB_r = (gB.float() * rstd[:, None]).to(dt)  # (n, sum r)
-            dA_cat = mm_tn(gB_r, x_in).mul_(norm_weight.to(dt).float())
+            dA_cat = (gB_r.t() @ x_in).float().mul_(norm_weight.to(dt).float())
     off = 0
     for i, (g, W, b, A, B, s) in enumerate(zip(g2, Ws, bs, As, Bs, scales, strict=True)):
         r = A.shape[0]

@@ -15,7 +15,6 @@ import triton.language as tl
 
 from snuggle.kernels._utils import patch_interpreter, use_triton
 from snuggle.kernels.lora import fusable, lora_input_grad, lora_output, lora_param_grads
-from snuggle.kernels.rank import mm_narrow
 from snuggle.kernels.reference import swiglu
 from snuggle.quant.nf4 import NF4Weight
 
@@ -146,7 +145,7 @@ def swiglu_down_forward(g, u, weight, bias, lora_A, lora_B, scale: float):
     """`SwiGLUDownFunction`'s forward without autograd, g and u contiguous (n, f) or (..., f):
     (y (n, out), xa = h A^T (n, r)) with h = silu(g) * u made and freed here."""
     h = swiglu_forward(g, u).view(-1, g.shape[-1])  # (n, f)
-    xa = mm_narrow(h, lora_A.to(h.dtype).t())  # (n, r)
+    xa = h @ lora_A.to(h.dtype).t()  # (n, r)
     y = lora_output(h, weight, bias, xa, lora_B, scale)  # (n, out)
     return y, xa
 
@@ -155,7 +154,7 @@ def swiglu_down_grads(dy2, g, u, xa, weight, bias, lora_A, lora_B, scale: float,
     """(d gate, d up, dW, db, dA, dB) of y = down(silu(g) * u) from dy2 (n, out), None where `need` (six
     flags in that order) is False; d gate and d up are written over g and u when `reuse`."""
     need_g, need_u, need_w, need_b, need_a, need_bb = need
-    gB = mm_narrow(dy2, lora_B.to(dy2.dtype))  # (n, r)
+    gB = dy2 @ lora_B.to(dy2.dtype)  # (n, r)
     h = swiglu_forward(g, u).view(-1, g.shape[-1]) if (need_a or need_w) else None  # (n, f), again
     dw, db, dA, dB = lora_param_grads(
         dy2, gB, h, xa, weight, bias, lora_A, lora_B, scale, (need_w, need_b, need_a, need_bb)
