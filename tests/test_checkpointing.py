@@ -293,22 +293,3 @@ def test_no_offloading_in_eval_or_generation(single_thread):
         out = m(ids)
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
     assert so.pending == {} and so.host == {}
-
-
-def test_a_block_whose_mlp_kept_only_its_input_gives_no_room_to_prefetch_into():
-    """It frees ~40% of what an offloaded block brings back, so backward fetches nothing ahead for it."""
-    from snuggle.model.checkpointing import _on_backward
-
-    args = ModelArgs.from_hf(
-        dict(model_type="llama", hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
-             num_key_value_heads=2, intermediate_size=96, vocab_size=128)
-    )  # fmt: skip
-    model = Decoder(args)
-    configure_checkpointing(model, 0, offload_blocks=2)
-    model.model.layers[3].mlp.recompute_gate_up = True
-    off = model.saved_offloader
-    off.pending = {i: _handles(i) for i in range(2)}
-    _on_backward(model, 2, None)  # block 3 done: lean, nothing fetched
-    assert set(off.pending) == {0, 1} and off.credit == 0
-    _on_backward(model, 1, None)  # block 2 done: stored, room for the highest pending block
-    assert set(off.pending) == {0}

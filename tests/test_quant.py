@@ -31,9 +31,7 @@ from snuggle.train.memory import (
     GIB,
     MemoryPlan,
     _block_bytes,
-    _gate_up_block_bytes,
     apply_memory_plan,
-    gate_up_cost,
     plan_for_model,
     plan_memory,
     predict_bytes,
@@ -771,62 +769,3 @@ def test_offload_capacity_is_what_the_link_carries_in_a_forward_within_the_host_
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     assert memory.offload_capacity(a, tokens, block, torch.bfloat16, "cuda") == 1
     assert memory.offload_capacity(a, tokens, 0, torch.bfloat16, "cuda") == 0
-
-
-# --- the memory plan: blocks whose MLPs keep only their input (kernels.mlp) ---------------------------
-
-LEAN = dict(fused_mlp=True, fused_norm=True)  # what the fast path's plans take before any of these
-
-
-def test_each_gate_up_block_saves_its_mlps_activations():
-    block = _block_bytes(LLAMA3_8B, 4096, 4096, 2, **LEAN)[0]
-    lean = _gate_up_block_bytes(LLAMA3_8B, 4096, 2, fused_norm=True)[0]
-    # gate and up (2 x intermediate a token) are what such a block no longer keeps
-    assert block - lean == 2 * 2 * LLAMA3_8B.intermediate_size * 4096
-    peaks = [
-        predict_bytes(LLAMA3_8B, 4096, STATIC_8B, 2, 0, False, 0, **LEAN, gate_up_blocks=j) for j in range(5)
-    ]
-    # the first one also raises the backward's working set (gate and up made again beside d(product))
-    assert peaks[1] < peaks[0]
-    for j in range(1, 4):
-        assert abs(peaks[j] - peaks[j + 1] - (block - lean) * _FRAGMENTATION) <= 2, j
-
-
-def test_gate_up_costs_about_half_a_block_forward():
-    # Llama-3 8B at 2048 tokens: the gate/up GEMMs are half of a block's forward FLOPs (H200: 0.51 measured)
-    assert 0.45 < gate_up_cost(LLAMA3_8B, 2048) < 0.55
-    # long sequences: attention's share grows, so the MLP's falls
-    assert gate_up_cost(LLAMA3_8B, 131072) < 0.3
-
-
-def test_plan_takes_gate_up_blocks_where_they_are_cheaper_than_recomputed_ones():
-    args = (LLAMA3_8B, STATIC_8B, 2, 2048)
-    kw = dict(can_recompute_product=True, can_recompute_norm=True, offload_blocks_max=8)
-    cost = gate_up_cost(LLAMA3_8B, 2048)
-    before = plan_memory(*args, 24.0, **kw)
-    after = plan_memory(*args, 24.0, **kw, gate_up=cost)
-    assert before.gate_up_blocks == 0 and before.checkpoint_layers > 0
-    assert after.gate_up_blocks > 0 and after.checkpoint_layers < before.checkpoint_layers
-    # the cheaper plan of the two, and it fits
-    assert after.checkpoint_layers + cost * after.gate_up_blocks < before.checkpoint_layers
-    assert after.predicted_gib <= 24.0
-    # never more than the stored blocks: the offloaded ones still find as many stored ones in backward
-    L = LLAMA3_8B.num_layers
-    assert after.gate_up_blocks + after.checkpoint_layers + 2 * after.offload_blocks <= L
-    # room to spare, or MLPs that cannot: none
-    assert plan_memory(*args, 80.0, **kw, gate_up=cost).gate_up_blocks == 0
-    assert "gate and up made again in the MLPs of the last" in after.describe()
-    # very expensive gate/up work is never chosen over recomputing blocks
-    assert plan_memory(*args, 24.0, **kw, gate_up=2.0).gate_up_blocks == 0
-
-
-def test_apply_memory_plan_marks_the_last_blocks_gate_up():
-    args = ModelArgs.from_hf(
-        dict(model_type="llama", hidden_size=64, num_hidden_layers=5, num_attention_heads=4,
-             num_key_value_heads=2, intermediate_size=96, vocab_size=128)
-    )  # fmt: skip
-    model = Decoder(args)
-    plan = MemoryPlan(1, False, 0, 1.0, 2.0, 0.5, 5, True, True, 0, 2)
-    apply_memory_plan(model, plan)
-    assert [b.mlp.recompute_gate_up for b in model.model.layers] == [False, False, False, True, True]
-    assert model.checkpoint_layers == {0}

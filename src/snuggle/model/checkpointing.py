@@ -270,10 +270,7 @@ def _on_backward(model, i: int, grad):
     """Hook on block i's output: its gradient is complete, so block i + 1 is done in backward."""
     j = i + 1
     if j < model.args.num_layers:
-        # a block whose MLP kept only its input frees ~40% of what an offloaded block brings back: no
-        # room to prefetch into (the memory plan puts those blocks last, above the stored ones)
-        lean = getattr(model.model.layers[j].mlp, "recompute_gate_up", False)
-        model.saved_offloader.block_done(j, stored=j not in model.checkpoint_layers and not lean)
+        model.saved_offloader.block_done(j, stored=j not in model.checkpoint_layers)
 
 
 def run_block(layer: nn.Module, i: int, x, cos, sin, mask, cache, model) -> torch.Tensor:

@@ -10,8 +10,6 @@ shapes (activation dtype, per token of a micro-batch):
                                           LoRA down projection, which makes the product again; 2h
                                           less with the norms inside the fast path's LoRA group
                                           Functions, which keep only the norms' inputs)
-    gate/up block    4h + 2q + 2kv        its MLP keeps only its input and makes gate and up again in
-                                          backward (kernels.mlp; 2h less with the norms inside)
     tiled MLP        4h + 2q + 2kv        the MLP keeps only its input; one tile's 3f at a time
     recomputed block h                    its input only (0 on the GPU when offloaded to CPU)
     offloaded block  0                    a stored block whose saved tensors wait in pinned CPU
@@ -25,11 +23,9 @@ Savings, in the order they are taken (each costs time, so a run takes only what 
 fast path, make the SwiGLU product and the norms' outputs again in backward instead of keeping them
 (elementwise passes); keep the saved activations of as many blocks in CPU memory as the host link
 carries during one forward (measured on the card before planning: copies that keep up with the
-compute cost nothing); then the cheapest mix that fits of blocks whose MLPs make gate and up again
-(each costs the gate/up GEMMs once more, about half a block forward for Llama shapes) and recomputed
-blocks (each one block forward more), keeping the recomputed blocks' inputs in pinned CPU memory where
-that saves one block more (copies hidden under recomputation); then run the MLP in sequence tiles
-(long context). If the most frugal
+compute cost nothing); recompute the fewest blocks that fit (each recomputed block costs one more
+block forward), keeping their inputs in pinned CPU memory where that saves one block more (copies
+hidden under recomputation); then run the MLP in sequence tiles (long context). If the most frugal
 plan does not fit either, the run stops before training and says which sequence length or batch size
 would fit.
 """
@@ -78,7 +74,6 @@ class MemoryPlan:
     recompute_product: bool = False  # the MLPs keep gate and up, and make their SwiGLU product again
     recompute_norm: bool = False  # the LoRA groups keep the norms' inputs, and normalize again
     offload_blocks: int = 0  # the first n blocks keep their saved activations in pinned CPU memory
-    gate_up_blocks: int = 0  # the last n blocks' MLPs keep only their input, make gate and up again
 
     def describe(self) -> str:
         again = [
@@ -97,8 +92,6 @@ class MemoryPlan:
                 ckpt += " (inputs offloaded to CPU)"
         if self.offload_blocks:
             ckpt += f", activations of {self.offload_blocks} blocks kept in CPU memory"
-        if self.gate_up_blocks:
-            ckpt += f", gate and up made again in the MLPs of the last {self.gate_up_blocks} blocks"
         tiles = f", MLP in tiles of {self.tile_tokens} tokens" if self.tile_tokens else ""
         if again:
             tiles += f", {' and '.join(again)} recomputed"
@@ -154,28 +147,6 @@ def _block_bytes(
     return act_bytes * saved, max(mlp_grads, attn_grads)
 
 
-def _gate_up_block_bytes(
-    args: ModelArgs, tokens: int, act_bytes: int, fused_norm: bool
-) -> tuple[float, float]:
-    """(saved activations, gradients in flight) of a block whose MLP keeps only its input
-    (kernels.mlp.LoRAMLPFunction): the attention's part of `_block_bytes`, the MLP's low-rank products
-    (n x r, left out); in backward gate and up made again and d(the SwiGLU output) at once (3f), and dx."""
-    h, f = args.hidden_size, args.intermediate_size
-    q, kv = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
-    saved = ((2 if fused_norm else 4) * h + 2 * q + 2 * kv) * tokens
-    return act_bytes * saved, act_bytes * (3 * f + 2 * h) * tokens
-
-
-def gate_up_cost(args: ModelArgs, seq_len: int) -> float:
-    """What making gate and up again costs, in block forwards: the gate/up GEMMs' share of a block's
-    forward FLOPs (attention counted causal). Llama-3 8B at 2048: 0.52; measured on an H200 0.51
-    (1.8 ms a block against 3.5 ms for a recomputed block, results/gate-up-NVIDIA_H200-42e9286.md)."""
-    h, f = args.hidden_size, args.intermediate_size
-    q, kv = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
-    block = 2 * h * (q + 2 * kv) + 2 * q * h + 6 * h * f + 2 * seq_len * q  # per token
-    return 4 * h * f / block
-
-
 def predict_bytes(
     args: ModelArgs,
     tokens: int,
@@ -189,7 +160,6 @@ def predict_bytes(
     fused_mlp: bool = False,
     fused_norm: bool = False,
     offload_blocks: int = 0,
-    gate_up_blocks: int = 0,
 ) -> int:
     """Predicted peak bytes of one training step with `tokens` tokens per micro-batch.
 
@@ -197,7 +167,6 @@ def predict_bytes(
     `fused_mlp`: the MLP keeps gate and up but not their product (see `_block_bytes`); a plan's
     `recompute_product`. `fused_norm`: the norms' outputs are not kept; a plan's `recompute_norm`.
     `offload_blocks`: blocks whose saved activations wait in CPU memory (see checkpointing).
-    `gate_up_blocks`: stored blocks whose MLPs keep only their input (see `_gate_up_block_bytes`).
     """
     L = args.num_layers
     mlp_tokens = tile_tokens if tile_tokens and tile_tokens < tokens else tokens
@@ -205,11 +174,8 @@ def predict_bytes(
     # backward runs from the last block down: by the time the first k (checkpointed) blocks are
     # recomputed, the stored blocks' activations are freed, so one recomputed block counts as one
     # stored block when none is stored
-    stored = L - checkpoint_layers - offload_blocks - gate_up_blocks
-    lean, lean_work = _gate_up_block_bytes(args, tokens, act_bytes, fused_norm)
-    acts = max(stored * block + gate_up_blocks * lean, block if checkpoint_layers or offload_blocks else 0)
-    if gate_up_blocks:
-        work = max(work, lean_work)
+    stored = L - checkpoint_layers - offload_blocks
+    acts = max(stored, 1 if checkpoint_layers or offload_blocks else 0) * block
     if offload_blocks:
         acts += block  # an offloaded block's tensors until their copy is done, or fetched back early
     if checkpoint_layers and not offload:
@@ -225,48 +191,38 @@ def predict_bytes(
     return int((static + acts + work + loss + transient) * _FRAGMENTATION + _FIXED_SLACK)
 
 
-def _candidates(
-    L: int, can_offload: bool, rp: bool, rn: bool, offload_max: int = 0, gate_up: float | None = None
-):
-    """(checkpoint_layers, offload, tile_tokens, recompute_product, recompute_norm, offload_blocks,
-    gate_up_blocks) in the order of their cost in time (the predicted peak mostly falls along it; the
-    plan takes the first that fits); `rp`, `rn`: whether the model can make the SwiGLU product / the
+def _candidates(L: int, can_offload: bool, rp: bool, rn: bool, offload_max: int = 0):
+    """(checkpoint_layers, offload, tile_tokens, recompute_product, recompute_norm, offload_blocks) in
+    the order of their cost in time (the predicted peak mostly falls along it; the plan takes the first
+    that fits); `rp`, `rn`: whether the model can make the SwiGLU product / the
     norms' outputs again in backward; `offload_max`: how many blocks' saved activations the host link
-    carries during one forward; `gate_up`: what making a block's gate and up again costs in block
-    forwards (`gate_up_cost`), None where the model's MLPs cannot.
+    carries during one forward.
 
     Making the SwiGLU product again costs one elementwise pass a block (within noise of nothing for
     Llama-3 8B on an H100) and frees a third of every stored MLP's activations, so it goes first; then
     the norms' outputs (2h of a block's 6h + 2kv + 2f for 8B; their backward works from the norms'
     inputs, so this costs little more than a few small products). Then blocks' activations go to CPU
-    memory, one block more each, up to what the link carries (copies hidden under compute). Then the
-    mixes of recomputed blocks (one block forward each, ~3% of an 8B step) and blocks whose MLPs make
-    gate and up again (about half that, for 60% of a block's memory), cheapest first; moving the
-    recomputed blocks' inputs to CPU memory hides under that recomputation, so at each cost offloading
-    comes before one block more. Offloaded blocks are fetched back while the stored blocks' backward
-    frees room for them, so there are never more of them than stored blocks.
+    memory, one block more each, up to what the link carries (copies hidden under compute). Then blocks
+    are recomputed, each for one more block forward (~1.5% of an 8B step); moving the recomputed
+    blocks' inputs to CPU memory hides under that recomputation, so at each count of recomputed blocks
+    offloading comes before one block more. Offloaded blocks are fetched back while the stored blocks'
+    backward frees room for them, so there are never more of them than stored blocks.
     """
-    base = [(0, False, 0, False, False, 0)]
+    yield 0, False, 0, False, False, 0
     if rp:
-        base.append((0, False, 0, True, False, 0))
+        yield 0, False, 0, True, False, 0
     if rn:
-        base.append((0, False, 0, rp, True, 0))
+        yield 0, False, 0, rp, True, 0
     # one offloaded block saves nothing: its room is kept for the block in flight to or from the host
-    base += [(0, False, 0, rp, rn, m) for m in range(2, min(offload_max, L // 2) + 1)]
+    for m in range(2, min(offload_max, L // 2) + 1):
+        yield 0, False, 0, rp, rn, m
     for k in range(1, L + 1):
         m = min(offload_max, (L - k) // 2)
         m = m if m >= 2 else 0
-        base.append((k, False, 0, rp, rn, m))
+        yield k, False, 0, rp, rn, m
         if can_offload:
-            base.append((k, True, 0, rp, rn, m))
-    mixes = []
-    for order, (k, off, tile, p, n, m) in enumerate(base):
-        # gate/up blocks are taken from the stored ones, and leave as many stored as there are offloaded
-        most = 0 if gate_up is None else L - k - 2 * m
-        mixes += [(k + j * gate_up if j else k, order, (k, off, tile, p, n, m, j)) for j in range(most + 1)]
-    mixes.sort(key=lambda c: c[:2])
-    yield from (c[2] for c in mixes)
-    yield L, can_offload, _TILE_TOKENS, rp, rn, 0, 0
+            yield k, True, 0, rp, rn, m
+    yield L, can_offload, _TILE_TOKENS, rp, rn, 0
 
 
 def plan_memory(
@@ -282,7 +238,6 @@ def plan_memory(
     can_recompute_product: bool = False,
     can_recompute_norm: bool = False,
     offload_blocks_max: int = 0,
-    gate_up: float | None = None,
 ) -> MemoryPlan:
     """The fastest plan whose predicted peak fits the budget, or a SnuggleError saying what would fit.
 
@@ -290,36 +245,25 @@ def plan_memory(
     fast path's `act_down`); `can_recompute_norm`: its LoRA groups can take their norm inside (the fast
     path's `project`); a plan may choose these before checkpointing blocks. `offload_blocks_max`: how
     many blocks' saved activations may wait in CPU memory (`offload_capacity`; 0 without a GPU).
-    `gate_up`: the cost of a block whose MLP makes gate and up again, in block forwards (`gate_up_cost`),
-    None where the model's MLPs cannot (the fast path's `gate_up_down`).
     """
     budget = budget_gib * GIB
 
     def predict(
-        tokens: int,
-        k: int,
-        offload: bool,
-        tile: int,
-        rp=can_recompute_product,
-        rn=can_recompute_norm,
-        m=0,
-        j=0,
+        tokens: int, k: int, offload: bool, tile: int, rp=can_recompute_product, rn=can_recompute_norm, m=0
     ) -> int:
         return predict_bytes(
-            args, tokens, static, act_bytes, k, offload, tile, trainable_head, transient, rp, rn, m, j
+            args, tokens, static, act_bytes, k, offload, tile, trainable_head, transient, rp, rn, m
         )
 
     tokens = batch_size * seq_len
     candidates = _candidates(
-        args.num_layers, can_offload, can_recompute_product, can_recompute_norm, offload_blocks_max, gate_up
+        args.num_layers, can_offload, can_recompute_product, can_recompute_norm, offload_blocks_max
     )
-    for k, off, tile, rp, rn, m, j in candidates:
-        peak = predict(tokens, k, off, tile, rp, rn, m, j)
+    for k, off, tile, rp, rn, m in candidates:
+        peak = predict(tokens, k, off, tile, rp, rn, m)
         if peak <= budget:
             tile = tile if tile < tokens else 0
-            return MemoryPlan(
-                k, off, tile, peak / GIB, budget_gib, static / GIB, args.num_layers, rp, rn, m, j
-            )
+            return MemoryPlan(k, off, tile, peak / GIB, budget_gib, static / GIB, args.num_layers, rp, rn, m)
     if static * _FRAGMENTATION + _FIXED_SLACK > budget:
         raise SnuggleError(
             f"the model alone needs {(static * _FRAGMENTATION + _FIXED_SLACK) / GIB:.2f} GiB (weights, "
@@ -361,13 +305,10 @@ def device_budget_gib(device: torch.device) -> float:
 def apply_memory_plan(model: nn.Module, plan: MemoryPlan) -> None:
     """Set the plan on the model: which blocks recompute (and offload), and the MLP tiles."""
     configure_checkpointing(model, plan.checkpoint_layers, plan.offload, plan.offload_blocks)
-    L = len(model.model.layers)
-    for i, block in enumerate(model.model.layers):
+    for block in model.model.layers:
         block.mlp.tile_tokens = plan.tile_tokens
         block.mlp.recompute_product = plan.recompute_product
         block.recompute_norm = plan.recompute_norm
-        # the last blocks: backward reaches them first, while the most activations are alive
-        block.mlp.recompute_gate_up = i >= L - plan.gate_up_blocks
 
 
 def plan_for_model(
@@ -388,7 +329,6 @@ def plan_for_model(
     dense = [m.shape.numel() for m in model.modules() if isinstance(m, NF4Weight)]
     act_bytes = torch.empty((), dtype=model.compute_dtype).element_size()
     rp, rn = _can_recompute_product(model), _can_recompute_norm(model)
-    gate_up = gate_up_cost(model.args, seq_len) if _can_recompute_gate_up(model) else None
     device = model.lm_head.weight.device
     if offload_blocks_max is None:
         offload_blocks_max = 0
@@ -409,7 +349,6 @@ def plan_for_model(
         can_recompute_product=rp,
         can_recompute_norm=rn,
         offload_blocks_max=offload_blocks_max,
-        gate_up=gate_up,
     )
 
 
@@ -491,26 +430,6 @@ def _can_recompute_product(model: nn.Module) -> bool:
         bool(mlps)
         and _kernels_run_on(model)
         and all(m.act_down is not act_down and fusable([m.down_proj]) for m in mlps)
-    )
-
-
-def _can_recompute_gate_up(model: nn.Module) -> bool:
-    """Whether every block's MLP can run as one Function keeping only its input (kernels.mlp): the swap
-    point replaced, SwiGLU's kernel, and LoRA gate, up and down it can fuse."""
-    from snuggle.kernels.lora import fusable
-    from snuggle.kernels.swiglu import fast_swiglu
-    from snuggle.model.decoder import gate_up_down
-
-    mlps = [block.mlp for block in model.model.layers]
-    return (
-        bool(mlps)
-        and _kernels_run_on(model)
-        and all(
-            m.gate_up_down is not gate_up_down
-            and m.act_fn is fast_swiglu
-            and fusable([m.gate_proj, m.up_proj, m.down_proj])
-            for m in mlps
-        )
     )
 
 
