@@ -13,6 +13,13 @@ ran 1.5-4x slower than these cuBLAS calls in the same run (8B: 3.04 ms a block a
 8B step at 0.915x (results/lora-ops-H200-rank-kernels-wip.jsonl, ab-H200-42e9286-vs-rank-kernels.jsonl),
 so they were taken out again.
 
+The `(...)^T` rows time the same rank-sized products as the transpose of the transposed problem (cuBLAS
+then picks among other kernels). On an H200 they were no faster (8B: 0.78 ms against 0.70 for the four
+products a block; 1B 1.00 against 0.98), and with them in the LoRA Functions the step ran at 1.005x
+(8B) and 0.996x (1B), within noise (results/lora-ops-H200-919f1f6-transposed.jsonl,
+ab-H200-919f1f6-vs-transposed-rank-products.jsonl); not taken. The same calls timed 20-40% apart
+between two lent machines of one session, so compare rows of one run only.
+
 usage: python benchmarks/lora_ops.py [--shape 1b|8b|all] [--out DIR]
 """
 
@@ -82,6 +89,20 @@ def group_ops(n, fan_in, outs, dev, dt):
             lambda: [gi.t() @ u for gi, u in zip(g, xai, strict=True)],
             e * (n * S + n * k * r),
         ),
+        # the same rank-sized products as the transpose of the transposed problem: cuBLAS then sees the
+        # rank as its other dimension and picks among other kernels (the result is a transposed view)
+        ("(A x^T)^T", lambda: (A_cat @ x.t()).t(), e * (n * fan_in + n * k * r)),
+        (
+            "(B_i^T g_i^T)^T",
+            lambda: [(B.t() @ gi.t()).t() for gi, B in zip(g, Bs, strict=True)],
+            e * (n * S + n * k * r),
+        ),
+        ("(x^T gB)^T", lambda: (x.t() @ gB).t(), e * (n * fan_in + n * k * r)),
+        (
+            "(xa_i^T g_i)^T",
+            lambda: [(u.t() @ gi).t() for gi, u in zip(g, xai, strict=True)],
+            e * (n * S + n * k * r),
+        ),
     ]
 
 
@@ -111,7 +132,7 @@ def main() -> None:
     for r in rows:
         print(f"| {r['shape']} | {r['group']} | {r['op']} | {r['ms']:.3f} | {r.get('floor_ms', '')} |")
     for shape in dict.fromkeys(r["shape"] for r in rows):
-        mine = [r for r in rows if r["shape"] == shape and "floor_ms" in r]
+        mine = [r for r in rows if r["shape"] == shape and "floor_ms" in r and not r["op"].startswith("(")]
         print(
             f"{shape}: rank-sized products a block {sum(r['ms'] for r in mine):.3f} ms, "
             f"floor {sum(r['floor_ms'] for r in mine):.3f} ms"
