@@ -46,6 +46,23 @@ SHAPES = {
 RANK, SCALE = 16, 2.0
 
 
+def parse_args() -> argparse.Namespace:
+    """--shape 1b|8b|all, --out DIR; seeds torch, as both scripts of LoRA timings start."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="all", choices=["1b", "8b", "all"])
+    ap.add_argument("--out", default="")
+    a = ap.parse_args()
+    a.shapes = ["1b", "8b"] if a.shape == "all" else [a.shape]
+    torch.manual_seed(0)
+    return a
+
+
+def shape_groups(shape: str) -> tuple[int, dict[str, tuple[int, list[int]]]]:
+    """(tokens, {group: (fan_in, the outputs' widths)}) for the projections that share an input."""
+    n, h, kv, f = SHAPES[shape]
+    return n, {"qkv": (h, [h, kv, kv]), "o": (h, [h]), "gate_up": (h, [f, f]), "down": (f, [h])}
+
+
 def base(x, g, Ws, As, Bs):
     for W, gi in zip(Ws, g, strict=True):
         x @ W.t()
@@ -136,16 +153,11 @@ def augmented(x, g, Ws, As, Bs, *, big, xbuf, gbuf, copy: bool):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--shape", default="all", choices=["1b", "8b", "all"])
-    ap.add_argument("--out", default="")
-    a = ap.parse_args()
+    a = parse_args()
     dev, dt = torch.device("cuda"), torch.bfloat16
-    torch.manual_seed(0)
     rows = []
-    for shape in ["1b", "8b"] if a.shape == "all" else [a.shape]:
-        n, h, kv, f = SHAPES[shape]
-        groups = {"qkv": (h, [h, kv, kv]), "o": (h, [h]), "gate_up": (h, [f, f]), "down": (f, [h])}
+    for shape in a.shapes:
+        n, groups = shape_groups(shape)
         for group, (fan_in, outs) in groups.items():
             Ws = [torch.randn(o, fan_in, device=dev, dtype=dt) * 0.02 for o in outs]
             As = [torch.randn(RANK, fan_in, device=dev, dtype=dt) * 0.02 for _ in outs]

@@ -25,12 +25,16 @@ usage: python benchmarks/lora_ops.py [--shape 1b|8b|all] [--out DIR]
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import torch
-from lora_gemm import RANK, SCALE, SHAPES  # same directory: the scripts run from benchmarks/
+from lora_gemm import (  # same directory: the scripts run from benchmarks/
+    RANK,
+    SCALE,
+    parse_args,
+    shape_groups,
+)
 from nf4_dequant import timed
 
 
@@ -107,18 +111,13 @@ def group_ops(n, fan_in, outs, dev, dt):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--shape", default="all", choices=["1b", "8b", "all"])
-    ap.add_argument("--out", default="")
-    a = ap.parse_args()
+    a = parse_args()
     dev, dt = torch.device("cuda"), torch.bfloat16
-    torch.manual_seed(0)
     bw = copy_bandwidth(dev)
     print(f"copy bandwidth: {bw / 1e9:.2f} TB/s", flush=True)
     rows = []
-    for shape in ["1b", "8b"] if a.shape == "all" else [a.shape]:
-        n, h, kv, f = SHAPES[shape]
-        groups = {"qkv": (h, [h, kv, kv]), "o": (h, [h]), "gate_up": (h, [f, f]), "down": (f, [h])}
+    for shape in a.shapes:
+        n, groups = shape_groups(shape)
         for group, (fan_in, outs) in groups.items():
             for name, fn, nbytes in group_ops(n, fan_in, outs, dev, dt):
                 ms = timed(fn)
