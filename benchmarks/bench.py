@@ -189,20 +189,28 @@ def hf_step_loss(model):
     return step_loss
 
 
+def hf_model(cfg, device):
+    """A transformers Llama of `cfg` in bf16 with the harness's seeded weights: built on meta, moved
+    with `to_empty`, then every parameter and RoPE buffer set (`init_weights`, `init_rope_buffers`)."""
+    from transformers import LlamaForCausalLM
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    model.to_empty(device=device)
+    model.tie_weights()
+    init_weights(model.named_parameters())
+    init_rope_buffers(model)
+    return model
+
+
 def build_hf(args, device, liger: bool = False):
     from peft import LoraConfig, get_peft_model
-    from transformers import LlamaForCausalLM
 
     if liger:
         from liger_kernel.transformers import apply_liger_kernel_to_llama
 
         apply_liger_kernel_to_llama()
-    with torch.device("meta"):
-        model = LlamaForCausalLM(hf_config(args.model)).to(torch.bfloat16)
-    model.to_empty(device=device)
-    model.tie_weights()
-    init_weights(model.named_parameters())
-    init_rope_buffers(model)
+    model = hf_model(hf_config(args.model), device)
     if args.ckpt != "none":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -219,18 +227,14 @@ def write_model_dir(args, device) -> str:
 
     from tokenizers import Tokenizer
     from tokenizers.models import WordLevel
-    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     path = Path(MODEL_DIR.format(model=args.model))
     if (path / "config.json").exists():
         return str(path)
     cfg = hf_config(args.model)
     cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = 1, 2, 3
-    with torch.device("meta"):
-        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
-    model.to_empty(device=device)
-    model.tie_weights()
-    init_weights(model.named_parameters())
+    model = hf_model(cfg, device)
     tmp = path.with_name(path.name + ".part")
     model.save_pretrained(tmp)
     del model

@@ -40,6 +40,7 @@ __all__ = [
     "lora_output",
     "lora_input_grad",
     "lora_param_grads",
+    "apply_projections",
     "group_forward",
     "group_outputs",
     "group_grads",
@@ -301,8 +302,15 @@ def fast_project(mods, x: torch.Tensor, norm: nn.Module | None = None) -> tuple[
         x, norm = norm(x), None
     if not grouped:
         return tuple(m(x) for m in mods)
+    return apply_projections(LoRAGroupFunction, mods, x, norm)
+
+
+def apply_projections(fn, mods, x: torch.Tensor, norm=None):
+    """`fn.apply` in the calling convention of the Functions of several LoRA projections
+    (`LoRAGroupFunction`, `kernels.mlp.LoRAMLPFunction`): x, the scales, the norm's weight and eps (None
+    and 0 without a norm), then (W, b, A, B) of each module in `mods`."""
     flat = []
     for m in mods:
         flat += [m.weight, m.bias, m.lora_A, m.lora_B]
     norm_weight, eps = (norm.weight, norm.eps) if norm is not None else (None, 0.0)
-    return LoRAGroupFunction.apply(x, tuple(m.scale for m in mods), norm_weight, eps, *flat)
+    return fn.apply(x, tuple(m.scale for m in mods), norm_weight, eps, *flat)

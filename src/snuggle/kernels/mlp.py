@@ -22,6 +22,7 @@ import torch
 
 from snuggle.kernels._utils import use_triton
 from snuggle.kernels.lora import (
+    apply_projections,
     fast_project,
     fusable,
     group_forward,
@@ -85,8 +86,4 @@ def fast_gate_up_down(mods, x: torch.Tensor, act_fn, norm=None) -> torch.Tensor:
     if not ok:
         gate, up = fast_project(mods[:2], x, norm)
         return fast_act_down(gate, up, act_fn, mods[2])
-    flat = []
-    for m in mods:
-        flat += [m.weight, m.bias, m.lora_A, m.lora_B]
-    norm_weight, eps = (norm.weight, norm.eps) if norm is not None else (None, 0.0)
-    return LoRAMLPFunction.apply(x, tuple(m.scale for m in mods), norm_weight, eps, *flat)
+    return apply_projections(LoRAMLPFunction, mods, x, norm)
