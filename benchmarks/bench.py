@@ -312,6 +312,10 @@ def run(args) -> dict:
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gib * 2**30 / total), device)
     torch.manual_seed(0)
+    if args.no_loss_sync:
+        import snuggle.kernels.linear_ce as linear_ce
+
+        linear_ce.DROP_MASKED_ROWS = False
     if args.variant == "snuggle":
         model, step_loss, info = build_snuggle(args, device)
     elif args.variant in ("hf", "liger"):
@@ -321,20 +325,30 @@ def run(args) -> dict:
     else:
         raise SystemExit(f"unknown variant {args.variant}")
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, fused=True)
+    opt = torch.optim.AdamW(params, lr=args.lr, fused=True, capturable=args.graph)
     data = batches(args.warmup + args.steps, args.batch, args.seq, SHAPES[args.model]["vocab_size"], device)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats(device)
-    times, losses = [], []
+    times, losses, host = [], [], []
+    graph_step = captured_step(step_loss, opt, data[0]) if args.graph else None
     for i, ids in enumerate(data):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        loss = step_loss(ids)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        t0 = time.perf_counter()
+        if graph_step is not None:
+            loss = graph_step(ids)
+        else:
+            loss = step_loss(ids)
+            t1 = time.perf_counter()
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         end.record()
+        t2 = time.perf_counter()
         torch.cuda.synchronize()
+        if graph_step is None and i >= args.warmup:
+            # host ms in forward (up to the loss), in backward + step, and the GPU's queue left after it
+            host.append((t1 - t0, t2 - t1, time.perf_counter() - t2))
         losses.append(float(loss))
         if i >= args.warmup:
             times.append(start.elapsed_time(end) / 1e3)
@@ -353,7 +367,37 @@ def run(args) -> dict:
         "loss_last": losses[-1],
         "losses": losses,
         "trainable": sum(p.numel() for p in params),
+        "host_ms": [round(statistics.median(h) * 1e3, 1) for h in zip(*host, strict=True)] if host else None,
     }
+
+
+def captured_step(step_loss, opt, ids0):
+    """The whole step (forward, backward, optimizer) captured once as a CUDA graph: replaying it costs
+    no host time per kernel, so its speed is the GPU's alone. Returns step(ids) -> loss."""
+    import snuggle.kernels.linear_ce as linear_ce
+
+    linear_ce.DROP_MASKED_ROWS = False  # no host sync inside the captured step
+    static = ids0.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the default stream, as capture requires
+        for _ in range(2):
+            step_loss(static).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):  # grads are None here: backward allocates them in the graph's pool
+        loss = step_loss(static)
+        loss.backward()
+        opt.step()
+
+    def step(ids):
+        static.copy_(ids)
+        graph.replay()
+        return loss
+
+    return step
 
 
 def main() -> None:
@@ -392,6 +436,8 @@ def main() -> None:
         help="the MLPs of blocks not recomputed keep only their input and make gate and up again in backward",
     )
     p.add_argument("--profile", action="store_true", help="print one step's kernel profile on stderr")
+    p.add_argument("--graph", action="store_true", help="replay the whole step as one CUDA graph")
+    p.add_argument("--no-loss-sync", action="store_true", help="every row through the loss's matmuls")
     p.add_argument(
         "--quantize", default="none", choices=["none", "nf4"], help="nf4: QLoRA (snuggle, unsloth)"
     )

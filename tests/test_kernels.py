@@ -519,7 +519,10 @@ class TestLinearCrossEntropy:
         [(2, 9, 72, 1001, 7), (1, 13, 100, 1001, None), (2, 5, 16, 37, 3)],
         ids=["chunked-1001", "one-chunk-1001", "tiny-vocab"],
     )
-    def test_matches_reference(self, B, T, C, V, chunk, dtype):
+    @pytest.mark.parametrize("drop_masked", [True, False], ids=["masked-rows-dropped", "no-host-sync"])
+    def test_matches_reference(self, B, T, C, V, chunk, dtype, drop_masked, monkeypatch):
+        # without dropping, masked rows go through the matmuls and the row kernel zeroes them
+        monkeypatch.setattr(linear_ce, "DROP_MASKED_ROWS", drop_masked)
         h, w, y = _ce_inputs(B, T, C, V, dtype, _seed(8))
         l0, dh0, dw0 = _ce_run(reference.cross_entropy_sum, h, w, y)
         l1, dh1, dw1 = _ce_run(fused_linear_cross_entropy, h, w, y, chunk_tokens=chunk)

@@ -110,6 +110,12 @@ def scale_(x: torch.Tensor, scale: torch.Tensor) -> None:
         _scale_kernel[(triton.cdiv(n, block),)](x, scale, n, BLOCK=block, num_warps=8)
 
 
+# Masked rows are dropped before the matmuls (a host sync to count them); without it every row goes
+# through them and the kernel gives masked ones zero loss and gradient: no sync, so a CUDA graph can
+# capture the step.
+DROP_MASKED_ROWS = True
+
+
 def _auto_chunk(V: int) -> int:
     chunk = max(1, _CHUNK_LOGITS // V)
     return chunk // 64 * 64 if chunk >= 64 else chunk  # whole 64-row tiles for the matmuls
@@ -127,9 +133,10 @@ def linear_ce_forward(
     N, C = h.shape
     V = weight.shape[0]
     dtype, dev = h.dtype, h.device
-    valid = labels != IGNORE_INDEX
-    n = int(valid.sum())  # one host sync, as in the reference; it saves the matmuls of masked tokens
-    rows = None
+    rows, n = None, N
+    if DROP_MASKED_ROWS:
+        valid = labels != IGNORE_INDEX
+        n = int(valid.sum())  # one host sync, as in the reference; it saves the matmuls of masked tokens
     if n < N:
         rows = valid.nonzero().squeeze(1)  # (n,)
         h, labels = h.index_select(0, rows), labels.index_select(0, rows)
