@@ -40,7 +40,6 @@ __all__ = [
     "lora_output",
     "lora_input_grad",
     "lora_param_grads",
-    "cast_factors",
     "apply_projections",
     "group_forward",
     "group_outputs",
@@ -82,13 +81,11 @@ def lora_input_grad(g2, weight, gB, lora_A, scale: float) -> torch.Tensor:
     return dx.addmm_(g2, as_dense(weight, dt))
 
 
-def lora_param_grads(g2, gB, x2, xa, weight, bias, lora_A, lora_B, scale: float, need, factor_dtype=None):
-    """(dW, db, dA, dB) of one LoRA projection, None where `need` (four flags in that order) is False.
-    dA and dB come in `factor_dtype` (the parameters' dtype, when the factors given are cast copies)."""
+def lora_param_grads(g2, gB, x2, xa, weight, bias, lora_A, lora_B, scale: float, need):
+    """(dW, db, dA, dB) of one LoRA projection, None where `need` (four flags in that order) is False."""
     need_w, need_b, need_a, need_bb = need
-    dt_a, dt_b = factor_dtype or lora_A.dtype, factor_dtype or lora_B.dtype
-    dA = (gB.t() @ x2).to(dt_a).mul_(scale) if need_a else None  # (r, in); scaled after the upcast
-    dB = (g2.t() @ xa).to(dt_b).mul_(scale) if need_bb else None  # (out, r)
+    dA = (gB.t() @ x2).to(lora_A.dtype).mul_(scale) if need_a else None  # (r, in); scaled after the upcast
+    dB = (g2.t() @ xa).to(lora_B.dtype).mul_(scale) if need_bb else None  # (out, r)
     dw = (g2.t() @ x2).to(weight.dtype) if need_w else None  # (out, in): only when the base weight trains
     db = g2.sum(0).to(bias.dtype) if need_b else None
     return dw, db, dA, dB
@@ -98,11 +95,7 @@ class LoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scale: float):
         x2 = x.reshape(-1, x.shape[-1])  # (n, in)
-        ctx.factor_dtype = lora_A.dtype
-        # the factors in the activation dtype, once: backward uses these copies (tiny) instead of casting
-        # again, as every cast is one more kernel launch and a block's step is partly launch-bound
-        lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)
-        xa = x2 @ lora_A.t()  # (n, r)
+        xa = x2 @ lora_A.to(x.dtype).t()  # (n, r)
         y = lora_output(x2, weight, bias, xa, lora_B, scale)
         ctx.scale = scale
         # an NF4Weight is a module, not a tensor: kept on ctx (its tensors live in the model anyway)
@@ -123,9 +116,8 @@ class LoRALinearFunction(torch.autograd.Function):
         if need_x:
             dx = lora_input_grad(g2, weight, gB, lora_A, s).view(*g.shape[:-1], -1)
         dw, db, dA, dB = lora_param_grads(
-            g2, gB, x2, xa, weight, bias, lora_A, lora_B, s, (need_w, need_b, need_a, need_bb),
-            ctx.factor_dtype,
-        )  # fmt: skip
+            g2, gB, x2, xa, weight, bias, lora_A, lora_B, s, (need_w, need_b, need_a, need_bb)
+        )
         return dx, dw, db, dA, dB, None
 
 
@@ -176,7 +168,6 @@ class LoRAGroupFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, scales: tuple[float, ...], norm_weight, eps: float, *flat):
         Ws, bs, As, Bs = flat[0::4], flat[1::4], flat[2::4], flat[3::4]
-        ctx.factor_dtype, As, Bs = cast_factors(As, Bs, x.dtype)
         x_in, _, rstd, xa, ys = group_forward(x, norm_weight, eps, Ws, bs, As, Bs, scales)
         ctx.scales, ctx.eps = scales, eps
         # with a norm: its input, not x2
@@ -192,20 +183,10 @@ class LoRAGroupFunction(torch.autograd.Function):
         x2 = x_in if norm_weight is None else None  # with a norm: made again only where needed
         dx, dnorm, grads = group_grads(
             g2, x_in, x2, rstd, norm_weight, ctx.eps, xa, Ws, bs, As, Bs, ctx.scales,
-            need_x, need_norm, ctx.needs_input_grad[4:], ctx.factor_dtype,
+            need_x, need_norm, ctx.needs_input_grad[4:],
         )  # fmt: skip
         dx = None if dx is None else dx.view(*gs[0].shape[:-1], dx.shape[-1])
         return (dx, None, dnorm, None, *grads)
-
-
-def cast_factors(As, Bs, dt) -> tuple[torch.dtype | None, list, list]:
-    """(the factors' own dtype, As, Bs in `dt`) for a Function that saves the cast copies (tiny) for its
-    backward instead of casting again there: each cast is a kernel launch, and a block's step is partly
-    bound by launches. Factors of mixed dtypes stay as they are (dtype None: each grad in its own)."""
-    dts = {t.dtype for t in (*As, *Bs)}
-    if len(dts) != 1:
-        return None, list(As), list(Bs)
-    return dts.pop(), [A.to(dt) for A in As], [B.to(dt) for B in Bs]
 
 
 def save_projections(ctx, Ws, bs, As, Bs) -> list:
@@ -250,15 +231,11 @@ def group_outputs(x2, xa, Ws, bs, Bs, scales) -> list[torch.Tensor]:
     return ys
 
 
-def group_grads(
-    g2, x_in, x2, rstd, norm_weight, eps, xa, Ws, bs, As, Bs, scales, need_x, need_norm, need,
-    factor_dtype=None,
-):  # fmt: skip
+def group_grads(g2, x_in, x2, rstd, norm_weight, eps, xa, Ws, bs, As, Bs, scales, need_x, need_norm, need):
     """The gradients of a LoRA group (see `LoRAGroupFunction`) from its outputs' gradients g2 (n, out_i):
     (dx (n, in) or None, d norm_weight or None, [dW, db, dA, dB] per projection). `x2` is the projected
     input, or None where a norm's output was not kept: it is then made again only for a trained base's
-    dW, and dA comes from x_in and the norm's statistics. `need`: per projection W, b, A, B flags;
-    dA and dB come in `factor_dtype` (the parameters', when As and Bs are cast copies), else in theirs."""
+    dW, and dA comes from x_in and the norm's statistics. `need`: per projection W, b, A, B flags."""
     k = len(scales)
     need_w = any(need[4 * i] for i in range(k))
     if x2 is None and need_w:
@@ -292,9 +269,8 @@ def group_grads(
     for i, (g, W, b, A, B, s) in enumerate(zip(g2, Ws, bs, As, Bs, scales, strict=True)):
         r = A.shape[0]
         w_b_bb = (need[4 * i], need[4 * i + 1], False, need[4 * i + 3])  # dA: from dA_cat above
-        xa_i = xa[:, off : off + r]
-        dW, db, _, dB = lora_param_grads(g, None, x2, xa_i, W, b, A, B, s, w_b_bb, factor_dtype)
-        dA = dA_cat[off : off + r].to(factor_dtype or A.dtype).mul_(s) if need[4 * i + 2] else None
+        dW, db, _, dB = lora_param_grads(g, None, x2, xa[:, off : off + r], W, b, A, B, s, w_b_bb)
+        dA = dA_cat[off : off + r].to(A.dtype).mul_(s) if need[4 * i + 2] else None
         grads += [dW, db, dA, dB]
         off += r
     return dx, dnorm, grads

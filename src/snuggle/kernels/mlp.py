@@ -23,7 +23,6 @@ import torch
 from snuggle.kernels._utils import use_triton
 from snuggle.kernels.lora import (
     apply_projections,
-    cast_factors,
     fast_project,
     fusable,
     group_forward,
@@ -46,7 +45,6 @@ class LoRAMLPFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, scales: tuple[float, float, float], norm_weight, eps: float, *flat):
         Ws, bs, As, Bs = flat[0::4], flat[1::4], flat[2::4], flat[3::4]
-        ctx.factor_dtype, As, Bs = cast_factors(As, Bs, x.dtype)  # the cast copies kept for backward
         x_in, _, rstd, xa, (g, u) = group_forward(
             x, norm_weight, eps, Ws[:2], bs[:2], As[:2], Bs[:2], scales[:2]
         )
@@ -69,13 +67,12 @@ class LoRAMLPFunction(torch.autograd.Function):
         dy2 = dy.reshape(-1, dy.shape[-1])  # (n, out)
         # g and u are this backward's own: their gradients are written over them
         dg, du, *down = swiglu_down_grads(
-            dy2, g, u, xa_down, Ws[2], bs[2], As[2], Bs[2], scales[2], (True, True, *need[8:12]), True,
-            ctx.factor_dtype,
-        )  # fmt: skip
+            dy2, g, u, xa_down, Ws[2], bs[2], As[2], Bs[2], scales[2], (True, True, *need[8:12]), True
+        )
         del g, u
         dx, dnorm, gate_up = group_grads(
             [dg, du], x_in, x2, rstd, norm_weight, ctx.eps, xa, Ws[:2], bs[:2], As[:2], Bs[:2],
-            scales[:2], need_x, need_norm, need[:8], ctx.factor_dtype,
+            scales[:2], need_x, need_norm, need[:8],
         )  # fmt: skip
         dx = None if dx is None else dx.view(*dy.shape[:-1], dx.shape[-1])
         return (dx, None, dnorm, None, *gate_up, *down)

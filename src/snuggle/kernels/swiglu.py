@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from snuggle.kernels._utils import patch_interpreter, use_triton
-from snuggle.kernels.lora import cast_factors, fusable, lora_input_grad, lora_output, lora_param_grads
+from snuggle.kernels.lora import fusable, lora_input_grad, lora_output, lora_param_grads
 from snuggle.kernels.reference import swiglu
 from snuggle.quant.nf4 import NF4Weight
 
@@ -124,8 +124,6 @@ class SwiGLUDownFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, g, u, weight, bias, lora_A, lora_B, scale: float):
         g, u = g.contiguous(), u.contiguous()
-        # the factors cast once, the copies kept for backward (see `lora.cast_factors`)
-        ctx.factor_dtype, (lora_A,), (lora_B,) = cast_factors([lora_A], [lora_B], g.dtype)
         y, xa = swiglu_down_forward(g, u, weight, bias, lora_A, lora_B, scale)
         ctx.scale, ctx.reuse = scale, not (g.is_leaf or u.is_leaf)
         ctx.nf4 = weight if isinstance(weight, NF4Weight) else None
@@ -139,9 +137,7 @@ class SwiGLUDownFunction(torch.autograd.Function):
             weight = ctx.nf4
         dy2 = dy.reshape(-1, dy.shape[-1])  # (n, out)
         need = ctx.needs_input_grad[:6]
-        grads = swiglu_down_grads(
-            dy2, g, u, xa, weight, bias, lora_A, lora_B, ctx.scale, need, ctx.reuse, ctx.factor_dtype
-        )
+        grads = swiglu_down_grads(dy2, g, u, xa, weight, bias, lora_A, lora_B, ctx.scale, need, ctx.reuse)
         return (*grads, None)
 
 
@@ -154,17 +150,14 @@ def swiglu_down_forward(g, u, weight, bias, lora_A, lora_B, scale: float):
     return y, xa
 
 
-def swiglu_down_grads(
-    dy2, g, u, xa, weight, bias, lora_A, lora_B, scale: float, need, reuse: bool, factor_dtype=None
-):
+def swiglu_down_grads(dy2, g, u, xa, weight, bias, lora_A, lora_B, scale: float, need, reuse: bool):
     """(d gate, d up, dW, db, dA, dB) of y = down(silu(g) * u) from dy2 (n, out), None where `need` (six
-    flags in that order) is False; d gate and d up are written over g and u when `reuse`; dA and dB in
-    `factor_dtype` (the parameters', when the factors given are cast copies), else in theirs."""
+    flags in that order) is False; d gate and d up are written over g and u when `reuse`."""
     need_g, need_u, need_w, need_b, need_a, need_bb = need
     gB = dy2 @ lora_B.to(dy2.dtype)  # (n, r)
     h = swiglu_forward(g, u).view(-1, g.shape[-1]) if (need_a or need_w) else None  # (n, f), again
     dw, db, dA, dB = lora_param_grads(
-        dy2, gB, h, xa, weight, bias, lora_A, lora_B, scale, (need_w, need_b, need_a, need_bb), factor_dtype
+        dy2, gB, h, xa, weight, bias, lora_A, lora_B, scale, (need_w, need_b, need_a, need_bb)
     )
     del h  # before d(product) is made: the two never coexist
     dg = du = None
