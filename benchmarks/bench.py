@@ -312,7 +312,7 @@ def run(args) -> dict:
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gib * 2**30 / total), device)
     torch.manual_seed(0)
-    if args.no_loss_sync:
+    if args.no_loss_sync or args.graph:  # a captured step cannot hold the loss's host sync
         import snuggle.kernels.linear_ce as linear_ce
 
         linear_ce.DROP_MASKED_ROWS = False
@@ -373,10 +373,8 @@ def run(args) -> dict:
 
 def captured_step(step_loss, opt, ids0):
     """The whole step (forward, backward, optimizer) captured once as a CUDA graph: replaying it costs
-    no host time per kernel, so its speed is the GPU's alone. Returns step(ids) -> loss."""
-    import snuggle.kernels.linear_ce as linear_ce
-
-    linear_ce.DROP_MASKED_ROWS = False  # no host sync inside the captured step
+    no host time per kernel, so its speed is the GPU's alone. Returns step(ids) -> loss. The step may
+    hold no host sync: `run` has turned the fused loss's off (`linear_ce.DROP_MASKED_ROWS`)."""
     static = ids0.clone()
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
