@@ -13,6 +13,7 @@ prints one JSON line (also when the run fails: {"error": ...}).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import statistics
@@ -125,10 +126,13 @@ def build_snuggle(args, device):
 
         quantize_model(model)  # QLoRA: the same bf16 weights, then each block projection in NF4
         torch.cuda.empty_cache()
-    apply_lora(model, r=16, alpha=16, targets=TARGETS)
-    for name, mod in model.named_modules():
-        if isinstance(mod, LoRALinear):
-            init_lora(name, mod.lora_A, mod.lora_B)
+    if args.no_lora:
+        no_lora_bound(model)
+    else:
+        apply_lora(model, r=16, alpha=16, targets=TARGETS)
+        for name, mod in model.named_modules():
+            if isinstance(mod, LoRALinear):
+                init_lora(name, mod.lora_A, mod.lora_B)
     swapped = []
     if not args.no_kernels:
         try:
@@ -167,6 +171,19 @@ def build_snuggle(args, device):
         return model.loss_sum(ids, labels) / labels[:, :-1].numel()
 
     return model, step_loss, info
+
+
+def no_lora_bound(model) -> None:
+    """The step a LoRA step could at best become: no adapters, every weight frozen but the first block's
+    input norm (an fp32 copy), so backward still runs the input gradients through every block, as LoRA's
+    does, with the same frozen GEMMs, attention, norms, SwiGLU and fused loss; only the rank-sized
+    products and their fused launches are missing. (q/k/v and gate/up are then separate Linears whose
+    input gradients autograd sums, a little slower than the grouped LoRA Functions.)"""
+    from torch import nn
+
+    model.requires_grad_(False)
+    norm = model.model.layers[0].input_layernorm
+    norm.weight = nn.Parameter(norm.weight.detach().float(), requires_grad=True)
 
 
 def init_peft_lora(model) -> None:
@@ -286,24 +303,124 @@ def build_unsloth(args, device):
     return model, hf_step_loss(model), {}
 
 
-def profile_step(step_loss, opt, ids) -> None:
-    """Print the CUDA kernels of one more step by total time (stderr), to see where a step goes."""
+# aten ops that run one GEMM (or a batch of them): their kernels' time is put on what they multiply
+GEMM_OPS = {"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm"}
+RANK_MAX = 64  # a GEMM with a dimension this small is a LoRA rank-sized product (r = 16, 48 for q/k/v)
+
+
+def step_category(name: str, shapes, vocab: int) -> str:
+    """Where an op's kernel time goes in a LoRA step, from the op's name and its input shapes:
+    the frozen base GEMMs, the LoRA rank-sized GEMMs (by their reduction K: the rank, or a long one),
+    the lm_head GEMMs of the loss, attention, the
+    custom Functions' own launches (Triton: norms, RoPE, SwiGLU, the loss rows, NF4 dequantization),
+    the optimizer, and the remaining ATen ops (casts, copies, adds, reductions)."""
+    if name in GEMM_OPS:
+        dims = [d for s in shapes if len(s) >= 2 for d in s[-2:]]  # the matrices' sizes
+        if vocab in dims:
+            return "GEMM lm_head (loss)"
+        if dims and min(dims) <= RANK_MAX:
+            # K: the first factor's columns (addmm's first input is what it adds onto)
+            k = shapes[1][-1] if name in ("aten::addmm", "aten::addmm_", "aten::baddbmm") else shapes[0][-1]
+            # the others reduce over features (x A^T, g B) or tokens (dA, dB): one shape when they agree
+            if k <= RANK_MAX:
+                return "GEMM LoRA K = r (xa B^T, gB A)"
+            return "GEMM LoRA K long (x A^T, g B, dA, dB)"
+        return "GEMM frozen base"
+    low = name.lower()
+    if any(k in low for k in ("attention", "flash", "flex", "sdpa")):
+        return "attention"
+    if "adam" in low:
+        return "optimizer"
+    if not name.startswith("aten::") and "Function" in name:
+        return "Triton kernels in Functions"
+    if name.startswith("aten::"):
+        return "other ATen (casts, copies, adds)"
+    return "other"
+
+
+def step_breakdown(events, vocab: int) -> dict[str, float]:
+    """Kernel ms a step spends per `step_category`, from profiler events averaged by input shape. Only
+    CPU-side ops are summed: each kernel's time is counted once, on the op that launched it."""
+    out: dict[str, float] = {}
+    for e in events:
+        t = getattr(e, "self_device_time_total", 0)
+        if t <= 0 or str(getattr(e, "device_type", "")).endswith("CUDA"):
+            continue
+        cat = step_category(e.key, e.input_shapes or [], vocab)
+        out[cat] = out.get(cat, 0.0) + t / 1e3
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+GAP_BUCKETS_US = (5, 20, 100)  # idle time between kernels, by the length of the gap
+
+
+def kernel_gaps(kernels) -> dict:
+    """Where the GPU ran no kernel in a step, from (name, start us, end us) of every kernel (any stream):
+    the kernels' count, the union of their intervals (busy), the step's span, the idle time between
+    them by gap length (many short gaps: each launch's own latency; a few long ones: the GPU waited
+    for something), and the longest gaps with the kernels around them."""
+    ks = sorted(kernels, key=lambda k: k[1])
+    buckets = {f"<{GAP_BUCKETS_US[0]}us": 0.0}
+    buckets.update({f"{a}-{b}us": 0.0 for a, b in itertools.pairwise(GAP_BUCKETS_US)})
+    buckets[f">={GAP_BUCKETS_US[-1]}us"] = 0.0
+    longest, busy, end, prev = [], 0.0, None, None
+    for name, t0, t1 in ks:
+        if end is not None and t0 > end:
+            gap = t0 - end
+            i = sum(gap >= b for b in GAP_BUCKETS_US)
+            buckets[list(buckets)[i]] += gap / 1e3
+            longest.append((round(gap, 1), prev[:60], name[:60]))
+        if end is None or t0 >= end:
+            busy += t1 - t0
+        elif t1 > end:
+            busy += t1 - end
+        if end is None or t1 >= end:
+            end, prev = t1, name
+    span = (end - ks[0][1]) / 1e3 if ks else 0.0
+    return {
+        "kernels": len(ks),
+        "busy_ms": round(busy / 1e3, 3),
+        "span_ms": round(span, 3),
+        "idle_ms": {k: round(v, 3) for k, v in buckets.items()},
+        "longest_gaps_us": sorted(longest, reverse=True)[:8],
+    }
+
+
+def profile_gaps(step) -> dict:
+    """`kernel_gaps` of one call of `step` (a whole training step), traced with the CUDA activity only,
+    so the profiler adds little host time of its own."""
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    kernels = [
+        (e.name, e.time_range.start, e.time_range.end)
+        for e in prof.events()
+        if str(e.device_type).endswith("CUDA")
+    ]
+    return kernel_gaps(kernels)
+
+
+def profile_step(step_loss, opt, ids, vocab: int) -> dict[str, float]:
+    """Profile one more step: print its CUDA kernels by total time (stderr), to see where a step goes,
+    and return the kernel ms per category (`step_breakdown`)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU], record_shapes=True) as prof:
         step_loss(ids).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
-    wall = time.perf_counter() - t0
     events = prof.key_averages()
     print(events.table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=60), file=sys.stderr)
-    # kernels' summed time against the step's wall time (profiled): a large gap means the GPU waited on
-    # the CPU (launch overhead) or on a synchronisation
-    busy = sum(e.self_device_time_total for e in events) / 1e6
-    print(f"profiled step: wall {wall * 1e3:.1f} ms, GPU kernels {busy * 1e3:.1f} ms", file=sys.stderr)
+    parts = step_breakdown(prof.key_averages(group_by_input_shape=True), vocab)
+    total = sum(parts.values())
+    for cat, ms in parts.items():
+        print(f"{cat:40s} {ms:8.2f} ms  {100 * ms / total:5.1f}%", file=sys.stderr)
+    return {k: round(v, 2) for k, v in parts.items()}
 
 
 def run(args) -> dict:
@@ -353,7 +470,18 @@ def run(args) -> dict:
         if i >= args.warmup:
             times.append(start.elapsed_time(end) / 1e3)
     if args.profile:
-        profile_step(step_loss, opt, data[-1])
+        if graph_step is None:
+            info["profile_ms"] = profile_step(step_loss, opt, data[-1], SHAPES[args.model]["vocab_size"])
+
+        def one_step():
+            if graph_step is not None:
+                return graph_step(data[-1])
+            step_loss(data[-1]).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        info["gaps"] = profile_gaps(one_step)
+        print(json.dumps(info["gaps"]), file=sys.stderr)
     step = statistics.median(times)
     tokens = args.batch * args.seq
     return {
@@ -419,6 +547,11 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--no-kernels", action="store_true")
     p.add_argument(
+        "--no-lora",
+        action="store_true",
+        help="snuggle without adapters (backward through every block): what LoRA's products cost over",
+    )
+    p.add_argument(
         "--recompute-product",
         action="store_true",
         help="the MLPs make their SwiGLU product again in backward instead of keeping it (without a plan)",
@@ -433,7 +566,11 @@ def main() -> None:
         action="store_true",
         help="the MLPs of blocks not recomputed keep only their input and make gate and up again in backward",
     )
-    p.add_argument("--profile", action="store_true", help="print one step's kernel profile on stderr")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="one more step profiled: kernel time by category and the GPU's idle gaps (--graph: gaps only)",
+    )
     p.add_argument("--graph", action="store_true", help="replay the whole step as one CUDA graph")
     p.add_argument("--no-loss-sync", action="store_true", help="every row through the loss's matmuls")
     p.add_argument(
@@ -456,6 +593,9 @@ def main() -> None:
         ckpt=args.ckpt,
         cap_gib=args.cap_gib,
         kernels_off=args.no_kernels,
+        no_lora=args.no_lora,
+        graph=args.graph,
+        no_loss_sync=args.no_loss_sync,
         offload=args.offload,
         quantize=args.quantize,
         tile=args.tile,

@@ -158,3 +158,78 @@ def test_hf_peft_variant_starts_from_the_seeded_lora_factors_and_trains_on_cpu()
     loss.backward()
     assert abs(loss.item() - torch.log(torch.tensor(1000.0)).item()) < 0.5
     assert mods[name].lora_B["default"].weight.grad.abs().sum() > 0
+
+
+def snuggle_args(**kw) -> Namespace:
+    base = dict(
+        model="tiny", quantize="none", no_lora=False, no_kernels=True, ckpt="none", tile=0, offload=False,
+        offload_blocks=None, recompute_product=False, recompute_norm=False, recompute_gate_up=False,
+    )  # fmt: skip
+    return Namespace(**{**base, **kw})
+
+
+def test_no_lora_bound_trains_one_norm_and_back_propagates_through_every_block():
+    """--no-lora: no adapters, every weight frozen but block 0's input norm (fp32), whose gradient exists
+    only if backward ran through every later block."""
+    model, step_loss, _ = bench.build_snuggle(snuggle_args(no_lora=True), torch.device("cpu"))
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert [n for n, _ in trainable] == ["model.layers.0.input_layernorm.weight"]
+    assert trainable[0][1].dtype == torch.float32
+    assert not any("lora" in n for n, _ in model.named_parameters())
+    step_loss(torch.randint(0, bench.SHAPES["tiny"]["vocab_size"], (2, 16))).backward()
+    assert trainable[0][1].grad.abs().sum() > 0
+    lora, _, _ = bench.build_snuggle(snuggle_args(), torch.device("cpu"))
+    assert all("lora_" in n for n, p in lora.named_parameters() if p.requires_grad)
+
+
+def ev(key, shapes, ms, device="DeviceType.CPU"):
+    return Namespace(key=key, input_shapes=shapes, device_type=device, self_device_time_total=ms * 1e3)
+
+
+def test_step_breakdown_puts_each_launching_op_in_one_category():
+    """--profile's breakdown: GEMMs by what they multiply, kernel rows never counted twice."""
+    V = 128256
+    events = [
+        ev("aten::mm", [[4096, 4096], [4096, 6144]], 3.0),  # q/k/v base
+        ev("aten::addmm_", [[4096, 4096], [4096, 4096], [4096, 4096], [], []], 2.0),  # base onto low-rank
+        ev("aten::mm", [[4096, 4096], [4096, 48]], 0.5),  # x A^T
+        ev("aten::addmm_", [[4096, 4096], [4096, 16], [16, 4096], [], []], 0.25),  # xa B^T
+        ev("aten::mm", [[4096, 4096], [4096, 16]], 0.125),  # dB = g^T xa
+        ev("aten::mm", [[48, 4096], [4096, 4096]], 0.125),  # dA = gB^T x
+        ev("aten::mm", [[1024, 4096], [4096, V]], 4.0),  # a loss chunk
+        ev("aten::_cudnn_attention_forward", [[2, 32, 2048, 128]], 1.0),
+        ev("LoRAGroupFunctionBackward", [], 0.75),
+        ev("aten::_fused_adamw_", [], 0.1),
+        ev("aten::copy_", [[16, 4096], [16, 4096], []], 0.05),
+        ev("aten::mm", [[4096, 4096], [4096, 6144]], 0.0),  # no kernel time: skipped
+        ev("nvjet_sm90_tst_256x128", [], 3.0, device="DeviceType.CUDA"),  # the kernel row of the first mm
+    ]
+    parts = bench.step_breakdown(events, V)
+    assert parts == {
+        "GEMM frozen base": 5.0,
+        "GEMM lm_head (loss)": 4.0,
+        "attention": 1.0,
+        "GEMM LoRA K long (x A^T, g B, dA, dB)": 0.75,
+        "GEMM LoRA K = r (xa B^T, gB A)": 0.25,
+        "Triton kernels in Functions": 0.75,
+        "optimizer": 0.1,
+        "other ATen (casts, copies, adds)": 0.05,
+    }
+    assert list(parts)[0] == "GEMM frozen base"  # largest first
+
+
+def test_kernel_gaps_sums_idle_time_between_kernels_by_gap_length():
+    """--profile's idle time: overlapping kernels (two streams) are busy once, gaps go to their bucket."""
+    kernels = [
+        ("b", 12.0, 20.0),  # unsorted on purpose
+        ("a", 0.0, 10.0),
+        ("c", 15.0, 25.0),  # overlaps b: busy until 25
+        ("d", 150.0, 160.0),  # 125 us after c
+        ("e", 170.0, 171.0),  # 10 us after d
+    ]
+    g = bench.kernel_gaps(kernels)
+    assert g["kernels"] == 5 and g["span_ms"] == 0.171
+    assert g["busy_ms"] == 0.034  # a 10, b 8, c the 5 past b, d 10, e 1
+    assert g["idle_ms"] == {"<5us": 0.002, "5-20us": 0.01, "20-100us": 0.0, ">=100us": 0.125}
+    assert g["longest_gaps_us"][0] == (125.0, "c", "d")
+    assert bench.kernel_gaps([])["kernels"] == 0
