@@ -56,7 +56,7 @@ except Exception:
 if HAS_TRITON:
     from snuggle.kernels import apply_fast_path, linear_ce, reference, rmsnorm, triton_available
     from snuggle.kernels.linear_ce import fused_linear_cross_entropy
-    from snuggle.kernels.lora import FastLoRALinear, fast_project, lora_linear
+    from snuggle.kernels.lora import FastLoRALinear, factor_grad, fast_project, lora_linear
     from snuggle.kernels.mlp import fast_gate_up_down
     from snuggle.kernels.rmsnorm import FastRMSNorm, fast_rms_norm
     from snuggle.kernels.rope import fast_rope_qk
@@ -653,6 +653,24 @@ class TestLoRA:
         assert out1[2].dtype == F32 and out1[3].dtype == F32
         for name, a, e in zip(("y", "dx", "dA", "dB"), out1, out0, strict=True):
             assert_close(a, e, dtype, name)
+
+    @pytest.mark.parametrize("dtype", [BF16, F16], ids=dtype_id)
+    @pytest.mark.parametrize("scale", [1.0, 0.7])
+    def test_factor_grad_is_the_scaled_product_in_the_factor_dtype(self, dtype, scale):
+        """An fp32 factor's gradient from 16-bit operands (a transposed view, as dB = g^T xa): fp32 and
+        the scaled product; on CUDA one fp32-output GEMM, so within fp32 rounding of the exact product,
+        not 16-bit rounding; a 16-bit factor gets it in its own dtype."""
+        g = _seed(41)
+        a = torch.randn(300, 24, generator=g).to(DEV, dtype).t()  # (24, 300), K = 300 "tokens"
+        b = torch.randn(300, 20, generator=g).to(DEV, dtype)
+        exact = (a.double() @ b.double()) * scale
+        got = factor_grad(a, b, scale, F32)
+        assert got.dtype == F32 and got.shape == (24, 20)
+        # on CPU the product is rounded to the operands' dtype first (the fallback)
+        assert_close(got, exact, F32 if CUDA else dtype, "fp32 factor")
+        low = factor_grad(a, b, scale, dtype)
+        assert low.dtype == dtype
+        assert_close(low, exact, dtype, "16-bit factor")
 
     def test_backward_keeps_no_output_sized_tensor(self):
         ref, fast = _lora_pair(24, 48, 4, bias=False)

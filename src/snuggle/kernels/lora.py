@@ -40,6 +40,7 @@ __all__ = [
     "lora_output",
     "lora_input_grad",
     "lora_param_grads",
+    "factor_grad",
     "apply_projections",
     "group_forward",
     "group_outputs",
@@ -81,11 +82,24 @@ def lora_input_grad(g2, weight, gB, lora_A, scale: float) -> torch.Tensor:
     return dx.addmm_(g2, as_dense(weight, dt))
 
 
+def factor_grad(a: torch.Tensor, b: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """scale a @ b in `dtype`: a LoRA factor's gradient from 16-bit activations. On CUDA an fp32 factor
+    gets it from one GEMM that accumulates and writes fp32 with the scale in its epilogue (out_dtype):
+    never rounded to 16 bits, and no upcast or scaling pass after it (two small kernels a factor, ~900
+    an 8B step). Elsewhere the product in the operands' dtype, upcast, then scaled."""
+    half = a.dtype in (torch.bfloat16, torch.float16) and b.dtype == a.dtype
+    if dtype == torch.float32 and a.is_cuda and half:
+        out = torch.empty(a.shape[0], b.shape[1], dtype=torch.float32, device=a.device)
+        return torch.addmm(out, a, b, beta=0, alpha=scale, out_dtype=torch.float32)  # out is never read
+    g = (a @ b).to(dtype)
+    return g.mul_(scale) if scale != 1.0 else g  # scaled after the upcast
+
+
 def lora_param_grads(g2, gB, x2, xa, weight, bias, lora_A, lora_B, scale: float, need):
     """(dW, db, dA, dB) of one LoRA projection, None where `need` (four flags in that order) is False."""
     need_w, need_b, need_a, need_bb = need
-    dA = (gB.t() @ x2).to(lora_A.dtype).mul_(scale) if need_a else None  # (r, in); scaled after the upcast
-    dB = (g2.t() @ xa).to(lora_B.dtype).mul_(scale) if need_bb else None  # (out, r)
+    dA = factor_grad(gB.t(), x2, scale, lora_A.dtype) if need_a else None  # (r, in)
+    dB = factor_grad(g2.t(), xa, scale, lora_B.dtype) if need_bb else None  # (out, r)
     dw = (g2.t() @ x2).to(weight.dtype) if need_w else None  # (out, in): only when the base weight trains
     db = g2.sum(0).to(bias.dtype) if need_b else None
     return dw, db, dA, dB
@@ -207,6 +221,14 @@ def saved_projections(ctx, rest) -> tuple[list, list, tuple, tuple]:
     return Ws, [next(bias) if has else None for has in ctx.n_bias], As, Bs
 
 
+def cat_factors(As, dt: torch.dtype) -> torch.Tensor:
+    """The group's A factors stacked, (sum r, in), in the activation dtype: concatenated first, then
+    cast as one tensor (two kernels, not one cast per factor and the concatenation)."""
+    if len({A.dtype for A in As}) == 1:
+        return torch.cat(As).to(dt)
+    return torch.cat([A.to(dt) for A in As])
+
+
 def group_forward(x, norm_weight, eps: float, Ws, bs, As, Bs, scales):
     """`LoRAGroupFunction`'s forward without autograd: (x_in, x2, rstd, xa, ys) with x_in = x as (n, in)
     (the norm's input when there is one), x2 the projected input (norm(x) or x), rstd the norm's
@@ -217,7 +239,7 @@ def group_forward(x, norm_weight, eps: float, Ws, bs, As, Bs, scales):
     if norm_weight is not None:
         x_in = _rows(x_in)  # unit column stride for the kernel
         x2, rstd = rmsnorm_forward(x_in, norm_weight, eps)
-    xa = x2 @ torch.cat([A.to(dt) for A in As]).t()  # (n, sum r): x read once for the whole group
+    xa = x2 @ cat_factors(As, dt).t()  # (n, sum r): x read once for the whole group
     return x_in, x2, rstd, xa, group_outputs(x2, xa, Ws, bs, Bs, scales)
 
 
@@ -244,7 +266,7 @@ def group_grads(g2, x_in, x2, rstd, norm_weight, eps, xa, Ws, bs, As, Bs, scales
     gB = torch.cat([g @ B.to(dt) for g, B in zip(g2, Bs, strict=True)], dim=1)  # (n, sum r)
     dx = dnorm = None
     if need_x or need_norm:  # d(the projected input), then through the norm when there is one
-        A_cat = torch.cat([A.to(dt) for A in As])  # (sum r, in)
+        A_cat = cat_factors(As, dt)  # (sum r, in)
         if len(set(scales)) == 1:  # the low-rank term first, every dgrad then summed onto it
             dx = low_rank(gB, A_cat, scales[0])
         else:  # per-projection scales: on the rank columns of gB (n x sum r, tiny)
@@ -258,19 +280,24 @@ def group_grads(g2, x_in, x2, rstd, norm_weight, eps, xa, Ws, bs, As, Bs, scales
         if norm_weight is not None:
             dx, dnorm = rmsnorm_backward(dx, x_in, norm_weight, rstd, need_x, need_norm)
     grads: list[torch.Tensor | None] = []
-    dA_cat = None  # (sum r, in)
+    dA_cat = None  # (sum r, in), in the factors' dtype, scaled already when the group has one scale
+    one = scales[0] if len(set(scales)) == 1 and len({A.dtype for A in As}) == 1 else None
     if any(need[4 * i + 2] for i in range(k)):
+        a_dt = As[0].dtype if one is not None else torch.float32
         if x2 is not None:
-            dA_cat = gB.t() @ x2
+            dA_cat = factor_grad(gB.t(), x2, one if one is not None else 1.0, a_dt)
         else:  # gB^T norm(x) = (gB^T diag(rstd) x) diag(w): from x, no normalized copy made again
             gB_r = (gB.float() * rstd[:, None]).to(dt)  # (n, sum r)
-            dA_cat = (gB_r.t() @ x_in).float().mul_(norm_weight.to(dt).float())
+            w = norm_weight.to(dt).to(a_dt)  # the weight as the forward's norm applied it
+            dA_cat = factor_grad(gB_r.t(), x_in, one if one is not None else 1.0, a_dt).mul_(w)
     off = 0
     for i, (g, W, b, A, B, s) in enumerate(zip(g2, Ws, bs, As, Bs, scales, strict=True)):
         r = A.shape[0]
         w_b_bb = (need[4 * i], need[4 * i + 1], False, need[4 * i + 3])  # dA: from dA_cat above
         dW, db, _, dB = lora_param_grads(g, None, x2, xa[:, off : off + r], W, b, A, B, s, w_b_bb)
-        dA = dA_cat[off : off + r].to(A.dtype).mul_(s) if need[4 * i + 2] else None
+        dA = None
+        if need[4 * i + 2]:  # rows of dA_cat: a view, no copy, when it is already scaled
+            dA = dA_cat[off : off + r] if one is not None else dA_cat[off : off + r].to(A.dtype).mul_(s)
         grads += [dW, db, dA, dB]
         off += r
     return dx, dnorm, grads
