@@ -7,7 +7,10 @@ calls so that the time over the frozen GEMMs can be put on the ones that take it
 existing output (beta = 1) costs over writing a fresh one.
 
 On an H200 the rank-sized products of one Llama-3 8B block take 1.35 ms against a floor of 0.42, and
-of one Llama-3.2 1B block 1.78 against 0.91 (results/lora-ops-H200-42e9286.jsonl). Triton kernels tiled
+of one Llama-3.2 1B block 1.78 against 0.91 (results/lora-ops-H200-42e9286.jsonl). Each call is timed alone
+with the GPU idle before it, so these figures include its launch latency: inside a training step
+(`bench.py --profile`) the same products take 0.60 ms an 8B block and 1.12 ms a 1B block
+(results/where-the-time-goes-H200-adb5593.md). Triton kernels tiled
 for bandwidth (one per product shape, commit "Experiment: Triton kernels for the LoRA products ...")
 ran 1.5-4x slower than these cuBLAS calls in the same run (8B: 3.04 ms a block against 1.30), and the
 8B step at 0.915x (results/lora-ops-H200-rank-kernels-wip.jsonl, ab-H200-42e9286-vs-rank-kernels.jsonl),
