@@ -419,6 +419,16 @@ def test_stop_signal_in_process_and_handlers_restored(tiny_hf_model, tmp_path, c
 def test_stop_request_debounces_forwarded_signals_and_a_real_second_one_acts(monkeypatch):
     """A copy of the signal within a second (a launcher forwarding what the process group already got)
     keeps the graceful stop; a second signal later means "now" (SIGINT: KeyboardInterrupt)."""
+    # Python's own SIGINT handler before, as in a terminal: a shell starts background jobs with SIGINT
+    # ignored, and then "now" rightly does nothing (the previous handler is what acts)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _debounce_then_interrupt(monkeypatch)
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+def _debounce_then_interrupt(monkeypatch):
     before = signal.getsignal(signal.SIGINT)
     with loop_mod._StopRequest(watchdog=False) as stop:
         os.kill(os.getpid(), signal.SIGINT)
