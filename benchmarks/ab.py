@@ -5,9 +5,10 @@ gain, so a comparison takes rounds: in each, every case runs once from the base 
 one (the order alternating between rounds), each in its own process through that tree's own
 benchmarks/bench.py and src/. Prints each case's median tokens/s per tree and their ratio.
 
-usage: python benchmarks/ab.py BASE_TREE [--rounds N] [--out FILE.jsonl] CASE [CASE ...]
+usage: python benchmarks/ab.py BASE_TREE [--rounds N] [--out FILE.jsonl] [--this-env K=V ...] CASE [CASE ...]
        CASE = "MODEL BATCH SEQ CKPT CAP_GIB [bench.py flags]", e.g. "8b 2 2048 plan 24 --quantize nf4"
-BASE_TREE is a copy of the base commit's tree (e.g. `git archive BASE | tar -x -C DIR`).
+BASE_TREE is a copy of the base commit's tree (e.g. `git archive BASE | tar -x -C DIR`), or `.` with
+--this-env to compare one tree under two environments (e.g. an allocator setting).
 """
 
 from __future__ import annotations
@@ -24,11 +25,12 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
-def run_tree(tree: Path, case: str, timeout: int) -> dict:
+def run_tree(tree: Path, case: str, timeout: int, extra_env: dict[str, str] | None = None) -> dict:
     model, batch, seq, ckpt, cap, *extra = shlex.split(case)
     cmd = [sys.executable, str(tree / "benchmarks" / "bench.py"), "--variant", "snuggle", "--model", model]
     cmd += ["--batch", batch, "--seq", seq, "--ckpt", ckpt, "--cap-gib", cap, *extra]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree / "src"), os.environ.get("PYTHONPATH", "")])}
+    path = os.pathsep.join([str(tree / "src"), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, **(extra_env or {}), "PYTHONPATH": path}
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
         lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
@@ -49,7 +51,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default="")
     ap.add_argument("--timeout", type=int, default=300)
+    ap.add_argument("--this-env", action="append", default=[], help="K=V set for 'this' runs only")
     a = ap.parse_args()
+    this_env = dict(kv.split("=", 1) for kv in a.this_env)
     trees = {"base": a.base.resolve(), "this": HERE.parent}
     results: dict[tuple[str, str], list[float]] = {}
     out = open(a.out, "a") if a.out else None
@@ -57,7 +61,7 @@ def main() -> None:
         order = ["base", "this"] if rnd % 2 == 0 else ["this", "base"]
         for case in a.cases:
             for name in order:
-                res = run_tree(trees[name], case, a.timeout)
+                res = run_tree(trees[name], case, a.timeout, this_env if name == "this" else None)
                 row = {
                     "tree": name,
                     "case": case,

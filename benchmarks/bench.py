@@ -16,6 +16,7 @@ import argparse
 import itertools
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -491,6 +492,7 @@ def run(args) -> dict:
         "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30,
         # what the caching allocator held: live tensors, its rounding and fragmentation (the cap binds it)
         "reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30,
+        "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
         "loss_first": losses[0],
         "loss_last": losses[-1],
         "losses": losses,
