@@ -104,6 +104,13 @@ SUITES["peers-footprint"] = [
     ("unsloth", "1b", 8, 2048, "all", 0, ()),
     ("unsloth", "8b", 2, 2048, "all", 24, NF4),
 ]
+# snuggle capped at those footprints (8B: Unsloth's offloaded 16-bit 16.7 GiB and QLoRA 7.0 GiB, the
+# figures of shared/ANCHORS.md), with Unsloth's runs there beside them
+SUITES["footprints"] = [
+    ("snuggle", "8b", 2, 2048, "plan", 16.7, ()),
+    ("snuggle", "8b", 2, 2048, "plan", 7.0, NF4),
+    *SUITES["peers-footprint"][1:],
+]
 # snuggle's rows of those targets, with the peers beside them: one table with same-run ratios
 SUITES["targets"] = [
     ("snuggle", "1b", 8, 2048, "none", 0, ()),
@@ -289,6 +296,7 @@ def main() -> None:
     ap.add_argument("suite", nargs="+", choices=list(SUITES), help="one or more, run in this order")
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--timeout", type=int, default=300)
+    ap.add_argument("--only", default="", help="run only the cases of this variant (e.g. snuggle)")
     ap.add_argument(
         "--rows",
         default="",
@@ -296,7 +304,7 @@ def main() -> None:
         "environment), e.g. of a run stopped before its end; SUITE then only names the files",
     )
     a = ap.parse_args()
-    suite = "+".join(a.suite)
+    suite = "-".join(a.suite)  # file names of letters, digits, dots, dashes
     if a.rows:
         lines = [json.loads(ln) for ln in Path(a.rows).read_text().splitlines() if ln.startswith("{")]
         head, peak = lines[0], lines[0]["matmul_tflops"]
@@ -308,7 +316,7 @@ def main() -> None:
     # first, so that a run stopped before its end still has them beside its rows (see --rows)
     print(json.dumps({"environment": env, "matmul_tflops": peak}), flush=True)
     rows = []
-    for case in [c for name in a.suite for c in SUITES[name]]:
+    for case in [c for name in a.suite for c in SUITES[name] if not a.only or c[0] == a.only]:
         r = add_rates(run_case(case, a.timeout), peak)
         rows.append(r)
         print(json.dumps({k: v for k, v in r.items() if k != "losses"}), flush=True)
