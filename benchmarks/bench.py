@@ -164,6 +164,10 @@ def build_snuggle(args, device):
             block.recompute_norm = args.recompute_norm
             # a recomputed block makes all of its insides again anyway
             block.mlp.recompute_gate_up = args.recompute_gate_up and i not in model.checkpoint_layers
+        from snuggle.train.memory import predict_for_model
+
+        # what a plan with these settings would predict, beside the measured peak (gate/up: not modelled)
+        info["predicted_gib"] = predict_for_model(model, args.batch * args.seq) / 2**30
     model.train()
 
     def step_loss(ids):

@@ -35,6 +35,7 @@ from snuggle.train.memory import (
     plan_for_model,
     plan_memory,
     predict_bytes,
+    predict_for_model,
     static_bytes,
 )
 
@@ -566,6 +567,31 @@ def test_plan_for_a_cpu_model_offloads_no_blocks():
     assert model.saved_offloader.layers == {0, 1, 2} and model.checkpoint_layers == {3, 4}
     apply_memory_plan(model, p)
     assert model.saved_offloader is None and model.checkpoint_layers == set(range(p.checkpoint_layers))
+
+
+def test_predict_for_model_reads_back_what_a_plan_set():
+    """bench.py holds each configuration's measured peak against this: a plan set on the model must read
+    back as the same prediction the plan was chosen by."""
+    model = _deep_decoder()
+    B, T = 2, 64
+    head = bool(model.lm_head.weight.requires_grad)
+    terms = dict(static=static_bytes(model), act_bytes=4, trainable_head=head)
+    plans = [
+        MemoryPlan(0, False, 0, 0, 1.0, 0, 8),
+        MemoryPlan(3, False, 0, 0, 1.0, 0, 8, recompute_product=True),
+        MemoryPlan(2, False, 16, 0, 1.0, 0, 8, recompute_product=True, recompute_norm=True, offload_blocks=3),
+    ]
+    seen = set()
+    for p in plans:
+        apply_memory_plan(model, p)
+        want = predict_bytes(
+            model.args, B * T, checkpoint_layers=p.checkpoint_layers, offload=False,
+            tile_tokens=p.tile_tokens, fused_mlp=p.recompute_product, fused_norm=p.recompute_norm,
+            offload_blocks=p.offload_blocks, **terms,
+        )  # fmt: skip
+        assert predict_for_model(model, B * T) == want
+        seen.add(want)
+    assert len(seen) == len(plans)  # each setting moves the prediction
 
 
 # --- 8-bit AdamW -----------------------------------------------------------------------------------

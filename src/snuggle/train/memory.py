@@ -49,6 +49,7 @@ __all__ = [
     "memory_plan_for",
     "apply_memory_plan",
     "plan_for_model",
+    "predict_for_model",
     "enforce_budget",
     "static_bytes",
     "device_budget_gib",
@@ -311,6 +312,41 @@ def apply_memory_plan(model: nn.Module, plan: MemoryPlan) -> None:
         block.recompute_norm = plan.recompute_norm
 
 
+def _model_terms(model: nn.Module, optimizer: str = "adamw") -> dict:
+    """predict_bytes' arguments that a built `Decoder` fixes: its real bytes, activation dtype, head
+    and 4-bit weights."""
+    from snuggle.quant.nf4 import NF4Weight
+
+    dense = [m.shape.numel() for m in model.modules() if isinstance(m, NF4Weight)]
+    act_bytes = torch.empty((), dtype=model.compute_dtype).element_size()
+    return dict(
+        static=static_bytes(model, optimizer),
+        act_bytes=act_bytes,
+        trainable_head=bool(model.lm_head.weight.requires_grad),
+        transient=2 * act_bytes * max(dense, default=0),  # one dequantized weight in forward, one in backward
+    )
+
+
+def predict_for_model(model: nn.Module, tokens: int, optimizer: str = "adamw") -> int:
+    """Predicted peak bytes of a step of `tokens` tokens with the savings the model is set to now
+    (checkpointed and offloaded blocks, MLP tiles, recomputed product and norms): what a plan with
+    these settings would have predicted, so that any configuration's measured peak can be held
+    against the model the plans are chosen by."""
+    block = model.model.layers[0]
+    saved = getattr(model, "saved_offloader", None)
+    return predict_bytes(
+        model.args,
+        tokens,
+        checkpoint_layers=len(getattr(model, "checkpoint_layers", ())),
+        offload=getattr(model, "offloader", None) is not None,
+        tile_tokens=block.mlp.tile_tokens,
+        fused_mlp=bool(block.mlp.recompute_product),
+        fused_norm=bool(getattr(block, "recompute_norm", False)),
+        offload_blocks=len(saved.layers) if saved is not None else 0,
+        **_model_terms(model, optimizer),
+    )
+
+
 def plan_for_model(
     model: nn.Module,
     batch_size: int,
@@ -320,32 +356,29 @@ def plan_for_model(
     can_offload: bool = True,
     offload_blocks_max: int | None = None,
 ) -> MemoryPlan:
-    """`plan_memory` for a built `Decoder`: its real bytes, activation dtype, head and 4-bit weights.
+    """`plan_memory` for a built `Decoder` (see `_model_terms`).
 
     `offload_blocks_max`: None measures what the host link carries on the model's GPU
     (`offload_capacity`; 0 elsewhere or without `can_offload`)."""
-    from snuggle.quant.nf4 import NF4Weight
-
-    dense = [m.shape.numel() for m in model.modules() if isinstance(m, NF4Weight)]
-    act_bytes = torch.empty((), dtype=model.compute_dtype).element_size()
+    terms = _model_terms(model, optimizer)
     rp, rn = _can_recompute_product(model), _can_recompute_norm(model)
     device = model.lm_head.weight.device
     if offload_blocks_max is None:
         offload_blocks_max = 0
         if can_offload and device.type == "cuda":
             tokens = batch_size * seq_len
-            block = _block_bytes(model.args, tokens, tokens, act_bytes, rp, rn)[0]
+            block = _block_bytes(model.args, tokens, tokens, terms["act_bytes"], rp, rn)[0]
             offload_blocks_max = offload_capacity(model.args, tokens, block, model.compute_dtype, device)
     return plan_memory(
         model.args,
-        static_bytes(model, optimizer),
+        terms["static"],
         batch_size,
         seq_len,
         budget_gib,
-        act_bytes=act_bytes,
-        trainable_head=bool(model.lm_head.weight.requires_grad),
+        act_bytes=terms["act_bytes"],
+        trainable_head=terms["trainable_head"],
         can_offload=can_offload,
-        transient=2 * act_bytes * max(dense, default=0),  # one dequantized weight in forward, one in backward
+        transient=terms["transient"],
         can_recompute_product=rp,
         can_recompute_norm=rn,
         offload_blocks_max=offload_blocks_max,
