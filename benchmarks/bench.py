@@ -429,6 +429,10 @@ def profile_step(step_loss, opt, ids, vocab: int) -> dict[str, float]:
 
 
 def run(args) -> dict:
+    if args.variant == "snuggle":  # the trainer's allocator setting, before CUDA starts
+        from snuggle.train.memory import prefer_expandable_segments
+
+        prefer_expandable_segments()
     device = torch.device("cuda", torch.cuda.current_device())
     if args.cap_gib:
         total = torch.cuda.get_device_properties(device).total_memory

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -32,10 +33,12 @@ from snuggle.train.memory import (
     MemoryPlan,
     _block_bytes,
     apply_memory_plan,
+    device_budget_gib,
     plan_for_model,
     plan_memory,
     predict_bytes,
     predict_for_model,
+    prefer_expandable_segments,
     static_bytes,
 )
 
@@ -592,6 +595,40 @@ def test_predict_for_model_reads_back_what_a_plan_set():
         assert predict_for_model(model, B * T) == want
         seen.add(want)
     assert len(seen) == len(plans)  # each setting moves the prediction
+
+
+def test_device_budget_is_what_the_allocator_can_still_get(monkeypatch):
+    """Free memory plus what the allocator holds, at most the card's size times the process's fraction:
+    a desktop's or another process's memory is not in it."""
+    card = 24 * GIB
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: type("P", (), {"total_memory": card}))
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda i: 1.0, raising=False)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda i: 6 * GIB)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: (int(16.5 * GIB), card))
+    dev = torch.device("cuda", 0)
+    assert device_budget_gib(dev) == pytest.approx(22.5)  # 1.5 GiB held outside this allocator
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda i: 0.5, raising=False)
+    assert device_budget_gib(dev) == pytest.approx(12.0)  # the cap binds
+
+
+@pytest.mark.parametrize("user", [None, "PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"])
+def test_expandable_segments_unless_the_user_configured_the_allocator(monkeypatch, user):
+    for k in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
+        monkeypatch.delenv(k, raising=False)
+    if user:
+        monkeypatch.setenv(user, "max_split_size_mb:128")
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    prefer_expandable_segments()
+    want = {None: "expandable_segments:True", "PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:128"}.get(user)
+    assert os.environ.get("PYTORCH_CUDA_ALLOC_CONF") == want
+    if user:
+        assert os.environ[user] == "max_split_size_mb:128"
+    # CUDA already started: the setting would be ignored, so it is not written
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    prefer_expandable_segments()
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in os.environ
 
 
 # --- 8-bit AdamW -----------------------------------------------------------------------------------

@@ -50,7 +50,13 @@ from snuggle.train.checkpoint import (
     save_checkpoint,
 )
 from snuggle.train.evaluate import evaluate, to_device
-from snuggle.train.memory import apply_memory_plan, auto_strategy_fits, enforce_budget, memory_plan_for
+from snuggle.train.memory import (
+    apply_memory_plan,
+    auto_strategy_fits,
+    enforce_budget,
+    memory_plan_for,
+    prefer_expandable_segments,
+)
 from snuggle.train.metrics import MetricsLog, ProgressBar, peak_memory_gib, plot_losses
 from snuggle.train.optim import build_optimizer, build_scheduler
 from snuggle.train.parallel import (
@@ -77,6 +83,7 @@ def train(cfg: RunConfig) -> dict:
     """
     if cfg.train.max_bad_steps < 0:
         raise SnuggleError(f"train.max_bad_steps must be >= 0 (0: never stop), got {cfg.train.max_bad_steps}")
+    prefer_expandable_segments()  # before anything starts CUDA
     device = rank_device(cfg.model.device)
     ctx = init_distributed(cfg.train.dist_timeout_s, device)
     summary = _train(cfg, ctx, device)
