@@ -107,10 +107,10 @@ SUITES["peers-footprint"] = [
 # snuggle at its own smallest footprints (every block recomputed, inputs offloaded), against Unsloth's
 # (its offloaded checkpointing, 16-bit and QLoRA): "at least its speed there". Uncapped: the harness
 # builds the 16-bit weights on the GPU before quantizing, which a cap of a few GiB would not hold.
-R = ("--recompute-product", "--recompute-norm")
+RECOMPUTE = ("--recompute-product", "--recompute-norm")
 SUITES["footprints"] = [
-    ("snuggle", "8b", 2, 2048, "offload", 0, R),
-    ("snuggle", "8b", 2, 2048, "offload", 0, (*NF4, *R)),
+    ("snuggle", "8b", 2, 2048, "offload", 0, RECOMPUTE),
+    ("snuggle", "8b", 2, 2048, "offload", 0, (*NF4, *RECOMPUTE)),
     ("unsloth", "8b", 2, 2048, "all", 0, ()),
     *SUITES["peers-footprint"][1:],
 ]

@@ -163,8 +163,8 @@ def test_hf_peft_variant_starts_from_the_seeded_lora_factors_and_trains_on_cpu()
 def snuggle_args(**kw) -> Namespace:
     base = dict(
         model="tiny", batch=2, seq=16, quantize="none", no_lora=False, no_kernels=True, ckpt="none", tile=0,
-        offload=False,
-        offload_blocks=None, recompute_product=False, recompute_norm=False, recompute_gate_up=False,
+        offload=False, offload_blocks=None, recompute_product=False, recompute_norm=False,
+        recompute_gate_up=False,
     )  # fmt: skip
     return Namespace(**{**base, **kw})
 
