@@ -45,6 +45,16 @@ SHAPES = {
         vocab_size=128256,
         tie_word_embeddings=False,
     ),
+    # SmolLM2-135M: 30 narrow blocks, where per-kernel host cost weighs more than on 1B / 8B
+    "135m": dict(
+        hidden_size=576,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        intermediate_size=1536,
+        vocab_size=49152,
+        tie_word_embeddings=True,
+    ),
     # a small shape to check the harness itself
     "tiny": dict(
         hidden_size=256,
