@@ -251,3 +251,42 @@ def test_empty_yaml_file_is_all_defaults(tmp_path):
     cfg = load_config(f, REQUIRED)
     assert cfg == config_from_dict({"model": {"path": "/models/tiny"}, "data": {"train": "corpus.jsonl"}})
     assert cfg.train == RunConfig().train
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "lines"),
+    [
+        # a second section silently replaced the first: its lr and output_dir were lost
+        (
+            "model: {path: /m}\ntrain: {steps: 1, lr: 1.0e-2}\ndata: {train: c.txt}\ntrain:\n  steps: 2\n",
+            "'train'",
+            (4, 2),
+        ),
+        ("model: {path: /m, path: /n}\ndata: {train: c.txt}\n", "'path'", (1, 1)),
+        ("model: {path: /m}\ndata:\n  train: c.txt\n  seq_len: 64\n  seq_len: 128\n", "'seq_len'", (5, 4)),
+        ("model: {path: /m}\ndata: {train: [{a: 1, a: 2}]}\n", "'a'", (2, 2)),
+    ],
+    ids=["section", "flow-key", "block-key", "in-a-list"],
+)
+def test_a_key_given_twice_is_an_error_naming_both_lines(tmp_path, text, key, lines):
+    f = tmp_path / "dup.yaml"
+    f.write_text(text)
+    with pytest.raises(SnuggleError) as ei:
+        load_config(f)
+    msg = str(ei.value)
+    assert f"{f}:{lines[0]}: key {key} given twice" in msg and f"first at line {lines[1]}" in msg, msg
+
+
+def test_repeated_keys_in_different_mappings_and_merge_keys_are_fine(tmp_path):
+    f = tmp_path / "ok.yaml"
+    f.write_text(
+        "base: &b {dtype: float32}\n"
+        "model: {<<: *b, path: /m}\n"
+        "data: {train: c.txt, seq_len: 64}\n"
+        "train: {steps: 3, seq: null}\n"
+    )
+    # the unknown keys are refused as such, not as duplicates: `path`/`steps` repeat across mappings only
+    with pytest.raises(SnuggleError, match="unknown config key 'base'"):
+        load_config(f)
+    f.write_text("model: {path: /m}\nlora: {r: 8}\ndata: {train: c.txt}\ntrain: {steps: 3}\n")
+    assert load_config(f).lora.r == 8

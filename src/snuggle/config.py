@@ -349,7 +349,7 @@ def _parse_yaml(text: str, where: str) -> Any:
     """yaml.safe_load, every failure one line: syntax errors, but also what PyYAML lets escape from its
     constructors (an impossible date is a ValueError, 5000-digit integers too) and deep nesting."""
     try:
-        return yaml.safe_load(text)
+        tree = yaml.safe_load(text)
     except yaml.YAMLError as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise SnuggleError(f"{where}: invalid YAML ({first})") from None
@@ -357,6 +357,42 @@ def _parse_yaml(text: str, where: str) -> Any:
         raise SnuggleError(f"{where}: invalid YAML value ({' '.join(str(e).split())[:120]})") from None
     except RecursionError:
         raise SnuggleError(f"{where}: invalid YAML (nested too deeply)") from None
+    _refuse_duplicate_keys(text, where)
+    return tree
+
+
+def _refuse_duplicate_keys(text: str, where: str) -> None:
+    """A key given twice in one mapping is an error naming both lines. PyYAML keeps the last silently, so
+    a second `train:` section would drop every setting of the first (its lr, its output_dir) unnoticed.
+
+    Walks the composed node graph (nodes only, nothing constructed), each node once: an alias bomb
+    stays linear, and the text already parsed, so composing it cannot fail differently."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except (yaml.YAMLError, RecursionError):
+        return  # safe_load accepted it; nothing more to say than it did
+    seen: set[int] = set()
+    stack = [root] if root is not None else []
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            first_line: dict[tuple[str, str], int] = {}
+            for key, value in node.value:
+                if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                    line = key.start_mark.line + 1
+                    ident = (key.tag, key.value)
+                    if ident in first_line:
+                        raise SnuggleError(
+                            f"{where}:{line}: key {_quote(key.value)} given twice in one mapping "
+                            f"(first at line {first_line[ident]}); YAML would keep only the last one"
+                        )
+                    first_line[ident] = line
+                stack.extend((key, value))
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend(node.value)
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
