@@ -212,6 +212,29 @@ def test_truncation_never_splits(tok, tmp_path: Path) -> None:
         PackedExamples(stream, 1)
 
 
+def test_an_example_whose_prompt_fills_the_row_is_left_out(tok, tmp_path: Path) -> None:
+    # the prompt alone is longer than seq_len: cut to seq_len, its row held no target at all, and a step
+    # of such rows logged loss 0.0 over 0 tokens while AdamW's momentum still moved the parameters
+    long_prompt = {"instruction": " ".join(["the blue bird"] * 30), "output": "a cat"}
+    long_reply = {"instruction": "name many birds", "output": " ".join(["the blue bird"] * 30)}
+    data = _jsonl(tmp_path / "t.jsonl", [ALPACA[0], long_prompt, long_reply, ALPACA[1]])
+    stream = tokenize_instruct(data, tok, cache_dir=tmp_path / "cache", chat_template=CHATML)
+    T = 70
+    assert np.diff([*stream.example_starts.tolist(), len(stream)])[1] > T
+    with pytest.warns(UserWarning, match="1 of 4 instruction examples have no reply token within"):
+        rows = PackedExamples(stream, T)
+    assert rows.num_dropped == 1 and rows.num_truncated == 1  # the long reply still trains, cut
+    assert all(bool((rows[i]["labels"] != IGNORE_INDEX).any()) for i in range(len(rows)))
+    starts = {int(stream.example_starts[e]) for e in (0, 2, 3)}
+    assert {int(r) for r in rows._row_start} <= starts and int(
+        stream.example_starts[1]
+    ) not in rows._row_start
+    only = _jsonl(tmp_path / "only.jsonl", [long_prompt])
+    stream = tokenize_instruct(only, tok, cache_dir=tmp_path / "cache", chat_template=CHATML)
+    with pytest.raises(SnuggleError, match="none of the 1 instruction examples has a reply token"):
+        PackedExamples(stream, T)
+
+
 def test_loader_and_loss_work_unchanged(tiny_hf_model, tok, tmp_path: Path) -> None:
     data = _jsonl(tmp_path / "d.jsonl", [*ALPACA, CHAT] * 4)
     stream = tokenize_instruct(data, tok, cache_dir=tmp_path / "cache", chat_template=CHATML)

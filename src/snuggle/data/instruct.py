@@ -674,6 +674,8 @@ class PackedExamples:
     at each example, `doc_ids` are equal exactly within one example (padding gets its own id), so no
     example attends to another. Examples are packed in order (next-fit); one longer than `seq_len` gets a
     row of its own holding its first `seq_len` tokens (its targets beyond are lost; a warning counts them).
+    An example with no target inside that row (a prompt longer than `seq_len`) is left out, with a warning
+    counting them: its row would train on nothing, and a step of such rows would log a loss of 0.
     """
 
     def __init__(self, stream: InstructStream, seq_len: int) -> None:
@@ -683,11 +685,14 @@ class PackedExamples:
         self.seq_len = seq_len
         starts = np.asarray(stream.example_starts, dtype=np.int64)  # (E,)
         lengths = np.diff(np.append(starts, len(stream)))  # (E,)
+        reachable = self._has_targets(stream, starts, lengths, seq_len)  # (E,)
         row_start: list[int] = []
         row_len: list[int] = []
         cur_start, cur_len = 0, 0
         truncated = 0
-        for s, n in zip(starts.tolist(), lengths.tolist(), strict=True):
+        for s, n, keep in zip(starts.tolist(), lengths.tolist(), reachable.tolist(), strict=True):
+            if not keep:
+                continue  # no reply token within its row: it would only add a loss-free row
             if cur_len and cur_len + n > seq_len:
                 row_start.append(cur_start)
                 row_len.append(cur_len)
@@ -706,6 +711,19 @@ class PackedExamples:
         self._row_start = np.asarray(row_start, dtype=np.int64)  # (R,) stream offset of each row
         self._row_len = np.asarray(row_len, dtype=np.int64)  # (R,) real (non-padding) tokens per row
         self.num_truncated = truncated
+        self.num_dropped = int((~reachable).sum())
+        if self.num_dropped == stream.num_examples:
+            raise SnuggleError(
+                f"none of the {stream.num_examples} instruction examples has a reply token within its "
+                f"first seq_len={seq_len} tokens (the prompts alone fill the rows): raise data.seq_len"
+            )
+        if self.num_dropped:
+            warnings.warn(
+                f"{self.num_dropped} of {stream.num_examples} instruction examples have no reply token "
+                f"within their first seq_len={seq_len} tokens (the prompt alone fills the row) and are "
+                "left out; raise seq_len to keep them",
+                stacklevel=2,
+            )
         if truncated:
             warnings.warn(
                 f"{truncated} of {stream.num_examples} instruction examples are longer than "
@@ -713,6 +731,24 @@ class PackedExamples:
                 "raise seq_len to keep them",
                 stacklevel=2,
             )
+
+    @staticmethod
+    def _has_targets(
+        stream: InstructStream, starts: np.ndarray, lengths: np.ndarray, seq_len: int
+    ) -> np.ndarray:
+        """(E,) bool: whether an example has a label inside the row it would get. Position p > 0 of an
+        example is a label (of position p - 1) when it is a target; an example cut to seq_len keeps the
+        labels at positions 1..seq_len (the token just past its row is the label of the row's last)."""
+        if not starts.size:
+            return np.zeros(0, dtype=bool)
+        targets = stream.targets
+        # targets at positions 1..n-1 of every example: its sum less its first token's
+        per_example = np.add.reduceat(targets, starts, dtype=np.int64) - np.asarray(targets[starts])
+        out = per_example > 0  # (E,)
+        for e in np.flatnonzero(out & (lengths > seq_len)):
+            s = int(starts[e])
+            out[e] = bool(np.any(targets[s + 1 : s + seq_len + 1]))
+        return out
 
     def __len__(self) -> int:
         return int(self._row_start.shape[0])
