@@ -360,6 +360,41 @@ def test_export_hf_loads_in_transformers(runs, tmp_path, capfd, run):
     assert AutoTokenizer.from_pretrained(str(out))("the cat")["input_ids"] == tok("the cat")["input_ids"]
 
 
+def test_a_run_with_relative_paths_exports_from_another_directory(runs, tmp_path, capfd, monkeypatch):
+    # config.yaml recorded model.path as given; `snuggle export RUN` run from elsewhere then found no
+    # model ("model path not found: base"), although the run directory is all export should need
+    import shutil
+
+    work = tmp_path / "work"
+    work.mkdir()
+    shutil.copytree(runs["model"], work / "base")
+    shutil.copy(runs["corpus"], work / "corpus.jsonl")
+    monkeypatch.chdir(work)
+    overrides = ["model.path=base", "data.train=corpus.jsonl", "data.cache_dir=cache", "lora.r=4"]
+    overrides += [f"data.seq_len={SEQ_LEN}", "train.steps=1", "train.output_dir=run", "train.progress=false"]
+    assert main(["train", str(write_empty(work)), *overrides]) == 0
+    saved = yaml.safe_load((work / "run" / "config.yaml").read_text())
+    assert saved["model"]["path"] == str(work / "base") and saved["data"]["train"] == str(
+        work / "corpus.jsonl"
+    )
+    assert saved["data"]["cache_dir"] == str(work / "cache") and saved["train"]["output_dir"] == "run"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    capfd.readouterr()
+    assert main(["export", str(work / "run"), "--format", "hf", "--out", "hf"]) == 0, capfd.readouterr().err
+    assert (elsewhere / "hf" / "config.json").is_file()
+    # and resuming from the first directory still sees the same settings
+    monkeypatch.chdir(work)
+    assert main(["train", str(write_empty(work)), *overrides, "train.resume=true"]) == 0
+
+
+def write_empty(where: Path) -> Path:
+    f = where / "empty.yaml"
+    f.write_text("{}\n")
+    return f
+
+
 def test_export_peft_loads_in_peft(runs, tmp_path, capfd):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

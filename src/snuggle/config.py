@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import reprlib
 import types
@@ -31,6 +32,7 @@ __all__ = [
     "load_config",
     "config_from_dict",
     "to_dict",
+    "with_absolute_paths",
 ]
 
 
@@ -431,3 +433,25 @@ def config_from_dict(tree: dict[str, Any]) -> RunConfig:
 
 def to_dict(cfg: RunConfig) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
+
+
+def _absolute(p: str) -> str:
+    return os.path.abspath(os.path.expanduser(p))
+
+
+def with_absolute_paths(cfg: RunConfig) -> RunConfig:
+    """A copy whose input paths (model.path, model.adapter, data.train, data.cache_dir) are absolute, as
+    the run directory records them: `snuggle export RUN` and `generate --adapter RUN` read the run's
+    config.yaml from any working directory, where a relative model.path would name nothing (or another
+    model). Globs stay globs; output_dir is left as given."""
+    m, d = cfg.model, cfg.data
+    train = _absolute(d.train) if isinstance(d.train, str) else [_absolute(f) for f in d.train]
+    return dataclasses.replace(
+        cfg,
+        model=dataclasses.replace(
+            m, path=_absolute(m.path), adapter=None if m.adapter is None else _absolute(m.adapter)
+        ),
+        data=dataclasses.replace(
+            d, train=train, cache_dir=None if d.cache_dir is None else _absolute(d.cache_dir)
+        ),
+    )

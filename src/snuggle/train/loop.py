@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import yaml
 
-from snuggle.config import RunConfig, to_dict
+from snuggle.config import RunConfig, to_dict, with_absolute_paths
 from snuggle.data import BatchPlan, collate, iterate_eval
 from snuggle.errors import SnuggleError
 from snuggle.load import resolve_dtype
@@ -287,7 +287,9 @@ def _run(cfg, ctx: DistContext, device, strategy, model, data, plan, say, report
             # a fresh start (also resume=true on a run that died before its first checkpoint) must not
             # append its curve to the rows of the earlier attempt, which would give every step twice
             (out / "metrics.jsonl").unlink(missing_ok=True)
-        _write_atomic(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        # paths made absolute: export and generate read this file from any working directory
+        saved = to_dict(with_absolute_paths(cfg))
+        _write_atomic(out / "config.yaml", yaml.safe_dump(saved, sort_keys=False))
         log = MetricsLog(out / "metrics.jsonl", resume_step=start if ckpt is not None else None)
 
     def record(row: dict) -> None:
