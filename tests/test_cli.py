@@ -261,6 +261,23 @@ def test_train_prints_a_json_summary(runs, tmp_path, capfd):
     assert "Traceback" not in err and (tmp_path / "out" / "latest").is_file()
 
 
+def test_resuming_a_complete_run_prints_strict_json_with_its_final_loss(runs, tmp_path, capfd, monkeypatch):
+    # nothing trains when the run is complete: the summary said "final_loss": NaN, which is not JSON
+    config = write_config(tmp_path, runs, train={"steps": 2})
+    assert main(["train", str(config)]) == 0
+    first = json.loads(capfd.readouterr().out.strip().splitlines()[-1])
+    assert main(["train", str(config), "train.resume=true"]) == 0
+    out, err = capfd.readouterr()
+    again = json.loads(out.strip().splitlines()[-1], parse_constant=lambda c: pytest.fail(f"{c} in {out}"))
+    assert again["final_loss"] == first["final_loss"] and "complete at step 2 of 2" in err
+    # any other non-finite figure (a run whose last step was skipped) is null, never NaN
+    import snuggle.train.loop as loop_mod
+
+    monkeypatch.setattr(loop_mod, "train", lambda cfg: {"final_loss": float("nan"), "warning": "w"})
+    assert main(["train", str(config), "train.resume=true"]) == 0
+    assert json.loads(capfd.readouterr().out.strip(), parse_constant=pytest.fail)["final_loss"] is None
+
+
 # --- eval -----------------------------------------------------------------------------------------
 
 

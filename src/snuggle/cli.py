@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import sys
@@ -37,8 +38,13 @@ def _cmd_train(a: argparse.Namespace) -> int:
 
     summary = train(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps(summary))
+        print(json.dumps(_finite_or_null(summary), allow_nan=False))
     return int(summary.get("exit_status", 0))  # 128 + signal when SIGTERM/SIGINT stopped the run
+
+
+def _finite_or_null(summary: dict) -> dict:
+    """NaN and inf are not JSON (jq and JSON.parse refuse them): a non-finite number is null."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in summary.items()}
 
 
 def _launch(nproc: int, train_args: list[str]) -> int:

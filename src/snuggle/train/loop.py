@@ -445,6 +445,11 @@ def _run(cfg, ctx: DistContext, device, strategy, model, data, plan, say, report
         if start < t.steps or ckpt is None:
             last_eval = run_eval(t.steps)
             checkpoint(t.steps)
+        elif ctx.is_main:
+            # resumed at (or past) the last step: nothing trains; report the loss the run ended with
+            say(f"snuggle: {out} is complete at step {start} of {t.steps}; nothing to train")
+            logged = [r["loss"] for r in MetricsLog.read(out / "metrics.jsonl") if "loss" in r]
+            loss_val = logged[-1] if logged else loss_val
     if log is not None:
         log.close()
     summary = {"output_dir": str(out), "steps": t.steps, "final_loss": loss_val}
