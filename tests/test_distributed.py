@@ -399,3 +399,38 @@ def test_a_setup_error_on_rank_0_alone_stops_every_rank(setup, lora_ref):
     lines = [ln for ln in p.stderr.splitlines() if ln.startswith("snuggle: error:")]
     assert len(lines) == 1 and "holds another run" in lines[0], p.stderr[-3000:]
     assert "]: Traceback" not in p.stderr
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_a_signal_to_the_nproc_launcher_checkpoints_and_exits_like_one_process(setup, tmp_path, sig):
+    """`snuggle train --nproc 2` stopped by Ctrl-C or a scheduler: the workers checkpointed and said so,
+    but the launcher ended in torch's SignalException traceback with exit status 1, not 130 / 143."""
+    import signal
+
+    out, log = tmp_path / "run", tmp_path / "stderr.txt"
+    args = overrides(setup["tied"], setup["corpus"], out, "train.batch_size=2", "train.steps=400")
+    rows = out / "metrics.jsonl"
+    with open(log, "w") as err_file:
+        p = subprocess.Popen(
+            [sys.executable, "-m", "snuggle", "train", setup["config"], "--nproc", "2", *args],
+            stdout=subprocess.DEVNULL,
+            stderr=err_file,
+            env=env(),
+        )
+        try:
+            deadline = time.monotonic() + LAUNCH_TIMEOUT_S
+            while not rows.is_file() or '"step": 3,' not in rows.read_text():
+                assert p.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+                time.sleep(0.05)
+            p.send_signal(getattr(signal, sig))
+            p.wait(timeout=LAUNCH_TIMEOUT_S)
+        finally:
+            if p.poll() is None:
+                p.kill()
+    err = log.read_text()
+    assert p.returncode == 128 + getattr(signal, sig), err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    stopped = [ln for ln in err.splitlines() if ln.startswith(f"snuggle: stopped by {sig} at step")]
+    assert len(stopped) == 1, err[-3000:]
+    step = int(re.search(r"at step (\d+) ", stopped[0]).group(1))
+    assert latest_checkpoint(out).name == f"checkpoint-{step:07d}"

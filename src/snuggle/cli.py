@@ -51,8 +51,11 @@ def _launch(nproc: int, train_args: list[str]) -> int:
     """`snuggle train --nproc N`: torchrun on this machine, in this process, with the same arguments.
 
     The elastic agent watches the workers: when one exits with an error, it stops the others, so the
-    launcher returns as soon as any rank fails.
+    launcher returns as soon as any rank fails. A SIGTERM / SIGINT to the launcher (Ctrl-C, a scheduler)
+    is passed on to the workers, which checkpoint the step and stop, rank 0 saying so in one line; the
+    launcher then exits 128 + the signal, as one process does.
     """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
@@ -71,6 +74,9 @@ def _launch(nproc: int, train_args: list[str]) -> int:
         )
         # a worker's own one-line error has already been printed and exits 2 (bad input); keep that
         return status if status > 0 else 1
+    except SignalException as e:
+        # the agent has sent the signal on and waited for the workers to checkpoint and exit
+        return 128 + int(e.sigval)
     return 0
 
 
