@@ -290,3 +290,20 @@ def test_repeated_keys_in_different_mappings_and_merge_keys_are_fine(tmp_path):
         load_config(f)
     f.write_text("model: {path: /m}\nlora: {r: 8}\ndata: {train: c.txt}\ntrain: {steps: 3}\n")
     assert load_config(f).lora.r == 8
+
+
+def test_a_mapping_override_sets_its_keys_and_keeps_the_others(tmp_path):
+    # `train={steps: 3}` replaced the whole section: the file's lr and output_dir fell back to the defaults
+    f = tmp_path / "run.yaml"
+    f.write_text(
+        "model: {path: /m}\nlora: {r: 4, alpha: 8}\ndata: {train: c.txt, seq_len: 64}\n"
+        "train: {lr: 3.0e-4, output_dir: runs/mine, steps: 10}\n"
+    )
+    cfg = load_config(f, ["train={steps: 3, batch_size: 2}", "lora={r: 2}", "data={seq_len: 32}"])
+    assert (cfg.train.steps, cfg.train.batch_size) == (3, 2)
+    assert (cfg.train.lr, cfg.train.output_dir) == (3e-4, "runs/mine")
+    assert (cfg.lora.r, cfg.lora.alpha, cfg.data.seq_len, cfg.data.train) == (2, 8.0, 32, "c.txt")
+    assert load_config(f, ["lora=null"]).use_lora is False  # null still replaces the section
+    assert load_config(f, ["lora=null", "lora={r: 2}"]).lora.alpha == 16.0  # nothing left to keep
+    with pytest.raises(SnuggleError, match="unknown config key 'train.stpes'"):
+        load_config(f, ["train={stpes: 3}"])

@@ -330,7 +330,17 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
         if not isinstance(node.get(k), dict):
             node[k] = {}
         node = node[k]
-    node[keys[-1]] = value
+    old = node.get(keys[-1])
+    # a mapping over a mapping sets the keys it names, as `section.key=value` does for each: replacing
+    # the section, `train={steps: 3}` silently dropped the file's lr and output_dir. null still replaces
+    node[keys[-1]] = _merged(old, value) if isinstance(old, dict) and isinstance(value, dict) else value
+
+
+def _merged(old: dict, new: dict) -> dict:
+    out = dict(old)
+    for k, v in new.items():
+        out[k] = _merged(out[k], v) if isinstance(out.get(k), dict) and isinstance(v, dict) else v
+    return out
 
 
 def _read_config(p: Path) -> str:
