@@ -930,6 +930,26 @@ def test_resume_with_settings_that_change_the_curve_is_refused_naming_each(
     assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4]
 
 
+def test_resume_on_a_changed_corpus_behind_the_same_path_is_refused(tiny_hf_model, tmp_path, corpus):
+    # data.train compared as a path only: a corpus that grew re-drew the held-out split (rows evaluated
+    # before became training rows) and every batch, and the resume went on silently
+    model_dir, _ = tiny_hf_model("llama", False, tmp_path)
+    out = tmp_path / "run"
+    base = ("train.steps=4", "train.save_every=2", "train.keep_checkpoints=3")
+    train(make_cfg(model_dir, corpus, out, *base))
+    shutil.rmtree(out / "checkpoint-0000004")
+    (out / "latest").write_text("checkpoint-0000002")
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    with corpus.open("a") as f:
+        f.write("".join(json.dumps({"text": d}) + "\n" for d in learnable_docs(30)))
+    with pytest.raises(SnuggleError) as info:
+        train(make_cfg(model_dir, corpus, out, *base, "train.resume=true"))
+    assert "packed rows of data.train (the data changed): " in str(info.value), info.value
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before  # refused before writing
+    train(make_cfg(model_dir, corpus, out, *base, "train.resume=true", "train.allow_config_change=true"))
+    assert latest_checkpoint(out).name == "checkpoint-0000004"
+
+
 def test_fingerprint_ignores_what_does_not_shape_the_curve(tmp_path):
     def fp(*overrides: str, global_batch: int = 2, dtype: str = "float32") -> dict:
         cfg = make_cfg(Path("/m"), Path("c.jsonl"), tmp_path / "o", *overrides)

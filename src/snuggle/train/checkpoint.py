@@ -469,7 +469,10 @@ def fingerprint_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]
 
 
 # keys that are no config key of their own, named by what the user sets
-_LABELS = {"train.global_batch": "global batch (processes x train.batch_size x train.grad_accum)"}
+_LABELS = {
+    "train.global_batch": "global batch (processes x train.batch_size x train.grad_accum)",
+    "data.rows": "packed rows of data.train (the data changed)",
+}
 
 
 def _show(value: Any) -> str:

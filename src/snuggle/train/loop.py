@@ -261,6 +261,9 @@ def _run(cfg, ctx: DistContext, device, strategy, model, data, plan, say, report
     sched = build_scheduler(opt, t)
     dtype = str(resolve_dtype(cfg.model.dtype, device)).removeprefix("torch.")
     fingerprint = curve_fingerprint(cfg, dtype, plan.global_batch)
+    # the corpus behind an unchanged data.train may have changed: other rows re-draw the held-out split
+    # (rows evaluated before would be trained on) and every batch from the checkpoint on
+    fingerprint["data.rows"] = len(data.rows)
 
     start = 0
     ckpt = ctx.broadcast_object(latest_checkpoint(out) if t.resume and ctx.is_main else None)
