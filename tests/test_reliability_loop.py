@@ -985,3 +985,32 @@ def test_fingerprint_ignores_what_does_not_shape_the_curve(tmp_path):
     assert fingerprint_changes({"train.global_batch": 2}, fp("train.seed=1", global_batch=4)) == [
         "global batch (processes x train.batch_size x train.grad_accum): 2 -> 4"
     ]
+
+
+def test_resume_without_latest_beside_complete_checkpoints_is_refused(tiny_hf_model, tmp_path, corpus):
+    # `latest` gone while checkpoints stand: resuming started a fresh run from step 0 in the directory,
+    # which rewrote the curve and, at its first save, pruned the checkpoints it never read
+    model_dir, _ = tiny_hf_model("llama", False, tmp_path)
+    out = tmp_path / "run"
+    base = ("train.steps=4", "train.save_every=2", "train.keep_checkpoints=3")
+    train(make_cfg(model_dir, corpus, out, *base))
+    (out / "latest").unlink()
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    with pytest.raises(SnuggleError) as info:
+        train(make_cfg(model_dir, corpus, out, *base, "train.resume=true"))
+    msg = str(info.value)
+    assert "checkpoint-0000002, checkpoint-0000004 are" in msg and "echo checkpoint-0000004 >" in msg, msg
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before  # refused before writing
+    (out / "latest").write_text("checkpoint-0000004")  # the fix the message gives
+    train(
+        make_cfg(
+            model_dir,
+            corpus,
+            out,
+            *base,
+            "train.resume=true",
+            "train.steps=5",
+            "train.allow_config_change=true",
+        )
+    )
+    assert latest_checkpoint(out).name == "checkpoint-0000005"

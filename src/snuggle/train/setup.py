@@ -56,6 +56,17 @@ def check_output_dir(out: Path, resume: bool) -> None:
             f"train.output_dir {out} holds another run; set train.resume=true to continue it "
             "or choose another train.output_dir"
         )
+    if resume and out.is_dir() and latest_checkpoint(out) is None:
+        # `latest` lost (deleted, or naming a checkpoint that is gone) while complete ones stand: starting
+        # from step 0 here would overwrite the curve and prune those checkpoints, so ask instead of guessing
+        complete = sorted(p.name for p in out.glob("checkpoint-*") if (p / "meta.json").is_file())
+        if complete:
+            raise SnuggleError(
+                f"train.resume=true, but {out / 'latest'} names no complete checkpoint while "
+                f"{', '.join(complete[-3:])} {'is one' if len(complete) == 1 else 'are'}; to continue "
+                f"from the newest, write its name there (echo {complete[-1]} > {out / 'latest'}); "
+                "nothing was changed"
+            )
 
 
 def _same_base(a: str, b: str) -> bool:
