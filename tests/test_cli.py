@@ -540,6 +540,18 @@ def test_generate_edge_inputs(runs, capfd):
     assert_one_error_line(rc, *capfd.readouterr(), "--top-p must be in (0, 1]")
     rc = main(["generate", "--model", str(runs["root"] / "nope"), "--prompt", "the"])
     assert_one_error_line(rc, *capfd.readouterr(), "model path not found")
+    # values that used to be taken silently: no tokens at all, and a "temperature" that meant greedy
+    rc = main(["generate", "--model", model, "--prompt", "the", "--max-new-tokens", "-3"])
+    assert_one_error_line(rc, *capfd.readouterr(), "--max-new-tokens must be >= 1, got -3")
+    for t in ("-0.5", "nan"):
+        rc = main(["generate", "--model", model, "--prompt", "the", "--temperature", t])
+        assert_one_error_line(rc, *capfd.readouterr(), "--temperature must be >= 0")
+
+
+@pytest.mark.parametrize("flag", ["--seq-len", "--batch-size"])
+def test_eval_flags_below_one_are_named_as_typed(runs, capfd, flag):
+    rc = main(["eval", "--model", str(runs["model"]), "--data", str(runs["corpus"]), flag, "0"])
+    assert_one_error_line(rc, *capfd.readouterr(), f"{flag} must be >= 1, got 0")
 
 
 # ChatML as SmolLM2 and Qwen write it (the tiny tokenizer drops "\n", so turns end in a space)

@@ -92,6 +92,9 @@ def _cmd_eval(a: argparse.Namespace) -> int:
     if a.max_rows is not None and a.max_rows < 1:
         # zero rows would report loss 0 / perplexity 1 over 0 tokens, a result rather than an error
         raise SnuggleError(f"--max-rows must be >= 1, got {a.max_rows}")
+    for flag, value in (("--seq-len", a.seq_len), ("--batch-size", a.batch_size)):
+        if value < 1:  # named as the user typed it, before any model is read
+            raise SnuggleError(f"{flag} must be >= 1, got {value}")
     files = resolve_files(a.data)  # before the model: bad paths fail fast
     model, tok = load_with_adapter(a.model, a.adapter, dtype=a.dtype, device=a.device)
     if a.seq_len > model.args.max_position_embeddings:
@@ -179,6 +182,10 @@ def _cmd_generate(a: argparse.Namespace) -> int:
     from snuggle.generate import generate
     from snuggle.run_dir import load_with_adapter
 
+    if a.max_new_tokens < 1:
+        raise SnuggleError(f"--max-new-tokens must be >= 1, got {a.max_new_tokens}")
+    if not a.temperature >= 0.0:  # also NaN; 0 is greedy, a negative one is not a quieter greedy
+        raise SnuggleError(f"--temperature must be >= 0 (0: greedy), got {a.temperature}")
     if not 0.0 < a.top_p <= 1.0:
         # top-p 0 keeps no token at all, and multinomial would fail on the all-zero distribution
         raise SnuggleError(f"--top-p must be in (0, 1], got {a.top_p}")
