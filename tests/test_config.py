@@ -187,6 +187,8 @@ def test_to_dict_round_trips():
         ("lora.dropout=1.0", "lora.dropout must be in [0, 1)"),
         ("lora.dropout=-0.1", "lora.dropout must be in [0, 1)"),
         ("model.path=", "model.path is required"),
+        ("model.adapter=", "model.adapter is empty: give a path, or null for none"),
+        ("data.cache_dir=' '", "data.cache_dir is empty"),
     ],
 )
 def test_validation_bounds(override, fragment):

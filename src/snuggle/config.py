@@ -127,6 +127,10 @@ class RunConfig:
             raise SnuggleError("model.path is required")
         if not self.data.train:
             raise SnuggleError("data.train is required")
+        for key, val in (("model.adapter", self.model.adapter), ("data.cache_dir", self.data.cache_dir)):
+            if val is not None and not str(val).strip():
+                # an empty path would mean the working directory, silently; null is how to say "none"
+                raise SnuggleError(f"{key} is empty: give a path, or null for none")
         t = self.train
         for key, val, lo in (
             ("train.steps", t.steps, 1),
