@@ -406,6 +406,25 @@ def test_a_run_with_relative_paths_exports_from_another_directory(runs, tmp_path
     assert main(["train", str(write_empty(work)), *overrides, "train.resume=true"]) == 0
 
 
+def test_export_of_a_run_whose_base_moved_takes_model(runs, tmp_path, capfd):
+    # the run as copied to another machine, where its recorded model.path names nothing
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(runs["lora"], run)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["model"]["path"] = str(tmp_path / "where-it-was")
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    rc = main(["export", str(run), "--format", "hf", "--out", str(tmp_path / "no")])
+    assert_one_error_line(rc, *capfd.readouterr(), "model path not found")
+    out = tmp_path / "hf"
+    assert main(["export", str(run), "--format", "hf", "--out", str(out), "--model", str(runs["model"])]) == 0
+    capfd.readouterr()
+    moved, _ = load(str(out))
+    ours, _, _ = load_run(runs["lora"])
+    torch.testing.assert_close(logits_of(moved, IDS), logits_of(ours, IDS), rtol=0, atol=ATOL)
+
+
 def write_empty(where: Path) -> Path:
     f = where / "empty.yaml"
     f.write_text("{}\n")

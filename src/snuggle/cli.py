@@ -130,7 +130,7 @@ def _cmd_export(a: argparse.Namespace) -> int:
             raise SnuggleError(f"--out {out}: directory {out.parent} does not exist")
     elif out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise SnuggleError(f"--out {out} exists and is not empty")
-    model, tok, cfg = load_run(a.run_dir, device="cpu")
+    model, tok, cfg = load_run(a.run_dir, device="cpu", model_path=a.model)
     check_chat_template_names(tok, a.run_dir)  # named templates become files in the export: before writing
     if a.format == "gguf":
         from snuggle.io.gguf_export import write_gguf
@@ -272,6 +272,12 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("run_dir")
     x.add_argument("--format", choices=("hf", "peft", "gguf"), default="hf")
     x.add_argument("--out", required=True, help="directory (hf, peft) or .gguf file (gguf)")
+    x.add_argument(
+        "--model",
+        default=None,
+        help="the base model, where it is now (default: the model.path the run recorded; for a run "
+        "moved to another machine)",
+    )
     x.add_argument(
         "--dtype", choices=GGUF_DTYPES, default=None, help="gguf: type of the matrices (default f16)"
     )
