@@ -233,6 +233,20 @@ def test_cache_invalidation(tmp_path, tokenizer):
     assert by_text.path != by_body.path and by_body.tokens.tolist() == [BOS, *ids("w2"), EOS]
 
 
+def test_cache_sees_a_same_size_file_put_in_place_with_its_mtime_kept(tmp_path, tokenizer):
+    # `cp -p` / `touch -r` / `rsync -t`: same path, same size, same mtime, other text; keyed by size and
+    # mtime alone, the old tokens were served
+    files = make_corpus(tmp_path)
+    first = tokenize_corpus(files, tokenizer, cache_dir=tmp_path / "cache")
+    st = os.stat(files[0])
+    replacement = write(tmp_path / "new.txt", "w9 w9\nw9\n")  # same size as a.txt
+    os.utime(replacement, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.replace(replacement, files[0])
+    assert (os.stat(files[0]).st_size, os.stat(files[0]).st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    again = tokenize_corpus(files, tokenizer, cache_dir=tmp_path / "cache")
+    assert again.path != first.path and again.tokens[:4].tolist() == [BOS, *ids("w9 w9 w9")]
+
+
 def test_torn_cache_is_rebuilt(tmp_path, tokenizer):
     files = make_corpus(tmp_path)
     stream = tokenize_corpus(files, tokenizer, cache_dir=tmp_path / "cache")

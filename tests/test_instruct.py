@@ -272,17 +272,20 @@ def test_cache_reuse_and_invalidation(tok, tmp_path: Path, monkeypatch: pytest.M
 
     other_template = tokenize_instruct(data, tok, cache_dir=cache, chat_template=PLAIN)
     fallback = tokenize_instruct(data, tok, cache_dir=cache)
+    expected = np.array(first.targets)
+    (first.path / "targets.u8").unlink()  # a damaged cache is rebuilt, not trusted
+    rebuilt = tokenize_instruct(data, tok, cache_dir=cache, chat_template=CHATML)
+    assert rebuilt.path == first.path and (rebuilt.path / "targets.u8").stat().st_size == len(rebuilt)
+    assert np.array_equal(rebuilt.targets, expected)
     _jsonl(data, [*ALPACA, ALPACA[0]])  # the file changed
     changed = tokenize_instruct(data, tok, cache_dir=cache, chat_template=CHATML)
     assert len({first.path, other_template.path, fallback.path, changed.path}) == 4
     assert changed.num_examples == 3
-    expected = np.array(first.targets)
-    (first.path / "targets.u8").unlink()  # a damaged cache is rebuilt, not trusted
     _jsonl(data, ALPACA)
-    os.utime(data, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # the first call's fingerprint again
-    rebuilt = tokenize_instruct(data, tok, cache_dir=cache, chat_template=CHATML)
-    assert rebuilt.path == first.path and (rebuilt.path / "targets.u8").stat().st_size == len(rebuilt)
-    assert np.array_equal(rebuilt.targets, expected)
+    os.utime(data, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # size and mtime as the first call saw them
+    restored = tokenize_instruct(data, tok, cache_dir=cache, chat_template=CHATML)
+    assert restored.path != first.path  # a rewritten file is not taken for the old one (inode, ctime)
+    assert np.array_equal(restored.targets, expected)
 
     import pickle
 

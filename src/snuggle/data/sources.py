@@ -196,8 +196,12 @@ def _hf_docs(path: Path, text_field: str, split: str | None) -> Iterator[str]:
 
 
 def file_stamps(files: Sequence[Path], split: str | None) -> list[list[Any]]:
-    """What a token cache key records of its inputs: (path, size, mtime) of a file, (path, split,
-    fingerprint) of a datasets directory; a file that cannot be read fails here, naming it."""
+    """What a token cache key records of its inputs: (path, size, mtime, inode, ctime) of a file, (path,
+    split, fingerprint) of a datasets directory; a file that cannot be read fails here, naming it.
+
+    Size and mtime alone miss a same-size file put in place with its mtime kept (`cp -p`, `touch -r`,
+    rsync -t): the inode and the status-change time, which no user call can set back, catch those. The
+    price is a re-tokenization after a chmod or a rename, never a stale cache."""
     stamps: list[list[Any]] = []
     for path in files:
         if path.is_dir():
@@ -207,7 +211,7 @@ def file_stamps(files: Sequence[Path], split: str | None) -> list[list[Any]]:
             st = path.stat()
         except OSError as e:
             raise SnuggleError(f"{path}: cannot read training file: {e.strerror}") from None
-        stamps.append([str(path), st.st_size, st.st_mtime_ns])
+        stamps.append([str(path), st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns])
     return stamps
 
 
