@@ -115,6 +115,53 @@ def test_resolve_errors(tmp_path, monkeypatch):
         resolve_files([])
 
 
+@pytest.mark.parametrize("ext", [".gz", ".bz2", ".xz"])
+def test_compressed_text_files_read_as_what_they_hold(tmp_path, tokenizer, ext):
+    import bz2
+    import gzip
+    import lzma
+
+    pack = {".gz": gzip.compress, ".bz2": bz2.compress, ".xz": lzma.compress}[ext]
+    plain = {
+        "a.txt": "the cat\nsat on\n",
+        "b.jsonl": '{"text": "w1 w2"}\n{"text": "w3"}\n',
+        "c.json": json.dumps([{"text": "w4"}]),
+    }
+    files = [write(tmp_path / "plain" / n, t) for n, t in plain.items()]
+    packed = [write(tmp_path / "packed" / (n + ext), pack(t.encode())) for n, t in plain.items()]
+    write(tmp_path / "packed" / ("archive.tar" + ext), pack(b"not a corpus"))  # not a text file: skipped
+    assert [p.name for p in resolve_files(str(tmp_path / "packed"))] == sorted(n + ext for n in plain)
+    assert (
+        list(iter_documents(packed))
+        == list(iter_documents(files))
+        == ["the cat\nsat on\n", "w1 w2", "w3", "w4"]
+    )
+    a = tokenize_corpus(files, tokenizer, cache_dir=tmp_path / "cache")
+    b = tokenize_corpus(packed, tokenizer, cache_dir=tmp_path / "cache")
+    assert a.tokens.tolist() == b.tokens.tolist() and a.path != b.path
+
+
+def test_corrupt_or_truncated_compressed_file_is_one_error_naming_it(tmp_path):
+    import gzip
+
+    whole = gzip.compress(("w1 " * 50_000).encode())
+    cut = write(tmp_path / "cut.txt.gz", whole[: len(whole) // 2])
+    with pytest.raises(SnuggleError, match=r"cut\.txt\.gz: corrupt or truncated compressed data"):
+        list(iter_documents([cut]))
+    fake = write(tmp_path / "fake.jsonl.gz", '{"text": "not gzip"}\n')
+    with pytest.raises(SnuggleError, match=r"fake\.jsonl\.gz: corrupt or truncated compressed data"):
+        list(iter_documents([fake]))
+
+
+def test_a_glob_matching_only_unsupported_files_says_so(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path / "docs" / "guide.html", "<p>x</p>")
+    with pytest.raises(
+        SnuggleError, match=r"no training files match 'docs/\*' \(1 files match, none of them .*guide\.html"
+    ):
+        resolve_files("docs/*")
+
+
 def test_each_format(tmp_path):
     txt = write(tmp_path / "a.txt", "the cat\nsat on\n")
     jsonl = write(tmp_path / "b.jsonl", '{"text": "w1 w2"}\n\n   \n{"text": "", "x": 1}\n{"text": "w3"}\n')

@@ -254,6 +254,17 @@ def test_loader_and_loss_work_unchanged(tiny_hf_model, tok, tmp_path: Path) -> N
 # --- the cache and the input formats ----------------------------------------------------------------------
 
 
+def test_compressed_jsonl_reads_as_the_plain_file(tok, tmp_path: Path) -> None:
+    import gzip
+
+    plain = _jsonl(tmp_path / "a.jsonl", ALPACA)
+    packed = tmp_path / "a.jsonl.gz"
+    packed.write_bytes(gzip.compress(plain.read_bytes()))
+    a = tokenize_instruct(plain, tok, cache_dir=tmp_path / "cache", chat_template=CHATML)
+    b = tokenize_instruct(packed, tok, cache_dir=tmp_path / "cache", chat_template=CHATML)
+    assert np.array_equal(a.tokens, b.tokens) and np.array_equal(a.targets, b.targets)
+
+
 def test_cache_reuse_and_invalidation(tok, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     data = _jsonl(tmp_path / "a.jsonl", ALPACA)
     stat = data.stat()

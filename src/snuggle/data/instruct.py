@@ -54,9 +54,11 @@ from snuggle.data.packing import IGNORE_INDEX, collate, row_tensors
 from snuggle.data.sources import (
     brief,
     check_text,
+    file_kind,
     file_stamps,
     is_hf_dataset_dir,
     iter_jsonl,
+    open_binary,
     open_hf_dataset,
     parse_json,
 )
@@ -76,6 +78,7 @@ __all__ = [
 
 FORMAT_VERSION = 1
 SUFFIXES: tuple[str, ...] = (".jsonl", ".json", ".parquet")
+_EXPECTED = f"{', '.join(SUFFIXES)} (.jsonl, .json also as .gz/.bz2/.xz) or a datasets directory"
 ROLES: tuple[str, ...] = ("system", "user", "assistant")
 TOKENS_FILE = "tokens.u32"
 TARGETS_FILE = "targets.u8"
@@ -170,20 +173,13 @@ class InstructStream:
 # --- reading records --------------------------------------------------------------------------------------
 
 
-def _open_binary(path: Path):
-    try:
-        return open(path, "rb")
-    except OSError as e:
-        raise SnuggleError(f"{path}: cannot read training file: {e.strerror}") from None
-
-
 _WS = re.compile(r"\s*")
 
 
 def _json_records(path: Path) -> Iterator[tuple[Any, str]]:
     """Items of a JSON list, each located by the line it starts on; an object holding exactly one list
     (`{"data": [...]}`) is accepted too, its items located by index."""
-    with _open_binary(path) as f:
+    with open_binary(path) as f:
         raw = f.read()
     try:
         text = raw.decode("utf-8-sig")
@@ -367,12 +363,11 @@ def _iter_conversations(files: Sequence[Path], split: str | None) -> Iterator[tu
     for path in files:
         if path.is_dir():
             records = _hf_records(path, split)
-        elif (reader := _READERS.get(path.suffix.lower())) is not None:
+        elif (reader := _READERS.get(file_kind(path))) is not None:
             records = reader(path)
         else:
             raise SnuggleError(
-                f"unsupported instruction data file type '{path.suffix}': {path} "
-                f"(expected {', '.join(SUFFIXES)} or a datasets directory)"
+                f"unsupported instruction data file type '{path.suffix}': {path} (expected {_EXPECTED})"
             )
         for obj, where in records:
             yield _messages(obj, where), where
@@ -641,10 +636,9 @@ def tokenize_instruct(
     if not paths:
         raise SnuggleError("no training files given")
     for p in paths:
-        if p.suffix.lower() not in SUFFIXES and not is_hf_dataset_dir(p):
+        if file_kind(p) not in SUFFIXES and not is_hf_dataset_dir(p):
             raise SnuggleError(
-                f"unsupported instruction data file type '{p.suffix}': {p} "
-                f"(expected {', '.join(SUFFIXES)} or a datasets directory)"
+                f"unsupported instruction data file type '{p.suffix}': {p} (expected {_EXPECTED})"
             )
     template = _template(tokenizer, chat_template)
     out = Path(cache_dir) / _cache_key(paths, tokenizer, template, split)

@@ -13,12 +13,16 @@ directory itself (never the Arrow files inside), and the token caches key it by 
 
 from __future__ import annotations
 
+import bz2
 import codecs
 import glob
+import gzip
 import hashlib
 import json
+import lzma
 import os
 import re
+import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,18 +30,26 @@ from typing import Any
 from snuggle.errors import SnuggleError
 
 __all__ = [
+    "COMPRESSIONS",
     "SUFFIXES",
+    "file_kind",
     "file_stamps",
     "hf_dataset_fingerprint",
     "is_hf_dataset_dir",
     "iter_document_pieces",
     "iter_documents",
     "iter_text_pieces",
+    "open_binary",
     "open_hf_dataset",
     "resolve_files",
 ]
 
 SUFFIXES: tuple[str, ...] = (".txt", ".jsonl", ".json", ".parquet")
+# Compressed text files read as what they hold (`a.txt.gz` as a .txt): corpora often ship that way (the
+# Debian documentation packages do). Parquet compresses inside the file, so it never needs this.
+COMPRESSIONS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+_COMPRESSIBLE = (".txt", ".jsonl", ".json")
+_EXPECTED = f"{', '.join(SUFFIXES)}, the first three also as {'/'.join(COMPRESSIONS)}"
 _GLOB_CHARS = frozenset("*?[")
 _PARQUET_BATCH_ROWS = 1024
 # Characters of whitespace-only text buffered while waiting to see whether a .txt document is empty.
@@ -96,8 +108,53 @@ def plain_name(name: Any, where: str, what: str) -> str:
     return name
 
 
+def file_kind(path: Path) -> str:
+    """The format a file is read as: its suffix, lower-cased; for a compressed text file (`a.jsonl.gz`)
+    the suffix under the compression. Anything else compressed (`a.tar.gz`) stays its outer suffix."""
+    suffix = path.suffix.lower()
+    if suffix in COMPRESSIONS:
+        inner = Path(path.stem).suffix.lower()
+        return inner if inner in _COMPRESSIBLE else suffix
+    return suffix
+
+
 def _supported(path: Path) -> bool:
-    return path.suffix.lower() in SUFFIXES
+    return file_kind(path) in SUFFIXES
+
+
+class _Decompressing:
+    """A binary reader over a compressed file whose corrupt or truncated data is one `SnuggleError`
+    naming the file, not the codec's exception type of the day (OSError, EOFError, zlib/lzma errors)."""
+
+    def __init__(self, path: Path, opener) -> None:
+        self.path, self._f = path, opener(path, "rb")
+
+    def _guard(self, fn, *args):
+        try:
+            return fn(*args)
+        except (OSError, EOFError, zlib.error, lzma.LZMAError) as e:
+            raise SnuggleError(f"{self.path}: corrupt or truncated compressed data ({brief(e)})") from None
+
+    def read(self, n: int = -1) -> bytes:
+        return self._guard(self._f.read, n)
+
+    def readline(self, n: int = -1) -> bytes:
+        return self._guard(self._f.readline, n)
+
+    def __enter__(self) -> _Decompressing:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._f.close()
+
+
+def open_binary(path: Path):
+    """The file's bytes for reading, decompressed when its name says it is compressed (`COMPRESSIONS`)."""
+    try:
+        opener = COMPRESSIONS.get(path.suffix.lower()) if file_kind(path) in _COMPRESSIBLE else None
+        return _Decompressing(path, opener) if opener is not None else open(path, "rb")
+    except OSError as e:
+        raise SnuggleError(f"{path}: cannot read training file: {e.strerror}") from None
 
 
 # --- Hugging Face datasets directories ----------------------------------------------------------------------
@@ -253,29 +310,30 @@ def _resolve_entry(entry: str) -> list[Path]:
     # A real path wins over glob syntax, so that a file literally named "a[1].txt" still works.
     if path.is_file():
         if not _supported(path):
-            expected = ", ".join(SUFFIXES)
             raise SnuggleError(
-                f"unsupported training file type '{path.suffix}': {entry} (expected {expected})"
+                f"unsupported training file type '{path.suffix}': {entry} (expected {_EXPECTED})"
             )
         return [path]
     if path.is_dir():
         found = _walk_dir(path)
         if not found:
             raise SnuggleError(
-                f"no training files ({', '.join(SUFFIXES)}) or datasets directories under directory '{entry}'"
+                f"no training files ({_EXPECTED}) or datasets directories under directory '{entry}'"
             )
         return found
     if not _GLOB_CHARS.intersection(expanded):
         raise SnuggleError(f"training data path does not exist: '{entry}'")
-    found = []
+    found, other = [], []
     for match in glob.glob(expanded, recursive=True):
         m = Path(match)
         if m.is_dir():
             found.extend(_walk_dir(m))
-        elif m.is_file() and _supported(m):
-            found.append(m)
+        elif m.is_file():
+            (found if _supported(m) else other).append(m)
     if not found:
-        raise SnuggleError(f"no training files match '{entry}'")
+        # say why when the pattern did match files: none of a type snuggle reads
+        why = f" ({len(other)} files match, none of them {_EXPECTED}: e.g. {other[0].name})" if other else ""
+        raise SnuggleError(f"no training files match '{entry}'{why}")
     return found
 
 
@@ -294,13 +352,6 @@ def resolve_files(spec: str | os.PathLike[str] | list[str | os.PathLike[str]]) -
     return sorted(files)
 
 
-def _open_binary(path: Path):
-    try:
-        return open(path, "rb")
-    except OSError as e:
-        raise SnuggleError(f"{path}: cannot read training file: {e.strerror}") from None
-
-
 def iter_text_pieces(path: str | Path, piece_bytes: int = 1 << 20) -> Iterator[str]:
     """Stream a UTF-8 text file as pieces of roughly `piece_bytes`, cut just after a newline.
 
@@ -315,7 +366,7 @@ def iter_text_pieces(path: str | Path, piece_bytes: int = 1 << 20) -> Iterator[s
     decoder = codecs.getincrementaldecoder("utf-8-sig")(errors="strict")
     pending = ""
     consumed = 0
-    with _open_binary(path) as f:
+    with open_binary(path) as f:
         while True:
             chunk = f.read(piece_bytes)
             try:
@@ -363,7 +414,7 @@ def iter_jsonl(path: Path) -> Iterator[tuple[object, str]]:
 
     Shared by the text reader here and the instruction reader (data/instruct.py).
     """
-    with _open_binary(path) as f:
+    with open_binary(path) as f:
         lineno = 0
         while raw := f.readline(MAX_LINE_BYTES + 1):
             lineno += 1
@@ -408,7 +459,7 @@ def _field(obj: object, text_field: str, where: str) -> str:
 
 
 def _json_docs(path: Path, text_field: str) -> Iterator[str]:
-    with _open_binary(path) as f:
+    with open_binary(path) as f:
         raw = f.read()
     try:
         text = raw.decode("utf-8-sig")
@@ -475,7 +526,7 @@ def iter_document_pieces(
     files = [Path(f) for f in files]
     any_doc = False
     for path in files:
-        suffix = path.suffix.lower()
+        suffix = file_kind(path)
         if path.is_dir():
             texts = _hf_docs(path, text_field, split)
         elif suffix == ".txt":
