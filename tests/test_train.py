@@ -444,6 +444,17 @@ def test_resume_with_nothing_to_resume_starts_fresh(tiny_hf_model, tmp_path, cor
         assert torch.equal(t, checkpoint_tensors(ref)[name]), name
 
 
+def test_a_corpus_of_one_row_warns_that_nothing_is_held_out(tiny_hf_model, tmp_path):
+    # val_fraction > 0 with one packed row: the row trains and evaluation was skipped without a word
+    model_dir, _ = tiny_hf_model("llama", False, tmp_path)
+    corpus = tmp_path / "one.jsonl"
+    corpus.write_text(json.dumps({"text": "the cat sat on the mat"}) + "\n")
+    with pytest.warns(UserWarning, match=r"data.val_fraction=0.5 holds out no rows: .* 1 row of data"):
+        cfg = make_cfg(model_dir, corpus, tmp_path / "out", "data.val_fraction=0.5", "train.steps=1")
+        summary = train(cfg)
+    assert summary["steps"] == 1 and "eval_loss" not in summary
+
+
 # --- metrics, plot, saved config, learning --------------------------------------------------------
 
 

@@ -278,4 +278,11 @@ def build_data(
     if vocab_size is not None:
         check_token_ids(stream, vocab_size, "the model's vocabulary")
     train_idx, val_idx = split_indices(len(rows), dc.val_fraction, seed)
+    if dc.val_fraction > 0 and not len(val_idx):
+        # one row cannot be both trained on and held out: say so rather than skip evaluation unannounced
+        warnings.warn(
+            f"data.val_fraction={dc.val_fraction} holds out no rows: the corpus packs into "
+            f"{len(rows)} row of data.seq_len={dc.seq_len} tokens, which trains; there is no evaluation",
+            stacklevel=2,
+        )
     return Data(rows, train_idx, val_idx)
