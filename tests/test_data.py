@@ -164,8 +164,12 @@ def test_a_glob_matching_only_unsupported_files_says_so(tmp_path, monkeypatch):
 
 def test_each_format(tmp_path):
     txt = write(tmp_path / "a.txt", "the cat\nsat on\n")
-    jsonl = write(tmp_path / "b.jsonl", '{"text": "w1 w2"}\n\n   \n{"text": "", "x": 1}\n{"text": "w3"}\n')
-    js = write(tmp_path / "c.json", json.dumps([{"text": "w4"}, {"text": " "}]))
+    # a null text is an empty document in every format (skipped), as Parquet's nulls below are
+    jsonl = write(
+        tmp_path / "b.jsonl",
+        '{"text": "w1 w2"}\n\n   \n{"text": "", "x": 1}\n{"text": null}\n{"text": "w3"}\n',
+    )
+    js = write(tmp_path / "c.json", json.dumps([{"text": "w4"}, {"text": " "}, {"text": None}]))
     js_obj = write(tmp_path / "d.json", json.dumps({"meta": 1, "rows": [{"body": "w5"}, {"body": "w6"}]}))
     par = str(tmp_path / "e.parquet")
     table = pa.table({"text": ["w7", None, "", "w8", "w9"], "n": [1, 2, 3, 4, 5]})

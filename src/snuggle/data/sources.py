@@ -453,6 +453,8 @@ def _field(obj: object, text_field: str, where: str) -> str:
         keys = ", ".join(sorted(map(str, obj))[:8]) or "none"
         raise SnuggleError(f"{where}: missing field '{text_field}' (fields present: {keys})")
     text = obj[text_field]
+    if text is None:
+        return ""  # a null text is an empty document (skipped), as a null in Parquet or datasets is
     if not isinstance(text, str):
         raise SnuggleError(f"{where}: field '{text_field}' must be a string, got {type(text).__name__}")
     return check_text(text, where, f"field '{text_field}'")
