@@ -567,6 +567,14 @@ def test_generate_edge_inputs(runs, capfd):
         assert_one_error_line(rc, *capfd.readouterr(), "--temperature must be >= 0")
 
 
+def test_eval_cache_dir_puts_the_token_cache_there(runs, tmp_path, capfd, monkeypatch):
+    monkeypatch.setenv("SNUGGLE_CACHE", str(tmp_path / "default"))
+    args = ["--model", str(runs["model"]), "--data", str(runs["corpus"]), "--seq-len", str(SEQ_LEN)]
+    here = eval_json(capfd, *args, "--cache-dir", str(tmp_path / "mine"))
+    assert any((tmp_path / "mine").iterdir()) and not (tmp_path / "default").exists()
+    assert eval_json(capfd, *args) == here  # the same result from the default cache
+
+
 @pytest.mark.parametrize("flag", ["--seq-len", "--batch-size"])
 def test_eval_flags_below_one_are_named_as_typed(runs, capfd, flag):
     rc = main(["eval", "--model", str(runs["model"]), "--data", str(runs["corpus"]), flag, "0"])

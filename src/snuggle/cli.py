@@ -103,7 +103,7 @@ def _cmd_eval(a: argparse.Namespace) -> int:
             f"{model.args.max_position_embeddings} positions"
         )
     stream = tokenize_corpus(
-        files, tok, text_field=a.text_field, cache_dir=default_cache_dir(), split=a.split
+        files, tok, text_field=a.text_field, cache_dir=a.cache_dir or default_cache_dir(), split=a.split
     )
     # a cache another tokenizer wrote would index past the embedding: refused, naming both sizes
     check_token_ids(stream, tokenizer_id_limit(tok), "the tokenizer")
@@ -264,6 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-rows", type=int, default=None, help="evaluate at most this many rows")
     e.add_argument("--text-field", default="text")
     e.add_argument("--split", default=None, help="split of a datasets DatasetDict directory (default train)")
+    e.add_argument(
+        "--cache-dir", default=None, help="token cache directory (default $SNUGGLE_CACHE or ~/.cache/snuggle)"
+    )
     e.set_defaults(fn=_cmd_eval)
 
     x = sub.add_parser(
