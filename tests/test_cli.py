@@ -326,6 +326,25 @@ def test_eval_base_and_adapter(runs, tmp_path, capfd):
     assert capped["tokens"] == sum(int((rows[i]["labels"] != -100).sum()) for i in range(3))
 
 
+def test_eval_dtype_applies_to_a_run_adapter(runs, capfd):
+    """--dtype is honoured with a run directory as --adapter (it used to be dropped for the run's own
+    model.dtype); without --dtype the run's dtype is kept."""
+    from snuggle.run_dir import load_with_adapter
+
+    model, _ = load_with_adapter(str(runs["model"]), str(runs["lora"]), dtype="bfloat16", device="cpu")
+    assert model.compute_dtype == torch.bfloat16
+    assert model.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+    kept, _ = load_with_adapter(str(runs["model"]), str(runs["lora"]), device="cpu")
+    assert kept.compute_dtype == torch.float32  # the run's (CPU) dtype
+    args = ["--model", str(runs["model"]), "--adapter", str(runs["lora"]), "--data", str(runs["corpus"])]
+    args += ["--seq-len", str(SEQ_LEN), "--max-rows", "4"]
+    fp32 = eval_json(capfd, *args, "--dtype", "float32")
+    bf16 = eval_json(capfd, *args, "--dtype", "bfloat16")
+    assert eval_json(capfd, *args) == fp32
+    assert bf16["tokens"] == fp32["tokens"] and bf16["loss"] != fp32["loss"]
+    assert bf16["loss"] == pytest.approx(fp32["loss"], abs=0.05)
+
+
 def test_eval_bad_input(runs, tmp_path, capfd):
     model, corpus = str(runs["model"]), str(runs["corpus"])
     other = tmp_path / "other"  # another base: the run's LoRA factors do not fit its hidden size

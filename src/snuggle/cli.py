@@ -253,7 +253,12 @@ def build_parser() -> argparse.ArgumentParser:
     def model_args(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--model", required=True, help="HF model directory or .gguf file")
         sp.add_argument("--adapter", help="snuggle run directory or PEFT adapter directory")
-        sp.add_argument("--dtype", default="auto")
+        sp.add_argument(
+            "--dtype",
+            default=None,
+            help="float32, bfloat16, float16 or auto (default: auto; with a run directory as --adapter, "
+            "the run's model.dtype)",
+        )
         sp.add_argument("--device", default="auto")
 
     e = sub.add_parser("eval", help="held-out loss and perplexity of a model on a corpus")

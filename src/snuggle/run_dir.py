@@ -38,16 +38,21 @@ def _same_path(a: str | Path, b: str | Path) -> bool:
 
 
 def load_run(
-    run_dir: str | Path, device: str | None = None, model_path: str | Path | None = None
+    run_dir: str | Path,
+    device: str | None = None,
+    model_path: str | Path | None = None,
+    dtype: str | None = None,
 ) -> tuple[Decoder, object, RunConfig]:
     """The run's model with its latest trainables. `model_path` replaces the base the run recorded (the
     same model elsewhere, on another machine): the checkpoint's shapes must fit it, or the error names
-    both models."""
+    both models. `dtype` replaces the run's model.dtype (None keeps it)."""
     run = Path(run_dir)
     cfg = run_config(run)
     ckpt = run_checkpoint(run)
     if device is not None:
         cfg.model.device = device
+    if dtype is not None:
+        cfg.model.dtype = dtype
     if model_path is not None:
         cfg.model.path = str(model_path)
     # the checkpoint holds every trainable tensor, so a second-stage run's starting adapter is not read
@@ -62,6 +67,8 @@ def load_run(
 def load_with_adapter(model_path: str, adapter: str | None, dtype=None, device=None):
     """`--model PATH [--adapter DIR]`: DIR is a snuggle run directory or a PEFT LoRA adapter directory.
 
+    `dtype` None is "auto", except with a run directory, whose own model.dtype it then keeps.
+
     An adapter must fit the model: a different base (hidden size, layers, vocabulary, any tensor's shape)
     is an error naming both. A differing recorded base path alone is a warning: paths differ between
     machines, and the same model may live anywhere.
@@ -73,7 +80,7 @@ def load_with_adapter(model_path: str, adapter: str | None, dtype=None, device=N
     a = Path(adapter)
     if is_run_dir(a):
         recorded = run_config(a).model.path
-        model, tokenizer, _ = load_run(a, device=device, model_path=model_path)
+        model, tokenizer, _ = load_run(a, device=device, model_path=model_path, dtype=dtype)
         if not _same_path(recorded, model_path):
             warnings.warn(
                 f"run {a} was trained on {recorded}, not on --model {model_path}; the shapes fit, so it "
