@@ -6,6 +6,8 @@ loss must agree with the reference implementation to float32 round-off.
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -44,6 +46,20 @@ def test_logits_match_transformers(tiny_hf_model, tmp_path, family, tie):
         got = ours(ids)
     assert got.shape == ref.shape
     torch.testing.assert_close(got, ref, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_attention_bias_includes_o_proj(tiny_hf_model, tmp_path, family):
+    """attention_bias=true gives Llama and Qwen3 a bias on o_proj too (transformers' modules); it was
+    dropped with an 'ignored tensors' warning, and the logits were wrong."""
+    path, hf = tiny_hf_model(family, False, tmp_path, attention_bias=True)
+    assert any(n.endswith("o_proj.bias") for n, _ in hf.named_parameters())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no checkpoint tensor may be ignored
+        ours = _ours(path)
+    ids = _ids(ours.args.vocab_size, 2, 13)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), hf(ids).logits, atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("family,tie", CASES)

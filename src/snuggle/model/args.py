@@ -13,12 +13,14 @@ from snuggle.errors import SnuggleError
 
 __all__ = ["ModelArgs", "SUPPORTED_FAMILIES"]
 
-# model_type -> the switches that family turns on (beyond what its config.json states explicitly)
+# model_type -> the switches that family turns on (beyond what its config.json states explicitly).
+# `o_proj_bias`: o_proj has a bias when config.json's attention_bias says so, as in transformers' Llama
+# and Qwen3 (Qwen2 biases q/k/v only; Mistral has no biases at all).
 SUPPORTED_FAMILIES: dict[str, dict[str, Any]] = {
-    "llama": {},
+    "llama": {"o_proj_bias": True},
     "mistral": {},
     "qwen2": {"attention_bias": True},
-    "qwen3": {"qk_norm": True},
+    "qwen3": {"qk_norm": True, "o_proj_bias": True},
 }
 _ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -38,7 +40,8 @@ class ModelArgs:
     rope_scaling: dict[str, Any] | None = None
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False
-    attention_bias: bool = False  # bias on q/k/v (Qwen2); o_proj never has one in these families
+    attention_bias: bool = False  # bias on q/k/v (Qwen2, or attention_bias in Llama / Qwen3)
+    o_proj_bias: bool = False  # bias on o_proj (attention_bias in Llama / Qwen3; never in Qwen2, Mistral)
     mlp_bias: bool = False
     qk_norm: bool = False  # per-head RMSNorm on q and k before RoPE (Qwen3)
     sliding_window: int | None = None  # Mistral v0.1 attends to the last `sliding_window` tokens only
@@ -75,6 +78,7 @@ class ModelArgs:
                     )
                 if kind == "default":
                     rope_scaling = None
+            attention_bias = bool(cfg.get("attention_bias", fam.get("attention_bias", False)))
             window = cfg.get("sliding_window")
             if model_type != "mistral" and not cfg.get("use_sliding_window", False):
                 window = None  # Qwen configs carry a window they do not use unless use_sliding_window
@@ -92,7 +96,8 @@ class ModelArgs:
                 rope_scaling=rope_scaling,
                 max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
                 tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-                attention_bias=bool(cfg.get("attention_bias", fam.get("attention_bias", False))),
+                attention_bias=attention_bias,
+                o_proj_bias=attention_bias and fam.get("o_proj_bias", False),
                 mlp_bias=bool(cfg.get("mlp_bias", False)),
                 qk_norm=fam.get("qk_norm", False),
                 sliding_window=int(window) if window else None,

@@ -175,7 +175,7 @@ class Attention(nn.Module):
         self.q_proj = Linear(h, self.n_heads * d, bias=args.attention_bias)
         self.k_proj = Linear(h, self.n_kv * d, bias=args.attention_bias)
         self.v_proj = Linear(h, self.n_kv * d, bias=args.attention_bias)
-        self.o_proj = Linear(self.n_heads * d, h, bias=False)
+        self.o_proj = Linear(self.n_heads * d, h, bias=args.o_proj_bias)
         if args.qk_norm:
             self.q_norm = RMSNorm(d, args.rms_norm_eps)
             self.k_norm = RMSNorm(d, args.rms_norm_eps)
