@@ -11,6 +11,7 @@ import warnings
 import pytest
 import torch
 
+from snuggle.errors import SnuggleError
 from snuggle.load import load
 from snuggle.lora import ALL_LINEAR, LoRALinear, apply_lora, merge_lora
 from snuggle.model.decoder import KVCache
@@ -60,6 +61,18 @@ def test_attention_bias_includes_o_proj(tiny_hf_model, tmp_path, family):
     ids = _ids(ours.args.vocab_size, 2, 13)
     with torch.no_grad():
         torch.testing.assert_close(ours(ids), hf(ids).logits, atol=ATOL, rtol=0)
+
+
+def test_non_swiglu_activation_is_refused(tiny_hf_model, tmp_path):
+    """The MLP is SwiGLU: a config whose hidden_act is not silu is refused by name, not run as silu
+    (which gave other logits than transformers with no word said)."""
+    path, _ = tiny_hf_model("llama", False, tmp_path, hidden_act="gelu_pytorch_tanh")
+    with pytest.raises(SnuggleError, match="hidden_act 'gelu_pytorch_tanh'"):
+        _ours(path)
+    path, hf = tiny_hf_model("llama", False, tmp_path, hidden_act="swish")  # silu's other name
+    ids = _ids(hf.config.vocab_size, 1, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(_ours(path)(ids), hf(ids).logits, atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("family,tie", CASES)

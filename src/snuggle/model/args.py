@@ -23,6 +23,8 @@ SUPPORTED_FAMILIES: dict[str, dict[str, Any]] = {
     "qwen3": {"qk_norm": True, "o_proj_bias": True},
 }
 _ROPE_TYPES = ("default", "linear", "llama3")
+# the MLP is SwiGLU: silu(gate) * up (transformers' "swish" is the same function)
+_ACTIVATIONS = ("silu", "swish")
 
 
 @dataclass
@@ -59,6 +61,12 @@ class ModelArgs:
                 f"supported: {', '.join(sorted(SUPPORTED_FAMILIES))}"
             )
         fam = SUPPORTED_FAMILIES[model_type]
+        act = cfg.get("hidden_act", "silu")
+        if act not in _ACTIVATIONS:
+            raise SnuggleError(
+                f"unsupported hidden_act {str(act)[:40]!r}: snuggle's MLP is SwiGLU "
+                f"({' or '.join(_ACTIVATIONS)})"
+            )
         try:
             hidden, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
             head_dim = cfg.get("head_dim") or hidden // heads
