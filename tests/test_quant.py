@@ -197,6 +197,33 @@ def test_bnb_4bit_checkpoint_loads_dequantized_and_requantized(tiny_hf_model, tm
         torch.testing.assert_close(m.dequantize(torch.float32), params[name], atol=2e-3, rtol=0.02)
 
 
+def test_export_of_a_bnb_4bit_base_loads_in_transformers(tiny_hf_model, tmp_path):
+    """The merged export of a QLoRA model on a bitsandbytes checkpoint is 16-bit, so its config.json has
+    no quantization_config: with the source's kept, transformers built 4-bit layers around the dense
+    weights and failed in forward."""
+    pytest.importorskip("bitsandbytes.functional")
+    from transformers import AutoModelForCausalLM
+
+    from snuggle.io.hf import save_hf_checkpoint
+    from snuggle.io.peft_format import merged_state_dict
+
+    src, _ = tiny_hf_model("llama", True, tmp_path, hidden_size=64, intermediate_size=128, head_dim=16)
+    _write_bnb_checkpoint(src, tmp_path / "bnb-4bit")
+    model, tok = load(tmp_path / "bnb-4bit", quantize="nf4", device="cpu")
+    apply_lora(model, r=4, alpha=8)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                m.lora_B.normal_(0.0, 0.1)
+    out = tmp_path / "merged"
+    save_hf_checkpoint(merged_state_dict(model), model.args.hf_config, out, tokenizer=tok)
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    hf = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    ids = torch.randint(0, model.args.vocab_size, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(input_ids=ids).logits, model(ids), atol=1e-4, rtol=1e-4)
+
+
 def test_bnb_8bit_checkpoint_is_refused(tiny_hf_model, tmp_path):
     src, _ = tiny_hf_model("llama", True, tmp_path)
     cfg = json.loads((src / "config.json").read_text())

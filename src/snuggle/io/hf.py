@@ -276,6 +276,10 @@ def save_hf_checkpoint(
             {"metadata": {"total_size": total}, "weight_map": weight_map},
         )
     cfg = dict(hf_config)
+    if all(t.is_floating_point() for t in state.values()):
+        # dense weights (a bitsandbytes 4-bit base is exported dequantized): a quantization_config kept
+        # from the source would have transformers build 4-bit layers around them, which then fail
+        cfg.pop("quantization_config", None)
     cfg.setdefault("architectures", [_ARCH_NAMES.get(cfg.get("model_type"), "LlamaForCausalLM")])
     dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
     cfg["torch_dtype"] = dtype
