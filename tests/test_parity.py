@@ -144,6 +144,28 @@ def test_kv_cache_respects_sliding_window(tiny_hf_model, tmp_path):
     torch.testing.assert_close(torch.cat(steps, 1), ref, atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+@pytest.mark.parametrize("first_sliding", [1, 28], ids=["mixed", "none-sliding"])
+def test_qwen_sliding_window_applies_to_its_layers_only(tiny_hf_model, tmp_path, family, first_sliding):
+    """Qwen with use_sliding_window windows only the layers from max_window_layers on (transformers'
+    layer_types); the window used to be applied to every layer, wrong logits for either config."""
+    path, hf = tiny_hf_model(
+        family, False, tmp_path, use_sliding_window=True, sliding_window=4, max_window_layers=first_sliding
+    )
+    ours = _ours(path)
+    assert ours.args.layer_window(0) is None
+    assert ours.args.layer_window(1) == (4 if first_sliding == 1 else None)
+    ids = _ids(ours.args.vocab_size, 2, 13)
+    with torch.no_grad():
+        ref = hf(ids).logits
+        torch.testing.assert_close(ours(ids), ref, atol=ATOL, rtol=0)
+        cache = KVCache()
+        steps = [ours(ids[:1, :3], cache=cache)]
+        for t in range(3, ids.shape[1]):
+            steps.append(ours(ids[:1, t : t + 1], cache=cache))
+    torch.testing.assert_close(torch.cat(steps, 1), ref[:1], atol=ATOL, rtol=0)
+
+
 def test_kv_cache_multi_token_continuation(tiny_hf_model, tmp_path):
     path, hf = tiny_hf_model("llama", False, tmp_path)
     ours = _ours(path)

@@ -47,6 +47,9 @@ class ModelArgs:
     mlp_bias: bool = False
     qk_norm: bool = False  # per-head RMSNorm on q and k before RoPE (Qwen3)
     sliding_window: int | None = None  # Mistral v0.1 attends to the last `sliding_window` tokens only
+    # layers that attend to the whole context although the model has a window (Qwen2/Qwen3 with
+    # use_sliding_window: the layers below max_window_layers, or config.json's layer_types)
+    full_attention_layers: frozenset[int] = frozenset()
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     hf_config: dict[str, Any] = field(default_factory=dict, repr=False)  # the source dict, for export
@@ -90,6 +93,9 @@ class ModelArgs:
             window = cfg.get("sliding_window")
             if model_type != "mistral" and not cfg.get("use_sliding_window", False):
                 window = None  # Qwen configs carry a window they do not use unless use_sliding_window
+            full_layers = _full_attention_layers(cfg, model_type, int(cfg["num_hidden_layers"]))
+            if window and len(full_layers) == int(cfg["num_hidden_layers"]):
+                window = None  # no layer uses it
             args = cls(
                 model_type=model_type,
                 vocab_size=int(cfg["vocab_size"]),
@@ -109,6 +115,7 @@ class ModelArgs:
                 mlp_bias=bool(cfg.get("mlp_bias", False)),
                 qk_norm=fam.get("qk_norm", False),
                 sliding_window=int(window) if window else None,
+                full_attention_layers=frozenset(full_layers) if window else frozenset(),
                 bos_token_id=cfg.get("bos_token_id"),
                 eos_token_id=cfg.get("eos_token_id"),
                 hf_config=dict(cfg),
@@ -118,3 +125,25 @@ class ModelArgs:
         if args.num_heads % args.num_kv_heads:
             raise SnuggleError(f"num_attention_heads {heads} is not a multiple of num_key_value_heads")
         return args
+
+    def layer_window(self, i: int) -> int | None:
+        """The sliding window of layer i (None: it attends to the whole context)."""
+        return None if i in self.full_attention_layers else self.sliding_window
+
+
+def _full_attention_layers(cfg: dict[str, Any], model_type: str, num_layers: int) -> set[int]:
+    """Layers of a Qwen2/Qwen3 model with use_sliding_window that still attend to everything, as
+    transformers decides: config.json's `layer_types`, else the layers below `max_window_layers`
+    (default 28). Mistral applies its window to every layer."""
+    if model_type not in ("qwen2", "qwen3"):
+        return set()
+    types = cfg.get("layer_types")
+    if types is not None:
+        names = isinstance(types, list) and all(isinstance(t, str) for t in types)
+        if not names or len(types) != num_layers:
+            raise SnuggleError(f"model config layer_types must be a list of {num_layers} layer type names")
+        return {i for i, t in enumerate(types) if t != "sliding_attention"}
+    first = cfg.get("max_window_layers", 28)
+    if isinstance(first, bool) or not isinstance(first, int):
+        raise SnuggleError(f"model config max_window_layers must be an integer, got {str(first)[:40]}")
+    return set(range(min(max(first, 0), num_layers)))

@@ -319,15 +319,18 @@ class Decoder(nn.Module):
         cos, sin = rope_cos_sin(inv_freq, position_ids, x.dtype)
         if doc_ids is not None and cache is None and bool((doc_ids == doc_ids[:, :1]).all()):
             doc_ids = None  # one document a row: plain causal attention, SDPA's flash kernel
-        if doc_ids is not None and cache is None and self.attention == "flex":
-            mask = document_block_mask(doc_ids, self.args.sliding_window)
-        else:
-            mask = attention_mask(doc_ids, T, self.args.sliding_window, input_ids.device, past)
+        windows = [self.args.layer_window(i) for i in range(len(self.model.layers))]
+        masks = {}
+        for w in dict.fromkeys(windows):  # one mask per distinct window (Qwen mixes full and sliding)
+            if doc_ids is not None and cache is None and self.attention == "flex":
+                masks[w] = document_block_mask(doc_ids, w)
+            else:
+                masks[w] = attention_mask(doc_ids, T, w, input_ids.device, past)
         if self.offloader is not None and torch.is_grad_enabled() and not x.requires_grad:
             # an offloaded block is an autograd Function: it only gets a backward if an input needs grad
             x.requires_grad_(True)
         for i, layer in enumerate(self.model.layers):
-            x = run_block(layer, i, x, cos, sin, mask, cache, self)
+            x = run_block(layer, i, x, cos, sin, masks[windows[i]], cache, self)
         return self.model.norm(x)  # (B, T, C)
 
     def forward(
