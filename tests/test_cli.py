@@ -581,9 +581,9 @@ def test_generate_edge_inputs(runs, capfd):
     # values that used to be taken silently: no tokens at all, and a "temperature" that meant greedy
     rc = main(["generate", "--model", model, "--prompt", "the", "--max-new-tokens", "-3"])
     assert_one_error_line(rc, *capfd.readouterr(), "--max-new-tokens must be >= 1, got -3")
-    for t in ("-0.5", "nan"):
+    for t in ("-0.5", "nan", "inf"):
         rc = main(["generate", "--model", model, "--prompt", "the", "--temperature", t])
-        assert_one_error_line(rc, *capfd.readouterr(), "--temperature must be >= 0")
+        assert_one_error_line(rc, *capfd.readouterr(), "--temperature must be a finite number >= 0")
 
 
 def test_eval_cache_dir_puts_the_token_cache_there(runs, tmp_path, capfd, monkeypatch):

@@ -184,8 +184,10 @@ def _cmd_generate(a: argparse.Namespace) -> int:
 
     if a.max_new_tokens < 1:
         raise SnuggleError(f"--max-new-tokens must be >= 1, got {a.max_new_tokens}")
-    if not a.temperature >= 0.0:  # also NaN; 0 is greedy, a negative one is not a quieter greedy
-        raise SnuggleError(f"--temperature must be >= 0 (0: greedy), got {a.temperature}")
+    if not 0.0 <= a.temperature < math.inf:
+        # NaN made every probability NaN (a traceback from multinomial), a negative one meant greedy
+        # unannounced, inf uniform sampling
+        raise SnuggleError(f"--temperature must be a finite number >= 0 (0: greedy), got {a.temperature}")
     if not 0.0 < a.top_p <= 1.0:
         # top-p 0 keeps no token at all, and multinomial would fail on the all-zero distribution
         raise SnuggleError(f"--top-p must be in (0, 1], got {a.top_p}")
