@@ -171,6 +171,12 @@ def test_llama_qk_permuted_and_llama3_rope_as_llama_cpp_reads_them(tiny_hf_model
             assert np.array_equal(raw[f"blk.1.attn_{kind}.{leaf}"], _llama_cpp_permute(w, heads))
     v = sd["model.layers.1.self_attn.v_proj.weight"].numpy()
     assert np.array_equal(raw["blk.1.attn_v.weight"], v)  # only Q and K are permuted
+    # attention_bias gives Llama an o_proj bias too: llama.cpp's optional attn_output.bias, read back
+    assert np.array_equal(raw["blk.1.attn_output.bias"], sd["model.layers.1.self_attn.o_proj.bias"].numpy())
+    back, _ = snuggle.load(out, with_tokenizer=False)
+    ids = _ids(a.vocab_size)
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids), model(ids), atol=1e-5, rtol=0)
 
     # llama3 scaling: llama.cpp divides base^(-2i/d) by rope_freqs[i] and, with scaling type "none",
     # applies no linear factor on top; that must be exactly the model's inv_freq

@@ -66,8 +66,8 @@ _TOP_LEVEL = {
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
-# Per-block tensors (`blk.{i}.<key>`); o_proj and the MLP never carry a bias in the families we own, so a
-# file with one is refused below instead of silently dropping it.
+# Per-block tensors (`blk.{i}.<key>`); the MLP never carries a bias in the families we own, and o_proj only
+# in llama (attention_bias), so a file with another is refused below instead of silently dropping it.
 _BLOCK = {
     "attn_norm.weight": "input_layernorm.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight",
@@ -78,6 +78,7 @@ _BLOCK = {
     "attn_k.bias": "self_attn.k_proj.bias",
     "attn_v.bias": "self_attn.v_proj.bias",
     "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_output.bias": "self_attn.o_proj.bias",
     "attn_q_norm.weight": "self_attn.q_norm.weight",
     "attn_k_norm.weight": "self_attn.k_norm.weight",
     "ffn_gate.weight": "mlp.gate_proj.weight",
@@ -452,7 +453,12 @@ def _hf_name(name: str, arch: str, num_layers: int, p: Path) -> str | None:
     if _NOT_WEIGHTS.fullmatch(name):
         return None
     m = _BLOCK_RE.fullmatch(name)
-    if m and m.group(2) in _BLOCK and (arch == "qwen3" or m.group(2) not in _QK_NORM):
+    known = m is not None and m.group(2) in _BLOCK
+    if known and m.group(2) in _QK_NORM and arch != "qwen3":
+        known = False
+    if known and m.group(2) == "attn_output.bias" and arch != "llama":
+        known = False
+    if known:
         layer = int(m.group(1))
         if layer >= num_layers:
             raise SnuggleError(f"{p}: tensor {name} is beyond {arch}.block_count = {num_layers}")

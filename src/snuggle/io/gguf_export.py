@@ -260,7 +260,9 @@ def _plan(
         if found is None or found[0] not in allowed:
             raise SnuggleError(f"tensor {hf_name} has no llama.cpp {_arch_name(arch)} counterpart")
         kind, gguf_name = found
-        if hf_name.endswith(".bias") and kind in _NO_BIAS:
+        # llama.cpp's llama takes an optional o_proj bias (Llama with attention_bias); qwen2/3 do not
+        o_bias_ok = arch == MODEL_ARCH.LLAMA and kind == MODEL_TENSOR.ATTN_OUT
+        if hf_name.endswith(".bias") and kind in _NO_BIAS and not o_bias_ok:
             raise SnuggleError(f"tensor {hf_name}: llama.cpp's {_arch_name(arch)} has no bias there")
         if not t.is_floating_point():
             raise SnuggleError(f"tensor {hf_name} is {t.dtype}, not a floating-point weight")
