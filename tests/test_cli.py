@@ -525,10 +525,38 @@ def test_export_gguf_refusals(runs, tmp_path, capfd):
     rc = main(["export", str(runs["lora"]), "--format", "gguf", "--out", str(tmp_path / "no" / "m.gguf")])
     assert_one_error_line(rc, *capfd.readouterr(), "does not exist")
     rc = main(
-        ["export", str(runs["lora"]), "--format", "hf", "--out", str(tmp_path / "hf"), "--dtype", "f16"]
+        ["export", str(runs["lora"]), "--format", "hf", "--out", str(tmp_path / "hf"), "--dtype", "q8_0"]
     )
-    assert_one_error_line(rc, *capfd.readouterr(), "--dtype applies to --format gguf only")
+    assert_one_error_line(rc, *capfd.readouterr(), "--format hf writes f16, bf16, f32")
+    rc = main(
+        ["export", str(runs["lora"]), "--format", "peft", "--out", str(tmp_path / "p"), "--dtype", "f16"]
+    )
+    assert_one_error_line(rc, *capfd.readouterr(), "--dtype applies to --format hf and gguf")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken.gguf"]
+
+
+def test_export_hf_keeps_the_base_checkpoints_dtype(runs, tmp_path, capfd):
+    # a bf16 base trained on the CPU (dtype auto: fp32) came back as an fp32 model, twice its size
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    base = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(str(runs["model"]), dtype=torch.bfloat16).save_pretrained(base)
+    for f in runs["model"].glob("tokenizer*"):
+        (base / f.name).write_bytes(f.read_bytes())
+    overrides = [f"model.path={base}", f"data.train={runs['corpus']}", f"data.seq_len={SEQ_LEN}"]
+    overrides += ["lora.r=4", "train.steps=1", f"train.output_dir={tmp_path / 'run'}", "train.progress=false"]
+    assert main(["train", str(write_empty(tmp_path)), *overrides]) == 0
+
+    def dtypes(d: Path) -> set[str]:
+        with safe_open(str(d / "model.safetensors"), "pt") as f:
+            return {str(f.get_tensor(k).dtype) for k in f.keys()}
+
+    for flag, want in ((), "torch.bfloat16"), (("--dtype", "f32"), "torch.float32"):
+        out = tmp_path / f"hf{len(flag)}"
+        assert main(["export", str(tmp_path / "run"), "--format", "hf", "--out", str(out), *flag]) == 0
+        assert dtypes(out) == {want}, flag
+    capfd.readouterr()
 
 
 # --- generate -------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ __all__ = ["main"]
 
 # snuggle.io.gguf_export.EXPORT_DTYPES, spelled out so that parsing arguments does not import gguf
 GGUF_DTYPES = ("f16", "bf16", "q8_0", "f32")
+HF_DTYPES = ("f16", "bf16", "f32")
 
 
 def _cmd_train(a: argparse.Namespace) -> int:
@@ -115,14 +116,27 @@ def _cmd_eval(a: argparse.Namespace) -> int:
     return 0
 
 
+def _hf_export_dtype(flag: str | None, source: dict):
+    """The dtype a merged HF export is written in: --dtype, else the source checkpoint's own (its
+    config.json's torch_dtype / dtype), else None (as loaded). The run is read on the CPU, where
+    `dtype: auto` means fp32: a bf16 base would otherwise come back twice its size."""
+    import torch
+
+    names = {"f16": "float16", "bf16": "bfloat16", "f32": "float32"}
+    name = names[flag] if flag is not None else source.get("torch_dtype") or source.get("dtype")
+    return getattr(torch, name) if name in names.values() else None
+
+
 def _cmd_export(a: argparse.Namespace) -> int:
     from snuggle.io.hf import check_chat_template_names, save_hf_checkpoint
     from snuggle.io.peft_format import merged_state_dict, save_peft_adapter
     from snuggle.run_dir import load_run
 
     out = Path(a.out)
-    if a.dtype is not None and a.format != "gguf":
-        raise SnuggleError(f"--dtype applies to --format gguf only (--format {a.format} keeps the model's)")
+    if a.dtype is not None and a.format == "peft":
+        raise SnuggleError("--dtype applies to --format hf and gguf (a PEFT adapter keeps its fp32 factors)")
+    if a.format == "hf" and a.dtype not in (None, *HF_DTYPES):
+        raise SnuggleError(f"--format hf writes {', '.join(HF_DTYPES)} (got --dtype {a.dtype})")
     if a.format == "gguf":
         if out.exists():
             raise SnuggleError(f"--out {out} exists; give a new .gguf file name")
@@ -143,7 +157,11 @@ def _cmd_export(a: argparse.Namespace) -> int:
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     if a.format == "hf":
-        save_hf_checkpoint(merged_state_dict(model), model.args.hf_config, tmp, tokenizer=tok)
+        state = merged_state_dict(model)
+        dtype = _hf_export_dtype(a.dtype, model.args.hf_config)
+        if dtype is not None:
+            state = {k: t.to(dtype) if t.is_floating_point() else t for k, t in state.items()}
+        save_hf_checkpoint(state, model.args.hf_config, tmp, tokenizer=tok)
     else:
         if not cfg.use_lora:
             raise SnuggleError(
@@ -289,7 +307,10 @@ def build_parser() -> argparse.ArgumentParser:
         "moved to another machine)",
     )
     x.add_argument(
-        "--dtype", choices=GGUF_DTYPES, default=None, help="gguf: type of the matrices (default f16)"
+        "--dtype",
+        choices=GGUF_DTYPES,
+        default=None,
+        help="gguf: type of the matrices (default f16); hf: f16, bf16 or f32 (default: the base's own)",
     )
     x.set_defaults(fn=_cmd_export)
 
