@@ -606,6 +606,12 @@ def test_generate_edge_inputs(runs, capfd):
     assert_one_error_line(rc, *capfd.readouterr(), "--top-p must be in (0, 1]")
     rc = main(["generate", "--model", str(runs["root"] / "nope"), "--prompt", "the"])
     assert_one_error_line(rc, *capfd.readouterr(), "model path not found")
+    # the tiny model has 256 positions: a prompt that fills them is refused, a request past them said
+    rc = main(["generate", "--model", model, "--prompt", "the cat " * 200, "--max-new-tokens", "2"])
+    assert_one_error_line(rc, *capfd.readouterr(), "positions, so no token is left to add")
+    with pytest.warns(UserWarning, match="exceed the model's 256 positions: generation stops after"):
+        assert main(["generate", "--model", model, "--prompt", "the", "--max-new-tokens", "300"]) == 0
+    capfd.readouterr()
     # values that used to be taken silently: no tokens at all, and a "temperature" that meant greedy
     rc = main(["generate", "--model", model, "--prompt", "the", "--max-new-tokens", "-3"])
     assert_one_error_line(rc, *capfd.readouterr(), "--max-new-tokens must be >= 1, got -3")

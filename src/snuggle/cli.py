@@ -232,6 +232,17 @@ def _cmd_generate(a: argparse.Namespace) -> int:
         if tok.bos_token_id is None:
             raise SnuggleError("--prompt encodes to no tokens and the tokenizer has no BOS token either")
         ids = torch.tensor([[tok.bos_token_id]], device=device)
+    limit = model.args.max_position_embeddings
+    if ids.shape[1] >= limit:
+        raise SnuggleError(
+            f"--prompt is {ids.shape[1]} tokens; the model has {limit} positions, so no token is left to add"
+        )
+    if ids.shape[1] + a.max_new_tokens > limit:
+        warnings.warn(
+            f"the prompt ({ids.shape[1]} tokens) and --max-new-tokens {a.max_new_tokens} exceed the model's "
+            f"{limit} positions: generation stops after {limit - ids.shape[1]} tokens",
+            stacklevel=1,
+        )
     gen = torch.Generator(device=device).manual_seed(a.seed)
     out: list[int] = []
     printed = ""
