@@ -386,6 +386,25 @@ def test_file_level_errors(tok, tmp_path: Path) -> None:
         tokenize_instruct(empty, tok, cache_dir=cache)
 
 
+def test_a_directory_of_instruction_data_passes_over_its_text_files(tok, tmp_path: Path) -> None:
+    # a dataset folder with a README.txt beside its records was refused ("unsupported ... '.txt'")
+    from snuggle.config import DataConfig
+    from snuggle.train.setup import build_data
+
+    d = tmp_path / "sft"
+    d.mkdir()
+    _jsonl(d / "train.jsonl", ALPACA)
+    (d / "README.txt").write_text("where these records come from")
+    dc = DataConfig(train=str(d), format="instruct", seq_len=64, val_fraction=0.0, chat_template=CHATML)
+    dc.cache_dir = str(tmp_path / "cache")
+    data = build_data(dc, tok, seed=0, max_positions=256)
+    direct = tokenize_instruct(d / "train.jsonl", tok, cache_dir=tmp_path / "cache", chat_template=CHATML)
+    assert len(data.rows) >= 1 and data.rows.stream.num_examples == direct.num_examples == len(ALPACA)
+    (d / "train.jsonl").unlink()
+    with pytest.raises(SnuggleError, match=r"no training files \(\.jsonl, \.json, \.parquet\)"):
+        build_data(dc, tok, seed=0, max_positions=256)
+
+
 def test_template_errors_name_the_record(tok, tmp_path: Path) -> None:
     data = _jsonl(tmp_path / "c.jsonl", [CHAT])
     raising = "{% if messages|length > 3 %}{{ raise_exception('too long') }}{% endif %}" + CHATML

@@ -118,8 +118,8 @@ def file_kind(path: Path) -> str:
     return suffix
 
 
-def _supported(path: Path) -> bool:
-    return file_kind(path) in SUFFIXES
+def _supported(path: Path, kinds: Sequence[str] = SUFFIXES) -> bool:
+    return file_kind(path) in kinds
 
 
 class _Decompressing:
@@ -275,7 +275,7 @@ def file_stamps(files: Sequence[Path], split: str | None) -> list[list[Any]]:
 # --- finding files ------------------------------------------------------------------------------------------
 
 
-def _walk_dir(root: Path) -> list[Path]:
+def _walk_dir(root: Path, kinds: Sequence[str] = SUFFIXES) -> list[Path]:
     # Hidden files and folders (.git, .cache, a tokenization cache placed beside the corpus) are never
     # training data, so they are skipped rather than reported.
     # Links are followed (a corpus assembled from links is common), but each real directory is walked
@@ -299,12 +299,12 @@ def _walk_dir(root: Path) -> list[Path]:
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         for name in filenames:
             path = Path(dirpath, name)
-            if not name.startswith(".") and _supported(path):
+            if not name.startswith(".") and _supported(path, kinds):
                 found.append(path)
     return found
 
 
-def _resolve_entry(entry: str) -> list[Path]:
+def _resolve_entry(entry: str, kinds: Sequence[str]) -> list[Path]:
     expanded = os.path.expanduser(entry)
     path = Path(expanded)
     # A real path wins over glob syntax, so that a file literally named "a[1].txt" still works.
@@ -315,10 +315,11 @@ def _resolve_entry(entry: str) -> list[Path]:
             )
         return [path]
     if path.is_dir():
-        found = _walk_dir(path)
+        found = _walk_dir(path, kinds)
         if not found:
+            expected = _EXPECTED if tuple(kinds) == SUFFIXES else ", ".join(kinds)
             raise SnuggleError(
-                f"no training files ({_EXPECTED}) or datasets directories under directory '{entry}'"
+                f"no training files ({expected}) or datasets directories under directory '{entry}'"
             )
         return found
     if not _GLOB_CHARS.intersection(expanded):
@@ -327,9 +328,9 @@ def _resolve_entry(entry: str) -> list[Path]:
     for match in glob.glob(expanded, recursive=True):
         m = Path(match)
         if m.is_dir():
-            found.extend(_walk_dir(m))
+            found.extend(_walk_dir(m, kinds))
         elif m.is_file():
-            (found if _supported(m) else other).append(m)
+            (found if _supported(m, kinds) else other).append(m)
     if not found:
         # say why when the pattern did match files: none of a type snuggle reads
         why = f" ({len(other)} files match, none of them {_EXPECTED}: e.g. {other[0].name})" if other else ""
@@ -337,8 +338,14 @@ def _resolve_entry(entry: str) -> list[Path]:
     return found
 
 
-def resolve_files(spec: str | os.PathLike[str] | list[str | os.PathLike[str]]) -> list[Path]:
+def resolve_files(
+    spec: str | os.PathLike[str] | list[str | os.PathLike[str]], kinds: Sequence[str] = SUFFIXES
+) -> list[Path]:
     """Expand files, directories (recursive) and globs (`**` allowed) into a sorted, de-duplicated list.
+
+    Directories and globs take the files of `kinds` (file_kind suffixes) and pass over the rest, so a
+    README.txt beside instruction data is not read as a record file; a file named outright is the
+    caller's to accept or refuse.
 
     Returned paths are absolute and symlink-resolved, so the list (and any cache key built from it) does
     not depend on the working directory or on how the same file was reached.
@@ -348,7 +355,7 @@ def resolve_files(spec: str | os.PathLike[str] | list[str | os.PathLike[str]]) -
         raise SnuggleError("no training files given")
     files: set[Path] = set()
     for entry in entries:
-        files.update(p.resolve() for p in _resolve_entry(os.fspath(entry)))
+        files.update(p.resolve() for p in _resolve_entry(os.fspath(entry), kinds))
     return sorted(files)
 
 
