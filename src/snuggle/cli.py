@@ -17,7 +17,7 @@ __all__ = ["main"]
 
 # snuggle.io.gguf_export.EXPORT_DTYPES, spelled out so that parsing arguments does not import gguf
 GGUF_DTYPES = ("f16", "bf16", "q8_0", "f32")
-HF_DTYPES = ("f16", "bf16", "f32")
+HF_DTYPES = {"f16": "float16", "bf16": "bfloat16", "f32": "float32"}  # export --format hf --dtype
 
 
 def _cmd_train(a: argparse.Namespace) -> int:
@@ -122,9 +122,8 @@ def _hf_export_dtype(flag: str | None, source: dict):
     `dtype: auto` means fp32: a bf16 base would otherwise come back twice its size."""
     import torch
 
-    names = {"f16": "float16", "bf16": "bfloat16", "f32": "float32"}
-    name = names[flag] if flag is not None else source.get("torch_dtype") or source.get("dtype")
-    return getattr(torch, name) if name in names.values() else None
+    name = HF_DTYPES[flag] if flag is not None else source.get("torch_dtype") or source.get("dtype")
+    return getattr(torch, name) if name in HF_DTYPES.values() else None
 
 
 def _cmd_export(a: argparse.Namespace) -> int:

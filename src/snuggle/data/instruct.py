@@ -52,6 +52,7 @@ import torch
 
 from snuggle.data.packing import IGNORE_INDEX, collate, row_tensors
 from snuggle.data.sources import (
+    COMPRESSIONS,
     brief,
     check_text,
     file_kind,
@@ -78,7 +79,7 @@ __all__ = [
 
 FORMAT_VERSION = 1
 SUFFIXES: tuple[str, ...] = (".jsonl", ".json", ".parquet")
-_EXPECTED = f"{', '.join(SUFFIXES)} (.jsonl, .json also as .gz/.bz2/.xz) or a datasets directory"
+_EXPECTED = f"{', '.join(SUFFIXES)} (.jsonl, .json also as {'/'.join(COMPRESSIONS)}) or a datasets directory"
 ROLES: tuple[str, ...] = ("system", "user", "assistant")
 TOKENS_FILE = "tokens.u32"
 TARGETS_FILE = "targets.u8"

@@ -305,6 +305,7 @@ def _walk_dir(root: Path, kinds: Sequence[str] = SUFFIXES) -> list[Path]:
 
 
 def _resolve_entry(entry: str, kinds: Sequence[str]) -> list[Path]:
+    expected = _EXPECTED if tuple(kinds) == SUFFIXES else ", ".join(kinds)  # what a walk or glob takes
     expanded = os.path.expanduser(entry)
     path = Path(expanded)
     # A real path wins over glob syntax, so that a file literally named "a[1].txt" still works.
@@ -317,7 +318,6 @@ def _resolve_entry(entry: str, kinds: Sequence[str]) -> list[Path]:
     if path.is_dir():
         found = _walk_dir(path, kinds)
         if not found:
-            expected = _EXPECTED if tuple(kinds) == SUFFIXES else ", ".join(kinds)
             raise SnuggleError(
                 f"no training files ({expected}) or datasets directories under directory '{entry}'"
             )
@@ -333,7 +333,7 @@ def _resolve_entry(entry: str, kinds: Sequence[str]) -> list[Path]:
             (found if _supported(m, kinds) else other).append(m)
     if not found:
         # say why when the pattern did match files: none of a type snuggle reads
-        why = f" ({len(other)} files match, none of them {_EXPECTED}: e.g. {other[0].name})" if other else ""
+        why = f" ({len(other)} files match, none of them {expected}: e.g. {other[0].name})" if other else ""
         raise SnuggleError(f"no training files match '{entry}'{why}")
     return found
 

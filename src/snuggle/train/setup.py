@@ -19,7 +19,6 @@ from snuggle.config import DataConfig, LoraConfig, RunConfig
 from snuggle.data import PackedRows, resolve_files, split_indices, tokenize_corpus
 from snuggle.data.instruct import SUFFIXES as INSTRUCT_SUFFIXES
 from snuggle.data.instruct import PackedExamples, tokenize_instruct
-from snuggle.data.sources import SUFFIXES
 from snuggle.data.tokenize import check_token_ids, tokenizer_id_limit
 from snuggle.errors import SnuggleError
 from snuggle.load import load, load_deferred
@@ -266,7 +265,7 @@ def build_data(
             f"data.seq_len {dc.seq_len} is above the model's limit of {max_positions} positions"
         )
     # instruction data: a directory's README.txt (or any text file) is passed over, not read as records
-    files = resolve_files(dc.train, INSTRUCT_SUFFIXES if dc.format == "instruct" else SUFFIXES)
+    files = resolve_files(dc.train, INSTRUCT_SUFFIXES) if dc.format == "instruct" else resolve_files(dc.train)
     cache = Path(dc.cache_dir) if dc.cache_dir else default_cache_dir()
     rows: PackedRows | PackedExamples
     if dc.format == "instruct":
