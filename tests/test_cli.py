@@ -296,7 +296,7 @@ def rows_of(corpus: Path, tok, cache: Path) -> PackedRows:
 def test_eval_base_and_adapter(runs, tmp_path, capfd):
     args = ["--model", str(runs["model"]), "--data", str(runs["corpus"]), "--seq-len", str(SEQ_LEN)]
     base = eval_json(capfd, *args)
-    assert set(base) == {"loss", "perplexity", "tokens"}
+    assert set(base) == {"loss", "perplexity", "tokens", "format"} and base["format"] == "text"
     assert base["perplexity"] == pytest.approx(np.exp(base["loss"]), rel=1e-12)
 
     # the base model's loss over every row of the corpus, computed here from the pieces

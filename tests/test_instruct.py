@@ -446,3 +446,58 @@ def test_smollm2_template(smollm: Path, tmp_path: Path) -> None:
     assert text.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
     # the template already closes with its EOS (<|im_end|>, then "\n"): no second EOS, "\n" no target
     assert text.endswith("the blue bird<|im_end|>\n") and mask[-2:] == [1, 0]
+
+
+# --- snuggle eval --format instruct -----------------------------------------------------------------------
+
+
+def test_eval_scores_the_replies_as_training_does(tiny_hf_model, tok, tmp_path: Path, capfd) -> None:
+    from snuggle.cli import main
+
+    model_dir, _ = tiny_hf_model("llama", True, tmp_path)
+    tok.chat_template = CHATML
+    tok.save_pretrained(model_dir)  # the model's tokenizer: special tokens and the template
+    data = _jsonl(tmp_path / "held.jsonl", [*ALPACA, CHAT])
+    args = ["eval", "--model", str(model_dir), "--data", str(data), "--seq-len", "128"]
+    assert main([*args, "--format", "instruct", "--cache-dir", str(tmp_path / "c1")]) == 0
+    res = json.loads(capfd.readouterr().out.strip().splitlines()[-1])
+    # the oracle: each example alone (no packing), its loss over the targets tokenize_instruct marks
+    stream = tokenize_instruct(data, tok, cache_dir=tmp_path / "c2")
+    model, _ = snuggle.load(model_dir, with_tokenizer=False)
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for ids, mask in _examples(stream):
+            x = torch.tensor([ids])
+            labels = torch.full_like(x, IGNORE_INDEX)
+            nxt = torch.tensor(mask[1:], dtype=torch.bool)
+            labels[0, :-1][nxt] = x[0, 1:][nxt]
+            total += float(model.loss_sum(x, labels))
+            n += int(nxt.sum())
+    assert res["format"] == "instruct" and res["tokens"] == n == sum(len(t) for t in _targets(stream))
+    assert res["loss"] == pytest.approx(total / n, rel=1e-5)
+    # the same records as text: every token scored, a different figure
+    capfd.readouterr()
+    text = _jsonl(tmp_path / "held-text.jsonl", [{"text": "the blue bird and the big cat"}])
+    # no --seq-len: the default 2048 is capped at this model's 256 positions instead of refused
+    cache = str(tmp_path / "c3")
+    assert main(["eval", "--model", str(model_dir), "--data", str(text), "--cache-dir", cache]) == 0
+    assert json.loads(capfd.readouterr().out.strip().splitlines()[-1])["format"] == "text"
+
+
+def test_eval_takes_the_format_and_template_of_an_instruct_run(tmp_path: Path) -> None:
+    from snuggle.cli import _eval_format
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(
+        json.dumps(
+            {
+                "model": {"path": str(tmp_path)},
+                "data": {"train": str(tmp_path / "d.jsonl"), "format": "instruct", "chat_template": PLAIN},
+            }
+        )
+    )
+    assert _eval_format(None, str(run)) == ("instruct", PLAIN)
+    assert _eval_format("text", str(run)) == ("text", PLAIN)
+    assert _eval_format(None, None) == ("text", None)
+    assert _eval_format("instruct", None) == ("instruct", None)  # the tokenizer's template, as in training

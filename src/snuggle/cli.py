@@ -18,6 +18,7 @@ __all__ = ["main"]
 # snuggle.io.gguf_export.EXPORT_DTYPES, spelled out so that parsing arguments does not import gguf
 GGUF_DTYPES = ("f16", "bf16", "q8_0", "f32")
 HF_DTYPES = {"f16": "float16", "bf16": "bfloat16", "f32": "float32"}  # export --format hf --dtype
+EVAL_SEQ_LEN = 2048  # eval's default row length, capped at the model's positions
 
 
 def _cmd_train(a: argparse.Namespace) -> int:
@@ -85,6 +86,8 @@ def _cmd_eval(a: argparse.Namespace) -> int:
     import numpy as np
 
     from snuggle.data import PackedRows, iterate_eval, resolve_files, tokenize_corpus
+    from snuggle.data.instruct import SUFFIXES as INSTRUCT_SUFFIXES
+    from snuggle.data.instruct import PackedExamples, tokenize_instruct
     from snuggle.data.tokenize import check_token_ids, tokenizer_id_limit
     from snuggle.run_dir import load_with_adapter
     from snuggle.train.evaluate import evaluate
@@ -94,26 +97,45 @@ def _cmd_eval(a: argparse.Namespace) -> int:
         # zero rows would report loss 0 / perplexity 1 over 0 tokens, a result rather than an error
         raise SnuggleError(f"--max-rows must be >= 1, got {a.max_rows}")
     for flag, value in (("--seq-len", a.seq_len), ("--batch-size", a.batch_size)):
-        if value < 1:  # named as the user typed it, before any model is read
+        if value is not None and value < 1:  # named as the user typed it, before any model is read
             raise SnuggleError(f"{flag} must be >= 1, got {value}")
-    files = resolve_files(a.data)  # before the model: bad paths fail fast
+    fmt, template = _eval_format(a.format, a.adapter)
+    # before the model: bad paths fail fast; instruction data passes over a directory's README.txt
+    files = resolve_files(a.data, INSTRUCT_SUFFIXES) if fmt == "instruct" else resolve_files(a.data)
     model, tok = load_with_adapter(a.model, a.adapter, dtype=a.dtype, device=a.device)
-    if a.seq_len > model.args.max_position_embeddings:
-        raise SnuggleError(
-            f"--seq-len {a.seq_len} is above the model's limit of "
-            f"{model.args.max_position_embeddings} positions"
-        )
-    stream = tokenize_corpus(
-        files, tok, text_field=a.text_field, cache_dir=a.cache_dir or default_cache_dir(), split=a.split
-    )
+    limit = model.args.max_position_embeddings
+    if a.seq_len is None:  # a small model's own limit rather than an error about a flag not typed
+        a.seq_len = min(EVAL_SEQ_LEN, limit)
+    elif a.seq_len > limit:
+        raise SnuggleError(f"--seq-len {a.seq_len} is above the model's limit of {limit} positions")
+    cache = a.cache_dir or default_cache_dir()
+    rows: PackedRows | PackedExamples
+    if fmt == "instruct":
+        stream = tokenize_instruct(files, tok, cache_dir=cache, chat_template=template, split=a.split)
+        rows = PackedExamples(stream, a.seq_len)
+    else:
+        stream = tokenize_corpus(files, tok, text_field=a.text_field, cache_dir=cache, split=a.split)
+        rows = PackedRows(stream, a.seq_len)
     # a cache another tokenizer wrote would index past the embedding: refused, naming both sizes
     check_token_ids(stream, tokenizer_id_limit(tok), "the tokenizer")
     check_token_ids(stream, model.args.vocab_size, "the model's vocabulary")
-    rows = PackedRows(stream, a.seq_len)
     idx = np.arange(len(rows))
     res = evaluate(model, iterate_eval(rows, idx, a.batch_size, a.max_rows), model.lm_head.weight.device)
-    print(json.dumps(res))
+    print(json.dumps({**res, "format": fmt}))
     return 0
+
+
+def _eval_format(flag: str | None, adapter: str | None) -> tuple[str, str | None]:
+    """eval's data format and chat template: --format, else the adapter run's data.format (an instruct
+    run's held-out records score its replies as training did), else text. The template is the run's
+    data.chat_template; None lets tokenize_instruct take the tokenizer's, then the fallback, as training
+    does."""
+    from snuggle.run_dir import is_run_dir, run_config
+
+    run = run_config(adapter).data if adapter is not None and is_run_dir(Path(adapter)) else None
+    fmt = flag or (run.format if run is not None else "text")
+    template = run.chat_template if run is not None and run.format == "instruct" else None
+    return fmt, template
 
 
 def _hf_export_dtype(flag: str | None, source: dict):
@@ -294,10 +316,22 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="held-out loss and perplexity of a model on a corpus")
     model_args(e)
     e.add_argument("--data", required=True, help="file, directory or glob")
-    e.add_argument("--seq-len", type=int, default=2048)
+    e.add_argument(
+        "--seq-len",
+        type=int,
+        default=None,
+        help=f"row length in tokens (default {EVAL_SEQ_LEN}, or the model's limit when that is smaller)",
+    )
     e.add_argument("--batch-size", type=int, default=1)
     e.add_argument("--max-rows", type=int, default=None, help="evaluate at most this many rows")
-    e.add_argument("--text-field", default="text")
+    e.add_argument(
+        "--format",
+        choices=("text", "instruct"),
+        default=None,
+        help="data.format of --data: text scores every token, instruct only the replies, rendered with "
+        "the chat template training uses (default: the --adapter run's data.format, else text)",
+    )
+    e.add_argument("--text-field", default="text", help="--format text: the field holding the text")
     e.add_argument("--split", default=None, help="split of a datasets DatasetDict directory (default train)")
     e.add_argument(
         "--cache-dir", default=None, help="token cache directory (default $SNUGGLE_CACHE or ~/.cache/snuggle)"
