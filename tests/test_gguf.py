@@ -484,6 +484,11 @@ def test_unknown_tensor(tmp_path: Path) -> None:
     _write_gguf(path, _tiny("llama"), "llama", extra={"blk.0.attn_q_norm.weight": np.ones(16, np.float32)})
     with pytest.raises(SnuggleError, match="unsupported tensor blk.0.attn_q_norm.weight"):
         read_gguf_config(path)
+    # an MLP bias is llama's alone (mlp_bias); in a qwen2 file it would be dropped
+    path = tmp_path / "odd-qwen2.gguf"
+    _write_gguf(path, _tiny("qwen2"), "qwen2", extra={"blk.0.ffn_up.bias": np.ones(128, np.float32)})
+    with pytest.raises(SnuggleError, match="unsupported tensor blk.0.ffn_up.bias"):
+        read_gguf_config(path)
 
 
 def test_tokenizer_errors_are_wrapped(tmp_path: Path) -> None:

@@ -195,6 +195,24 @@ def test_llama_qk_permuted_and_llama3_rope_as_llama_cpp_reads_them(tiny_hf_model
     }
 
 
+def test_llama_mlp_bias_is_written_as_llama_cpps_optional_ffn_biases(tiny_hf_model, tmp_path: Path) -> None:
+    # llama.cpp's llama loads ffn_gate/ffn_up/ffn_down biases when present (mlp_bias); they used to be refused
+    src, hf = tiny_hf_model("llama", True, tmp_path, mlp_bias=True, **SIZES)
+    model, tok = snuggle.load(src)
+    out = write_gguf(model, tok, tmp_path / "l.gguf", "f32")
+    raw = {t.name: np.array(t.data) for t in GGUFReader(out).tensors}
+    sd = model.state_dict()
+    for gguf_name, hf_name in (("ffn_gate", "gate_proj"), ("ffn_up", "up_proj"), ("ffn_down", "down_proj")):
+        bias = sd[f"model.layers.1.mlp.{hf_name}.bias"].numpy()
+        assert np.array_equal(raw[f"blk.1.{gguf_name}.bias"], bias)
+    assert read_gguf_config(out)["mlp_bias"] is True
+    back, _ = snuggle.load(out, with_tokenizer=False)
+    ids = _ids(model.args.vocab_size)
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids), model(ids), atol=1e-5, rtol=0)
+        torch.testing.assert_close(back(ids), hf(ids).logits, atol=1e-4, rtol=0)
+
+
 def test_llama_without_rope_scaling(tiny_hf_model, tmp_path: Path) -> None:
     src, _ = tiny_hf_model("llama", True, tmp_path, rope_scaling=None, **SIZES)
     model, tok = snuggle.load(src)

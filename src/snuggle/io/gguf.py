@@ -66,8 +66,9 @@ _TOP_LEVEL = {
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
-# Per-block tensors (`blk.{i}.<key>`); the MLP never carries a bias in the families we own, and o_proj only
-# in llama (attention_bias), so a file with another is refused below instead of silently dropping it.
+# Per-block tensors (`blk.{i}.<key>`). The o_proj and MLP biases exist only in llama (attention_bias,
+# mlp_bias: llama.cpp's llama loads them as optional tensors), so another family's file holding one is
+# refused below instead of silently dropping it.
 _BLOCK = {
     "attn_norm.weight": "input_layernorm.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight",
@@ -84,7 +85,11 @@ _BLOCK = {
     "ffn_gate.weight": "mlp.gate_proj.weight",
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
+    "ffn_gate.bias": "mlp.gate_proj.bias",
+    "ffn_up.bias": "mlp.up_proj.bias",
+    "ffn_down.bias": "mlp.down_proj.bias",
 }
+_LLAMA_ONLY = {"attn_output.bias", "ffn_gate.bias", "ffn_up.bias", "ffn_down.bias"}
 _QK_NORM = {"attn_q_norm.weight", "attn_k_norm.weight"}
 _BLOCK_RE = re.compile(r"blk\.([0-9]{1,6})\.(.+)")
 # Tensors that are not model weights: rope_freqs is folded into the config (rope_scaling), attn_rot_embd
@@ -456,7 +461,7 @@ def _hf_name(name: str, arch: str, num_layers: int, p: Path) -> str | None:
     known = m is not None and m.group(2) in _BLOCK
     if known and m.group(2) in _QK_NORM and arch != "qwen3":
         known = False
-    if known and m.group(2) == "attn_output.bias" and arch != "llama":
+    if known and m.group(2) in _LLAMA_ONLY and arch != "llama":
         known = False
     if known:
         layer = int(m.group(1))
@@ -551,6 +556,7 @@ def _config(p: Path, reader: GGUFReader) -> dict[str, Any]:
         "vocab_size": vocab,
         "tie_word_embeddings": "output.weight" not in tensors,
         "attention_bias": "blk.0.attn_q.bias" in tensors,
+        "mlp_bias": "blk.0.ffn_gate.bias" in tensors,
         "bos_token_id": _number(reader, "tokenizer.ggml.bos_token_id", p, int, required=False),
         "eos_token_id": _number(reader, "tokenizer.ggml.eos_token_id", p, int, required=False),
         "pad_token_id": _number(reader, "tokenizer.ggml.padding_token_id", p, int, required=False),

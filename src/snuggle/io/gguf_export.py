@@ -68,7 +68,7 @@ _ARCHS: dict[str, MODEL_ARCH] = {
     "qwen2": MODEL_ARCH.QWEN2,
     "qwen3": MODEL_ARCH.QWEN3,
 }
-# Tensors llama.cpp's llama/qwen families (and our reader) do not have: refused rather than dropped.
+# Biases llama.cpp's qwen2/qwen3 (and our reader of them) do not have: refused rather than dropped.
 _NO_BIAS = (MODEL_TENSOR.ATTN_OUT, MODEL_TENSOR.FFN_GATE, MODEL_TENSOR.FFN_UP, MODEL_TENSOR.FFN_DOWN)
 
 # `tokenizer.ggml.pre` names for the byte-level pre-tokenizers of the families we own, keyed by the split
@@ -260,9 +260,8 @@ def _plan(
         if found is None or found[0] not in allowed:
             raise SnuggleError(f"tensor {hf_name} has no llama.cpp {_arch_name(arch)} counterpart")
         kind, gguf_name = found
-        # llama.cpp's llama takes an optional o_proj bias (Llama with attention_bias); qwen2/3 do not
-        o_bias_ok = arch == MODEL_ARCH.LLAMA and kind == MODEL_TENSOR.ATTN_OUT
-        if hf_name.endswith(".bias") and kind in _NO_BIAS and not o_bias_ok:
+        # llama.cpp's llama takes optional o_proj and MLP biases (attention_bias, mlp_bias); qwen2/3 do not
+        if hf_name.endswith(".bias") and kind in _NO_BIAS and arch != MODEL_ARCH.LLAMA:
             raise SnuggleError(f"tensor {hf_name}: llama.cpp's {_arch_name(arch)} has no bias there")
         if not t.is_floating_point():
             raise SnuggleError(f"tensor {hf_name} is {t.dtype}, not a floating-point weight")
