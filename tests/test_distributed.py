@@ -265,6 +265,34 @@ def test_fsdp_full_finetune_with_checkpointing_matches_single_process(setup):
     assert every <= set(trainables(out))
 
 
+def test_fsdp_full_finetune_with_adamw8bit_matches_one_process_and_resumes_on_any_world_size(setup):
+    """8-bit AdamW codes each row's blocks alone, so FSDP2's row shards hold exactly the state one process
+    holds; its state is DTensors laid out as the parameters, so DCP re-cuts it for another world size."""
+    eight = ("lora=null", "train.optimizer=adamw8bit")
+    ref = setup["root"] / "full-8bit-ref"
+    run_local(setup["untied"], setup["corpus"], ref, *eight)
+    out = setup["root"] / "full-8bit-fsdp"
+    p = ok(
+        torchrun(
+            setup["config"], *overrides(setup["untied"], setup["corpus"], out, *eight, "train.batch_size=2")
+        )
+    )
+    assert "train.parallel=fsdp (auto)" in p.stderr
+    assert_same_curve(out, ref)
+    assert_same_trainables(out, ref)
+    # 2 -> 1: the sharded state read whole by one process
+    back = rewind(out, setup["root"] / "full-8bit-2-1", step=2)
+    run_local(setup["untied"], setup["corpus"], back, *eight, "train.resume=true")
+    assert_same_curve(back, ref)
+    assert_same_trainables(back, ref)
+    # 1 -> 2: one process's state cut into row shards
+    fwd = rewind(ref, setup["root"] / "full-8bit-1-2", step=2)
+    args = overrides(setup["untied"], setup["corpus"], fwd, *eight, "train.batch_size=2", "train.resume=true")
+    assert "resumed from checkpoint-0000002" in ok(torchrun(setup["config"], *args)).stderr
+    assert_same_curve(fwd, ref)
+    assert_same_trainables(fwd, ref)
+
+
 def test_ddp_with_offloaded_checkpointing_matches_single_process(setup, lora_ref):
     """Offloaded blocks backpropagate through a nested (reentrant) backward inside DDP's backward."""
     out = setup["root"] / "ddp-offload"

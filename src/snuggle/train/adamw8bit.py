@@ -1,16 +1,21 @@
 """AdamW with 8-bit optimizer state: 2 bytes per trainable parameter instead of fp32 AdamW's 8.
 
-Each moment is stored blockwise (256 values a block) as one byte per value plus an fp32 absmax per block,
-on a logarithmic code: the 8 bits index levels spaced evenly in log-magnitude, so every value keeps
-the same relative precision (~2-4%) whatever its size within the block. A linear 8-bit code would round
-the small second moments of a block to zero, and dividing by their square root would turn into
-steps of lr * m / eps: the failure 8-bit optimizers must avoid (Dettmers et al., 2022, use a
-"dynamic" code for the same reason).
+Each moment is stored blockwise (256 values a block, along each row of a matrix) as one byte per value
+plus an fp32 absmax per block, on a logarithmic code: the 8 bits index levels spaced evenly in
+log-magnitude, so every value keeps the same relative precision (~2-4%) whatever its size within the
+block. A linear 8-bit code would round the small second moments of a block to zero, and dividing by
+their square root would turn into steps of lr * m / eps: the failure 8-bit optimizers must avoid
+(Dettmers et al., 2022, use a "dynamic" code for the same reason).
 
 Per step and parameter the state is decoded to fp32, updated exactly as `torch.optim.AdamW` does, and
-encoded again; the fp32 temporaries exist for one parameter at a time. Tensors smaller than
+encoded again; the fp32 temporaries exist for one parameter at a time. Vectors and tensors smaller than
 `min_8bit_size` (norm gains, biases) keep fp32 state: their saving is nil and their precision cheap.
-The state is plain tensors (uint8 codes, fp32 absmax), so checkpoints save and resume it as any other.
+
+Blocks never cross a row, so the state of a matrix is the same whether one process holds it or FSDP2
+holds it as row shards (`Shard(0)`): each process codes its own rows, the same blocks one process would
+code, and the curve does not depend on the world size. The state has the parameter's layout (codes
+(*shape) uint8, absmax (*shape[:-1], blocks a row) fp32), as DTensors with the parameter's placements
+under FSDP2, so checkpoints save it as any other state and a resume on another world size re-shards it.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.distributed.tensor import DTensor
 
 __all__ = ["AdamW8bit", "encode", "decode", "signed_code", "unsigned_code"]
 
@@ -53,29 +59,45 @@ def _code(signed: bool, device: torch.device) -> tuple[torch.Tensor, torch.Tenso
 
 
 def encode(x: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 x (any shape) -> uint8 codes (numel,) and fp32 absmax (ceil(numel/256),)."""
-    flat = x.reshape(-1).float()
-    n = flat.numel()
+    """fp32 x (*lead, n) -> uint8 codes (*lead, n) and fp32 absmax (*lead, ceil(n/256)): blocks along rows."""
+    n = x.shape[-1]
     nb = math.ceil(n / BLOCK)
-    blocks = torch.nn.functional.pad(flat, (0, nb * BLOCK - n)).view(nb, BLOCK)
-    absmax = blocks.abs().amax(-1)
+    blocks = torch.nn.functional.pad(x.float(), (0, nb * BLOCK - n)).view(*x.shape[:-1], nb, BLOCK)
+    absmax = blocks.abs().amax(-1)  # (*lead, nb)
     safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
     _, bounds = _code(signed, x.device)
     # nearest level in linear terms: the boundaries are the midpoints between neighbouring levels
-    codes = torch.bucketize(blocks / safe[:, None], bounds)
+    codes = torch.bucketize(blocks / safe[..., None], bounds)
     if not signed:
         # a positive second moment never decodes to 0: its square root divides the step
         codes = torch.where(blocks > 0, codes.clamp_min(1), codes)
-    codes = codes.to(torch.uint8)
-    return codes.view(-1)[:n].contiguous(), absmax
+    codes = codes.to(torch.uint8).view(*x.shape[:-1], nb * BLOCK)
+    return codes[..., :n].contiguous(), absmax
 
 
-def decode(codes: torch.Tensor, absmax: torch.Tensor, signed: bool, shape) -> torch.Tensor:
+def decode(codes: torch.Tensor, absmax: torch.Tensor, signed: bool) -> torch.Tensor:
+    """uint8 codes (*lead, n), fp32 absmax (*lead, nb) -> fp32 values (*lead, n)."""
     levels, _ = _code(signed, codes.device)
-    n = codes.numel()
-    nb = absmax.numel()
-    vals = torch.nn.functional.pad(levels[codes.long()], (0, nb * BLOCK - n)).view(nb, BLOCK)
-    return (vals * absmax[:, None]).view(-1)[:n].view(shape)
+    n, nb = codes.shape[-1], absmax.shape[-1]
+    vals = torch.nn.functional.pad(levels[codes.long()], (0, nb * BLOCK - n))
+    vals = vals.view(*codes.shape[:-1], nb, BLOCK) * absmax[..., None]
+    return vals.view(*codes.shape[:-1], nb * BLOCK)[..., :n]
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This process's part of a DTensor (FSDP2's shard); a plain tensor as it is."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _like(p: torch.Tensor, local: torch.Tensor, last: int | None = None) -> torch.Tensor:
+    """State made from `local` laid out as parameter `p` (its last dim `last` long, if given): a DTensor of
+    p's mesh and placements when p is one, so that a checkpoint records (and a resume re-cuts) the whole
+    tensor, not this rank's part. The state shards as p does: along rows (FSDP2's Shard(0))."""
+    if not isinstance(p, DTensor):
+        return local
+    shape = (*p.shape[:-1], p.shape[-1] if last is None else last)
+    stride = torch.empty(shape, device="meta").stride()
+    return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=shape, stride=stride)
 
 
 class AdamW8bit(torch.optim.Optimizer):
@@ -106,35 +128,40 @@ class AdamW8bit(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                g = p.grad.float()
+                w, g = _local(p), _local(p.grad).float()  # this process's rows under FSDP2
                 st = self.state[p]
-                quantized = p.numel() >= self.min_8bit_size
+                # by the whole tensor's size and rank: every world size codes the same tensors
+                quantized = p.ndim >= 2 and p.numel() >= self.min_8bit_size
                 if not st:
                     st["step"] = torch.zeros((), dtype=torch.float32)
+                    zeros = torch.zeros_like(g)
                     if quantized:
-                        st["exp_avg_q"], st["exp_avg_absmax"] = encode(torch.zeros_like(g), True)
-                        st["exp_avg_sq_q"], st["exp_avg_sq_absmax"] = encode(torch.zeros_like(g), False)
+                        for key, signed in (("exp_avg", True), ("exp_avg_sq", False)):
+                            codes, absmax = encode(zeros, signed)
+                            st[f"{key}_q"] = _like(p, codes)
+                            st[f"{key}_absmax"] = _like(p, absmax, last=absmax.shape[-1])
                     else:
-                        st["exp_avg"] = torch.zeros_like(g)
-                        st["exp_avg_sq"] = torch.zeros_like(g)
+                        st["exp_avg"], st["exp_avg_sq"] = _like(p, zeros), _like(p, zeros.clone())
                 st["step"] += 1
                 step = float(st["step"])
                 if quantized:
-                    m = decode(st["exp_avg_q"], st["exp_avg_absmax"], True, g.shape)
-                    v = decode(st["exp_avg_sq_q"], st["exp_avg_sq_absmax"], False, g.shape)
+                    m = decode(_local(st["exp_avg_q"]), _local(st["exp_avg_absmax"]), True)
+                    v = decode(_local(st["exp_avg_sq_q"]), _local(st["exp_avg_sq_absmax"]), False)
                 else:
-                    m, v = st["exp_avg"], st["exp_avg_sq"]
+                    m, v = _local(st["exp_avg"]), _local(st["exp_avg_sq"])
                 m.lerp_(g, 1 - beta1)
                 v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
                 bc1, bc2 = 1 - beta1**step, 1 - beta2**step
                 denom = (v.sqrt() / math.sqrt(bc2)).add_(eps)
-                pf = p.float() if p.dtype != torch.float32 else p
+                wf = w.float() if w.dtype != torch.float32 else w
                 if wd:
-                    pf.mul_(1 - lr * wd)
-                pf.addcdiv_(m, denom, value=-lr / bc1)
-                if pf is not p:
-                    p.copy_(pf)
+                    wf.mul_(1 - lr * wd)
+                wf.addcdiv_(m, denom, value=-lr / bc1)
+                if wf is not w:
+                    w.copy_(wf)
                 if quantized:
-                    st["exp_avg_q"], st["exp_avg_absmax"] = encode(m, True)
-                    st["exp_avg_sq_q"], st["exp_avg_sq_absmax"] = encode(v, False)
+                    for key, signed, x in (("exp_avg", True, m), ("exp_avg_sq", False, v)):
+                        codes, absmax = encode(x, signed)
+                        _local(st[f"{key}_q"]).copy_(codes)
+                        _local(st[f"{key}_absmax"]).copy_(absmax)
         return loss

@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 from snuggle.config import TrainConfig
-from snuggle.errors import SnuggleError
 
 __all__ = ["param_groups", "build_optimizer", "lr_factor", "build_scheduler"]
 
@@ -43,10 +42,6 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     groups = param_groups(model, cfg)
     if cfg.optimizer == "adamw8bit":
         from snuggle.train.adamw8bit import AdamW8bit
-
-        if any(hasattr(p, "to_local") for g in groups for p in g["params"]):
-            # its blockwise state would be cut per shard, which a resume on another world size cannot re-cut
-            raise SnuggleError("train.optimizer=adamw8bit does not work with train.parallel=fsdp yet")
 
         return AdamW8bit(groups, betas=tuple(cfg.betas), eps=1e-8)
     on_cuda = all(p.is_cuda for g in groups for p in g["params"])
