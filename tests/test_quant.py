@@ -750,6 +750,33 @@ def test_full_finetune_with_adamw8bit_resumes_exactly(tiny_hf_model, tmp_path):
     assert split == whole
 
 
+def test_resume_with_another_optimizer_restarts_its_moments(tiny_hf_model, tmp_path, capsys):
+    """adamw -> adamw8bit on resume: refused as a change of the curve; allowed, the 8-bit optimizer starts
+    with no state (AdamW's moments do not load into it) while the weights and schedule continue."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    from snuggle.train.checkpoint import latest_checkpoint
+
+    path, _ = tiny_hf_model("llama", True, tmp_path)
+    corpus = write_jsonl(tmp_path / "c.jsonl", learnable_docs(40))
+    common = ("lora=null", "train.lr=0.001", "train.schedule=constant", "model.device=cpu")
+    out = tmp_path / "run"
+    train(make_cfg(path, corpus, out, *common, "train.steps=3"))
+    more = ("train.steps=5", "train.resume=true", "train.optimizer=adamw8bit")
+    with pytest.raises(SnuggleError, match="train.optimizer: adamw -> adamw8bit"):
+        train(make_cfg(path, corpus, out, *common, *more))
+    capsys.readouterr()
+    train(make_cfg(path, corpus, out, *common, *more, "train.allow_config_change=true"))
+    assert "adamw8bit's moments start fresh: checkpoint-0000003 holds adamw's" in capsys.readouterr().err
+    dcp_to_torch_save(latest_checkpoint(out) / "optimizer", tmp_path / "optim.pt")
+    state = torch.load(tmp_path / "optim.pt", weights_only=True)["state"]
+    emb = state["model.embed_tokens.weight"]
+    assert float(emb["step"]) == 2  # its own two steps, not AdamW's three before them
+    assert emb["exp_avg_q"].dtype == torch.uint8
+    losses = [r["loss"] for r in read_metrics(out) if "loss" in r]
+    assert len(losses) == 5 and all(math.isfinite(x) for x in losses)
+
+
 @pytest.mark.parametrize("quantize", ["none", "nf4"])
 def test_weight_estimate_from_shapes_matches_the_built_model(tiny_hf_model, tmp_path, quantize):
     from snuggle.train.memory import estimate_weight_bytes

@@ -44,7 +44,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 
 from snuggle.config import RunConfig
 from snuggle.errors import SnuggleError
@@ -340,12 +345,16 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     ctx: DistContext | None = None,
+    *,
+    fresh_moments: bool = False,
 ) -> dict[str, Any]:
     """Restore trainables, optimizer, scheduler and RNG into `model` (plain, DDP or FSDP) collectively.
 
     The checkpoint may come from any world size: DCP reads each rank's part of every tensor. RNG
     states are restored for the ranks the checkpoint has; they matter only with dropout, whose masks
-    depend on the world size anyway.
+    depend on the world size anyway. `fresh_moments`: the saved optimizer state is another optimizer's
+    (train.optimizer changed, allowed by train.allow_config_change) and is not read; the optimizer
+    starts empty, as at step 0, while the schedule continues.
     """
     ctx = ctx or DistContext()
     meta = read_meta(ckpt)
@@ -367,15 +376,17 @@ def load_checkpoint(
         )
     with _dcp_quiet():
         dcp.load(model_sd, storage_reader=dcp.HuggingFaceStorageReader(str(ckpt)), no_dist=not ctx.enabled)
-        dcp.load(optim_sd, checkpoint_id=str(ckpt / _OPTIMIZER_DIR), no_dist=not ctx.enabled)
+        if not fresh_moments:
+            dcp.load(optim_sd, checkpoint_id=str(ckpt / _OPTIMIZER_DIR), no_dist=not ctx.enabled)
     # strict=False: the frozen base and a tied lm_head's second name are deliberately absent
-    set_state_dict(
-        model,
-        optimizer,
-        model_state_dict=model_sd,
-        optim_state_dict=optim_sd,
-        options=StateDictOptions(ignore_frozen_params=True, strict=False),
-    )
+    options = StateDictOptions(ignore_frozen_params=True, strict=False)
+    if fresh_moments:
+        set_model_state_dict(model, model_sd, options=options)
+        optimizer.state.clear()  # get_state_dict filled it with a zero-lr step: no step has been taken
+    else:
+        set_state_dict(
+            model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd, options=options
+        )
     try:
         # weights_only: a state.pt that asks to run code is refused, not executed
         state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
@@ -447,6 +458,7 @@ def curve_fingerprint(cfg: RunConfig, dtype: str, global_batch: int) -> dict[str
         "train.schedule": t.schedule,
         "train.min_lr_ratio": t.min_lr_ratio,
         "train.max_grad_norm": t.max_grad_norm or None,  # 0 and null both mean no clipping
+        "train.optimizer": t.optimizer,
     }
     if t.schedule != "constant":
         fp["train.steps"] = t.steps

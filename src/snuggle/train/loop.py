@@ -270,8 +270,13 @@ def _run(cfg, ctx: DistContext, device, strategy, model, data, plan, say, report
     if ckpt is not None:
         ctx.heartbeat("resume")
         # before loading: a changed setting is named as such, not as the tensor mismatch it may cause
-        _check_resume_config(read_meta(ckpt), fingerprint, ckpt, t.allow_config_change, ctx, say)
-        meta = load_checkpoint(ckpt, engine, opt, sched, ctx)
+        saved = read_meta(ckpt)
+        _check_resume_config(saved, fingerprint, ckpt, t.allow_config_change, ctx, say)
+        # another optimizer's state (adamw <-> adamw8bit) does not load into this one: its moments restart
+        saved_opt = (saved.get("curve_config") or {}).get("train.optimizer", t.optimizer)
+        meta = load_checkpoint(ckpt, engine, opt, sched, ctx, fresh_moments=saved_opt != t.optimizer)
+        if saved_opt != t.optimizer:
+            say(f"snuggle: note: {t.optimizer}'s moments start fresh: {ckpt.name} holds {saved_opt}'s")
         start = meta["step"]
     log = None
     error: BaseException | None = None
