@@ -617,3 +617,23 @@ def test_lora_init_is_drawn_on_the_cpu_whatever_the_device(tiny_hf_model, tmp_pa
     expected = torch.empty_like(a)
     nn.init.kaiming_uniform_(expected, a=math.sqrt(5))
     assert torch.equal(a, expected)
+
+
+@pytest.mark.parametrize("part", ["optimizer", "trainables"])
+def test_resume_from_a_damaged_checkpoint_is_one_error_that_keeps_the_run(tiny_hf_model, tmp_path, part):
+    """A truncated shard (a disk that filled, a copy cut short) names the checkpoint and the way back to an
+    earlier one; it used to surface as DCP's traceback. Nothing of the run is touched."""
+    path, _ = tiny_hf_model("llama", True, tmp_path)
+    corpus = write_jsonl(tmp_path / "c.jsonl", learnable_docs(30))
+    out = tmp_path / "run"
+    const = "train.schedule=constant"  # a longer run is the same curve: only the damage stops it
+    train(make_cfg(path, corpus, out, const, "train.steps=2", "train.save_every=1"))
+    ckpt = latest_checkpoint(out)
+    shard = sorted((ckpt / "optimizer").glob("*.distcp"))[0] if part == "optimizer" else None
+    shard = shard or ckpt / "trainable.safetensors"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    before = sorted(p.name for p in out.iterdir())
+    with pytest.raises(SnuggleError, match="damaged or incompatible checkpoint") as e:
+        train(make_cfg(path, corpus, out, const, "train.steps=4", "train.resume=true"))
+    assert f"write its name (checkpoint-NNNNNNN) into {out / 'latest'}" in str(e.value)
+    assert sorted(p.name for p in out.iterdir()) == before

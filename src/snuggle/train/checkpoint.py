@@ -54,7 +54,7 @@ from torch.distributed.checkpoint.state_dict import (
 from snuggle.config import RunConfig
 from snuggle.errors import SnuggleError
 from snuggle.lora import resolve_targets
-from snuggle.train.parallel import DistContext, unwrap
+from snuggle.train.parallel import DistContext, RankError, unwrap
 
 __all__ = [
     "save_checkpoint",
@@ -339,6 +339,17 @@ def load_trainables(ckpt: Path, model: nn.Module) -> dict[str, Any]:
     return meta
 
 
+def _damaged(ckpt: Path, e: BaseException, ctx: DistContext) -> RankError:
+    """A checkpoint that cannot be read: its first error line, and the way back to an earlier one."""
+    lines = str(e).splitlines() or [type(e).__name__]
+    first = next((line.strip() for line in lines if "Error:" in line), lines[0])
+    return RankError(
+        f"{ckpt}: damaged or incompatible checkpoint ({first[:200]}); to resume from an earlier one, "
+        f"write its name (checkpoint-NNNNNNN) into {ckpt.parent / 'latest'}",
+        silent=not ctx.is_main,
+    )
+
+
 def load_checkpoint(
     ckpt: Path,
     model: nn.Module,
@@ -366,18 +377,24 @@ def load_checkpoint(
     try:
         with safe_open(str(ckpt / TRAINABLE_FILE), framework="pt") as f:
             saved = set(f.keys())
-    except (OSError, ValueError) as e:
-        raise SnuggleError(f"{ckpt}: unreadable checkpoint ({e})") from None
+    except (OSError, ValueError, SafetensorError) as e:
+        raise _damaged(ckpt, e, ctx) from None
     if saved != set(model_sd):
         diff = sorted(saved ^ set(model_sd))
         raise SnuggleError(
             f"{ckpt}: trainable tensors differ from this run's ({diff[:3]}); "
             "was it made with another lora/model config?"
         )
-    with _dcp_quiet():
-        dcp.load(model_sd, storage_reader=dcp.HuggingFaceStorageReader(str(ckpt)), no_dist=not ctx.enabled)
-        if not fresh_moments:
-            dcp.load(optim_sd, checkpoint_id=str(ckpt / _OPTIMIZER_DIR), no_dist=not ctx.enabled)
+    try:
+        with _dcp_quiet():
+            dcp.load(
+                model_sd, storage_reader=dcp.HuggingFaceStorageReader(str(ckpt)), no_dist=not ctx.enabled
+            )
+            if not fresh_moments:
+                dcp.load(optim_sd, checkpoint_id=str(ckpt / _OPTIMIZER_DIR), no_dist=not ctx.enabled)
+    except (CheckpointException, RuntimeError, ValueError, OSError) as e:
+        # DCP gathers every rank's failure into one CheckpointException raised on all ranks together
+        raise _damaged(ckpt, e, ctx) from None
     # strict=False: the frozen base and a tied lm_head's second name are deliberately absent
     options = StateDictOptions(ignore_frozen_params=True, strict=False)
     if fresh_moments:
