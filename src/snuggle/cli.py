@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import shutil
@@ -61,6 +62,16 @@ def _launch(nproc: int, train_args: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
+    # torchrun would set 1 with a four-line banner; the host's cores shared out keep CPU runs fast
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    if "LOGLEVEL" not in os.environ:
+        # the agent's own notes on a signal ("Received 2 death signal", "Sending process ... closing
+        # signal") are torch's wording of the one line rank 0 prints; its errors still show
+        for name in (
+            "torch.distributed.elastic.agent.server.api",
+            "torch.distributed.elastic.multiprocessing.api",
+        ):
+            logging.getLogger(name).setLevel(logging.ERROR)
     args = get_args_parser().parse_args(
         ["--standalone", f"--nproc-per-node={nproc}", "-m", "snuggle", "train", *train_args]
     )
