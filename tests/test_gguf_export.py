@@ -34,13 +34,26 @@ pytestmark = [
 # Row lengths that are multiples of Q8_0's 32-wide blocks, so every matrix really is quantized.
 SIZES = {"hidden_size": 64, "intermediate_size": 128}
 QWEN3_SIZES = {**SIZES, "head_dim": 32}  # explicit head_dim != hidden / heads = 16, as real Qwen3 has
-MATRIX_TYPE = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}
+MATRIX_TYPE = {
+    "f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0,
+    "q5_1": Q.Q5_1, "q5_0": Q.Q5_0, "q4_1": Q.Q4_1, "q4_0": Q.Q4_0,
+}  # fmt: skip
+LOW_BIT = {"q5_1", "q5_0", "q4_1", "q4_0"}  # their output layer is written as Q8_0
 # Max |logit error| / max |logit| against the *original* model. The sharp test is exactness against the
 # model whose matrices went through the same rounding (below); this bound only shows each format's error
 # has the expected size. Per-weight relative error: f16 <= 2^-11, bf16 <= 2^-8, q8_0 <= 1/254 of its
 # 32-block's max (~1% of a typical weight); two blocks, the head and the softmax-free logits add a few
 # such errors, observed 8e-4, 7e-3, 2.5e-2. The bounds leave ~4x headroom over those.
-REL_BOUND = {"f32": 0.0, "f16": 4e-3, "bf16": 3e-2, "q8_0": 1e-1}
+REL_BOUND = {
+    "f32": 0.0,
+    "f16": 4e-3,
+    "bf16": 3e-2,
+    "q8_0": 1e-1,
+    "q5_1": 0.3,
+    "q5_0": 0.3,
+    "q4_1": 0.5,
+    "q4_0": 0.5,
+}
 CASES = [
     pytest.param("llama", True, id="llama-tied"),  # the fixture's llama has llama3 rope scaling
     pytest.param("llama", False, id="llama-untied"),
@@ -69,9 +82,12 @@ def _rounded(model: torch.nn.Module, dtype: str) -> torch.nn.Module:
         for p in {id(p): p for p in model.parameters()}.values():
             if p.ndim < 2 or dtype == "f32":
                 continue
-            if dtype == "q8_0":
-                q = gguf.quants.quantize(p.numpy(), Q.Q8_0)
-                p.copy_(torch.from_numpy(gguf.quants.dequantize(q, Q.Q8_0)))
+            kind = MATRIX_TYPE[dtype]
+            if dtype in LOW_BIT and p is model.lm_head.weight:  # the embedding too, when tied
+                kind = Q.Q8_0
+            if kind not in (Q.F16, Q.BF16):
+                q = gguf.quants.quantize(p.numpy(), kind)
+                p.copy_(torch.from_numpy(gguf.quants.dequantize(q, kind)))
             else:
                 p.copy_(p.to({"f16": torch.float16, "bf16": torch.bfloat16}[dtype]).float())
     return model
@@ -104,9 +120,11 @@ def test_roundtrip_logits(tiny_hf_model, tmp_path: Path, family: str, tie: bool,
     assert cfg["attention_bias"] is (family == "qwen2")
     types = _tensor_types(out)
     assert ("output.weight" in types) is not tie
+    output = {"output.weight", *(["token_embd.weight"] if tie else [])}
     for name, kind in types.items():
         one_d = name.endswith(("norm.weight", ".bias")) or name == "rope_freqs.weight"
-        assert kind == (Q.F32 if one_d else MATRIX_TYPE[dtype]), name
+        want = Q.Q8_0 if dtype in LOW_BIT and name in output else MATRIX_TYPE[dtype]
+        assert kind == (Q.F32 if one_d else want), name
     for text in TEXTS:
         assert back_tok(text).input_ids == tok(text).input_ids, text
 
@@ -468,3 +486,10 @@ def test_smollm2_f16_roundtrip(smollm: Path, tmp_path: Path) -> None:
     assert f["tokenizer.ggml.pre"] == "smollm" and f["general.file_type"] == 1
     for key in keys - {"general.file_type"}:
         assert f[key] == original[key], key
+
+
+def test_the_cli_offers_every_export_dtype() -> None:
+    from snuggle.cli import GGUF_DTYPES
+    from snuggle.io.gguf_export import EXPORT_DTYPES
+
+    assert sorted(GGUF_DTYPES) == sorted(EXPORT_DTYPES)  # spelled out in cli.py so that parsing does not import gguf

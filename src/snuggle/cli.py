@@ -17,7 +17,7 @@ from snuggle.errors import SnuggleError
 __all__ = ["main"]
 
 # snuggle.io.gguf_export.EXPORT_DTYPES, spelled out so that parsing arguments does not import gguf
-GGUF_DTYPES = ("f16", "bf16", "q8_0", "f32")
+GGUF_DTYPES = ("f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "f32")
 HF_DTYPES = {"f16": "float16", "bf16": "bfloat16", "f32": "float32"}  # export --format hf --dtype
 EVAL_SEQ_LEN = 2048  # eval's default row length, capped at the model's positions
 

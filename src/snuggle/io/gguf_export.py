@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from gguf import (
+    GGML_QUANT_SIZES,
     GGML_QUANT_VERSION,
     MODEL_ARCH,
     MODEL_ARCH_NAMES,
@@ -57,8 +58,16 @@ _DTYPES: dict[str, tuple[GGMLQuantizationType, LlamaFileType]] = {
     "f16": (_Q.F16, LlamaFileType.MOSTLY_F16),
     "bf16": (_Q.BF16, LlamaFileType.MOSTLY_BF16),
     "q8_0": (_Q.Q8_0, LlamaFileType.MOSTLY_Q8_0),
+    "q5_1": (_Q.Q5_1, LlamaFileType.MOSTLY_Q5_1),
+    "q5_0": (_Q.Q5_0, LlamaFileType.MOSTLY_Q5_0),
+    "q4_1": (_Q.Q4_1, LlamaFileType.MOSTLY_Q4_1),
+    "q4_0": (_Q.Q4_0, LlamaFileType.MOSTLY_Q4_0),
 }
 EXPORT_DTYPES: tuple[str, ...] = tuple(_DTYPES)
+# The 4/5-bit types keep the output layer (the embedding, when tied: llama.cpp reads it as the output) in
+# Q8_0: llama-quantize gives it Q6_K for the same reason, the logits being the most sensitive product;
+# gguf-py has no Q6_K quantizer, so Q8_0 is the nearest type we can write.
+_LOW_BIT = {_Q.Q4_0, _Q.Q4_1, _Q.Q5_0, _Q.Q5_1}
 
 # snuggle model_type -> llama.cpp architecture. Mistral is plain llama to llama.cpp (its sliding window is
 # dropped, exactly as convert_hf_to_gguf.py does).
@@ -98,8 +107,9 @@ def write_gguf(
 ) -> Path:
     """Write `model` (LoRA merged in) and `tokenizer` to `out_path` as a llama.cpp GGUF file; returns it.
 
-    `dtype` is the type of the 2-D tensors: "f16", "bf16", "f32" or "q8_0" (a matrix whose rows are not a
-    multiple of 32 falls back to f16, as in llama.cpp's converter); 1-D tensors are always f32.
+    `dtype` is the type of the 2-D tensors: "f16", "bf16", "f32", "q8_0", or "q5_1" / "q5_0" / "q4_1" /
+    "q4_0" with the output layer in q8_0 (a matrix whose rows are not a multiple of the 32-value block
+    falls back to f16, as in llama.cpp's converter); 1-D tensors are always f32.
     `tokenizer_pre` overrides the llama.cpp pre-tokenizer name (`tokenizer.ggml.pre`) for a byte-level
     tokenizer whose pre-tokenizer is not recognized. The file appears atomically (temp file + rename).
     """
@@ -126,7 +136,7 @@ def write_gguf(
     state = merged_state_dict(model)
     matrix_type, file_type = _DTYPES[dtype]
     plan = _plan(state, args, arch, matrix_type)
-    fallback = [p.gguf_name for p in plan if p.qtype != matrix_type and len(p.shape) >= 2]
+    fallback = [p.gguf_name for p in plan if p.qtype == _Q.F16 != matrix_type and len(p.shape) >= 2]
     if fallback:
         warnings.warn(
             f"{len(fallback)} tensor(s) have rows that are not a multiple of the {dtype} block size and are "
@@ -268,10 +278,13 @@ def _plan(
         shape = tuple(int(d) for d in t.shape)
         if len(shape) == 1:
             qtype = _Q.F32  # norms and biases: llama.cpp computes with them in f32
-        elif matrix_type == _Q.Q8_0 and shape[-1] % 32:
-            qtype = _Q.F16  # Q8_0 blocks run along rows; convert_hf_to_gguf.py falls back to f16 too
         else:
-            qtype = matrix_type
+            output = kind == MODEL_TENSOR.OUTPUT or (
+                kind == MODEL_TENSOR.TOKEN_EMBD and args.tie_word_embeddings
+            )
+            qtype = _Q.Q8_0 if matrix_type in _LOW_BIT and output else matrix_type
+            if shape[-1] % GGML_QUANT_SIZES[qtype][0]:
+                qtype = _Q.F16  # blocks run along rows; convert_hf_to_gguf.py falls back to f16 too
         heads = 0
         if arch == MODEL_ARCH.LLAMA and kind == MODEL_TENSOR.ATTN_Q:
             heads = args.num_heads
