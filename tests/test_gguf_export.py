@@ -492,4 +492,6 @@ def test_the_cli_offers_every_export_dtype() -> None:
     from snuggle.cli import GGUF_DTYPES
     from snuggle.io.gguf_export import EXPORT_DTYPES
 
-    assert sorted(GGUF_DTYPES) == sorted(EXPORT_DTYPES)  # spelled out in cli.py so that parsing does not import gguf
+    assert sorted(GGUF_DTYPES) == sorted(
+        EXPORT_DTYPES
+    )  # spelled out in cli.py so that parsing does not import gguf

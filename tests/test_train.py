@@ -637,3 +637,26 @@ def test_resume_from_a_damaged_checkpoint_is_one_error_that_keeps_the_run(tiny_h
         train(make_cfg(path, corpus, out, const, "train.steps=4", "train.resume=true"))
     assert f"write its name (checkpoint-NNNNNNN) into {out / 'latest'}" in str(e.value)
     assert sorted(p.name for p in out.iterdir()) == before
+
+
+def test_resume_never_runs_code_a_checkpoint_holds(tiny_hf_model, tmp_path):
+    """DCP's default reader unpickles optimizer/.metadata unrestricted: a crafted one ran code on resume."""
+    import os
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'ran'}",))
+
+    path, _ = tiny_hf_model("llama", True, tmp_path)
+    corpus = write_jsonl(tmp_path / "c.jsonl", learnable_docs(30))
+    out = tmp_path / "run"
+    const = "train.schedule=constant"
+    train(make_cfg(path, corpus, out, const, "train.steps=2"))
+    train(
+        make_cfg(path, corpus, out, const, "train.steps=3", "train.resume=true")
+    )  # the safe reader reads it
+    (latest_checkpoint(out) / "optimizer" / ".metadata").write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(SnuggleError, match="refused posix.system"):
+        train(make_cfg(path, corpus, out, const, "train.steps=4", "train.resume=true"))
+    assert not (tmp_path / "ran").exists()

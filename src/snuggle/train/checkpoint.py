@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import os
 import shutil
 import warnings
@@ -54,6 +55,7 @@ from torch.distributed.checkpoint.state_dict import (
 from snuggle.config import RunConfig
 from snuggle.errors import SnuggleError
 from snuggle.lora import resolve_targets
+from snuggle.train.dcp_safe import SafeLoadPlanner, SafeReader
 from snuggle.train.parallel import DistContext, RankError, unwrap
 
 __all__ = [
@@ -94,9 +96,19 @@ def _fsync_tree(path: Path) -> None:
 @contextlib.contextmanager
 def _dcp_quiet() -> Iterator[None]:
     # without a process group DCP warns that it assumes one process, which is exactly our intent
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-        yield
+    # and a checkpoint it cannot read makes it log tracebacks (to the root logger) before the error
+    # snuggle names: quiet while DCP runs
+    logs = [logging.getLogger(), logging.getLogger("torch.distributed.checkpoint")]
+    levels = [log.level for log in logs]
+    for log in logs:
+        log.setLevel(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+            yield
+    finally:
+        for log, level in zip(logs, levels, strict=True):
+            log.setLevel(level)
 
 
 def _state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
@@ -391,7 +403,9 @@ def load_checkpoint(
                 model_sd, storage_reader=dcp.HuggingFaceStorageReader(str(ckpt)), no_dist=not ctx.enabled
             )
             if not fresh_moments:
-                dcp.load(optim_sd, checkpoint_id=str(ckpt / _OPTIMIZER_DIR), no_dist=not ctx.enabled)
+                # never DCP's default reader: it unpickles .metadata and the param_groups unrestricted
+                reader, planner = SafeReader(str(ckpt / _OPTIMIZER_DIR)), SafeLoadPlanner()
+                dcp.load(optim_sd, storage_reader=reader, planner=planner, no_dist=not ctx.enabled)
     except (CheckpointException, RuntimeError, ValueError, OSError) as e:
         # DCP gathers every rank's failure into one CheckpointException raised on all ranks together
         raise _damaged(ckpt, e, ctx) from None
