@@ -458,6 +458,7 @@ def _run(cfg, ctx: DistContext, device, strategy, model, data, plan, say, report
             say(f"snuggle: {out} is complete at step {start} of {t.steps}; nothing to train")
             logged = [r["loss"] for r in MetricsLog.read(out / "metrics.jsonl") if "loss" in r]
             loss_val = logged[-1] if logged else loss_val
+            loss_val = math.nan if loss_val is None else loss_val  # a non-finite loss is logged as null
     if log is not None:
         log.close()
     summary = {"output_dir": str(out), "steps": t.steps, "final_loss": loss_val}

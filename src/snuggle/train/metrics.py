@@ -37,7 +37,7 @@ class MetricsLog:
                 # run writes them again, so every step appears once, in order
                 rows = [r for r in self.read(path) if r.get("step", 0) <= resume_step]
                 tmp = path.with_name(path.name + ".tmp")
-                tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+                tmp.write_text("".join(_line(r) for r in rows))
                 os.replace(tmp, path)
             self._fh = open(path, "a")
         except OSError as e:
@@ -45,7 +45,7 @@ class MetricsLog:
 
     def write(self, row: dict[str, Any]) -> None:
         try:
-            self._fh.write(json.dumps(row) + "\n")
+            self._fh.write(_line(row))
             self._fh.flush()
         except OSError as e:
             raise _write_error(self.path, e) from None
@@ -63,6 +63,16 @@ class MetricsLog:
             except json.JSONDecodeError:
                 break  # a torn last line from a killed run
         return rows
+
+
+def _line(row: dict[str, Any]) -> str:
+    """One strict JSON line: a non-finite number (a skipped step's grad_norm) is null, as JSON has no NaN."""
+    clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
+    return json.dumps(clean, allow_nan=False) + "\n"
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
 
 
 class ProgressBar:
@@ -101,8 +111,8 @@ def plot_losses(metrics_path: Path, out_png: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = MetricsLog.read(metrics_path)
-    train = [(r["step"], r["loss"]) for r in rows if "loss" in r and math.isfinite(r["loss"])]
-    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    train = [(r["step"], r["loss"]) for r in rows if _finite(r.get("loss"))]
+    evals = [(r["step"], r["eval_loss"]) for r in rows if _finite(r.get("eval_loss"))]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     if train:
         ax.plot(*zip(*train, strict=True), label="train loss", lw=1)
