@@ -660,3 +660,30 @@ def test_resume_never_runs_code_a_checkpoint_holds(tiny_hf_model, tmp_path):
     with pytest.raises(SnuggleError, match="refused posix.system"):
         train(make_cfg(path, corpus, out, const, "train.steps=4", "train.resume=true"))
     assert not (tmp_path / "ran").exists()
+
+
+@pytest.mark.parametrize("fmt", ["text", "instruct"])
+def test_an_unwritable_output_or_cache_dir_is_one_error(tiny_hf_model, tmp_path, fmt):
+    """A read-only or impossible path (here under a file: root ignores permissions) was a traceback."""
+    path, _ = tiny_hf_model("llama", True, tmp_path)
+    if fmt == "text":
+        data = write_jsonl(tmp_path / "c.jsonl", learnable_docs(20))
+    else:
+        data = tmp_path / "i.jsonl"
+        data.write_text(json.dumps({"instruction": "name a bird", "output": "the blue bird"}) + "\n")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    fmt_key, seq = f"data.format={fmt}", "data.seq_len=64"
+    with pytest.raises(SnuggleError, match=r"train.output_dir .*a-file/run: cannot create it"):
+        train(
+            make_cfg(
+                path, data, blocker / "run", fmt_key, seq, "train.steps=1", f"data.cache_dir={tmp_path}/c"
+            )
+        )
+    with pytest.raises(SnuggleError, match=r"token cache .*a-file/cache: cannot write it .*data.cache_dir"):
+        train(
+            make_cfg(
+                path, data, tmp_path / "run", fmt_key, "train.steps=1", f"data.cache_dir={blocker}/cache"
+            )
+        )
+    assert not (tmp_path / "run").exists()

@@ -63,7 +63,13 @@ from snuggle.data.sources import (
     open_hf_dataset,
     parse_json,
 )
-from snuggle.data.tokenize import _tokenizer_fingerprint, commit_cache_files, scan_max
+from snuggle.data.tokenize import (
+    _tokenizer_fingerprint,
+    cache_write_error,
+    commit_cache_files,
+    is_cache_write,
+    scan_max,
+)
 from snuggle.errors import SnuggleError
 
 __all__ = [
@@ -648,12 +654,14 @@ def tokenize_instruct(
             return InstructStream.open(out)
         except SnuggleError:
             pass  # a damaged cache under the right key is simply rebuilt
-    out.mkdir(parents=True, exist_ok=True)
     try:
+        out.mkdir(parents=True, exist_ok=True)
         _write_cache(paths, tokenizer, template, batch_examples, out, split)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             out.rmdir()  # only succeeds if empty: leave no empty cache directory behind after bad input
+        if is_cache_write(e, out):
+            raise cache_write_error(out, e) from None
         raise
     return InstructStream.open(out)
 

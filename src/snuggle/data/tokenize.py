@@ -283,11 +283,26 @@ def tokenize_corpus(
             return TokenStream.open(out)
         except SnuggleError:
             pass  # a damaged cache under the right key is simply rebuilt
-    out.mkdir(parents=True, exist_ok=True)
     try:
+        out.mkdir(parents=True, exist_ok=True)
         _write_cache(paths, tokenizer, text_field, piece_bytes, batch_docs, out, split)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             out.rmdir()  # only succeeds if empty: leave no empty cache directory behind after bad input
+        if is_cache_write(e, out):
+            raise cache_write_error(out, e) from None
         raise
     return TokenStream.open(out)
+
+
+def is_cache_write(e: BaseException, out: Path) -> bool:
+    """An OSError of writing the cache (a corpus that cannot be read is reported by its reader)."""
+    return isinstance(e, OSError) and (e.filename is None or str(e.filename).startswith(str(out.parent)))
+
+
+def cache_write_error(out: Path, e: OSError) -> SnuggleError:
+    """The token cache cannot be written (read-only, full, missing permissions): say where to put it."""
+    return SnuggleError(
+        f"token cache {out.parent}: cannot write it ({e.strerror or e}); set data.cache_dir "
+        "(eval: --cache-dir) or $SNUGGLE_CACHE to a writable directory with room"
+    )

@@ -281,8 +281,11 @@ def _run(cfg, ctx: DistContext, device, strategy, model, data, plan, say, report
     log = None
     error: BaseException | None = None
     if ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
         try:
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise SnuggleError(f"train.output_dir {out}: cannot create it ({e.strerror or e})") from None
             # before config.yaml: a tracker that cannot start leaves no run behind
             reporters.extend(
                 open_reporters(t.report_to, out, t.wandb_project, to_dict(cfg), ckpt is not None)
