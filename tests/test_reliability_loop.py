@@ -1021,3 +1021,22 @@ def test_resume_without_latest_beside_complete_checkpoints_is_refused(tiny_hf_mo
         )
     )
     assert latest_checkpoint(out).name == "checkpoint-0000005"
+
+
+def test_torchs_zip_writer_failing_on_a_full_disk_is_a_write_failure():
+    """On a real full tmpfs torch.save inside DCP fails as a RuntimeError of its zip writer, not an
+    OSError: it must still be the one-line write failure (it was re-raised as a bug, with a traceback)."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    zip_error = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    def save():
+        raise CheckpointException("save failed", {0: (zip_error, None)})
+
+    got = ckpt_mod._attempt(save)
+    assert isinstance(got, ckpt_mod._WriteFailure) and "is the disk full?" in str(got)
+
+    def bug():
+        raise CheckpointException("save failed", {0: (KeyError("x"), None)})
+
+    assert not isinstance(ckpt_mod._attempt(bug), ckpt_mod._WriteFailure)  # a bug stays a bug

@@ -29,6 +29,7 @@ other values is refused with each changed key named (`fingerprint_changes`), unl
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import logging
@@ -180,6 +181,12 @@ class _WriteFailure(Exception):
         self.cause = cause
 
 
+def _zip_write_failed(e: BaseException) -> bool:
+    """torch.save's zip writer reports a short write (a full disk) as a RuntimeError, not an OSError."""
+    text = str(e)
+    return isinstance(e, RuntimeError) and ("inline_container" in text or "PytorchStreamWriter" in text)
+
+
 def _attempt(fn: Callable[[], None]) -> BaseException | None:
     """Run one phase; return its failure instead of raising it, so that every rank can agree on it.
 
@@ -194,6 +201,8 @@ def _attempt(fn: Callable[[], None]) -> BaseException | None:
     except CheckpointException as e:
         causes = [f[0] if isinstance(f, tuple) else f for f in e.failures.values()]
         oserr = next((c for c in causes if isinstance(c, OSError)), None)
+        if oserr is None and any(_zip_write_failed(c) for c in causes):
+            oserr = OSError(errno.EIO, "torch's file writer could not write (is the disk full?)")
         return _WriteFailure(oserr) if oserr is not None else RuntimeError(f"checkpoint write failed: {e}")
     except Exception as e:
         return e
