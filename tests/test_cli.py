@@ -790,3 +790,26 @@ def test_own_warnings_are_one_line():
     # anything else keeps Python's format, with its location
     assert "elsewhere.py:7: UserWarning: x" in cli_mod._format_warning("x", UserWarning, "/elsewhere.py", 7)
     assert "FutureWarning" in cli_mod._format_warning("x", FutureWarning, inside, 7)
+
+
+def test_nproc_launches_unless_torchrun_started_this_process(runs, tmp_path, monkeypatch):
+    """A LOCAL_WORLD_SIZE left in the shell alone made --nproc 2 one silent process (half the batch)."""
+    import snuggle.cli as cli
+
+    launched = []
+    monkeypatch.setattr(cli, "_launch", lambda n, args: launched.append(n) or 0)
+    config = str(write_config(tmp_path, runs))
+    for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert main(["train", config, "--nproc", "2"]) == 0 and launched == [2]
+    # inside a torchrun worker (all its variables set) a different count is refused, naming both
+    for key, value in (
+        ("RANK", "0"),
+        ("WORLD_SIZE", "2"),
+        ("MASTER_ADDR", "127.0.0.1"),
+        ("MASTER_PORT", "1"),
+    ):
+        monkeypatch.setenv(key, value)
+    with pytest.raises(cli.SnuggleError, match="--nproc 3 but torchrun started 2 processes"):
+        cli._cmd_train(cli.build_parser().parse_args(["train", config, "--nproc", "3"]))

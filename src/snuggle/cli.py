@@ -19,6 +19,7 @@ __all__ = ["main"]
 # snuggle.io.gguf_export.EXPORT_DTYPES, spelled out so that parsing arguments does not import gguf
 GGUF_DTYPES = ("f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "f32")
 HF_DTYPES = {"f16": "float16", "bf16": "bfloat16", "f32": "float32"}  # export --format hf --dtype
+_TORCHRUN_WORKER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 EVAL_SEQ_LEN = 2048  # eval's default row length, capped at the model's positions
 
 
@@ -29,7 +30,9 @@ def _cmd_train(a: argparse.Namespace) -> int:
     if a.nproc is not None:
         if a.nproc < 1:
             raise SnuggleError(f"--nproc must be >= 1, got {a.nproc}")
-        if "LOCAL_WORLD_SIZE" in os.environ:  # already a worker that torchrun started
+        # already a worker that torchrun started: it sets all of these (a stray LOCAL_WORLD_SIZE left in a
+        # shell alone must not turn --nproc N into one silent process)
+        if all(k in os.environ for k in _TORCHRUN_WORKER_ENV):
             if int(os.environ["LOCAL_WORLD_SIZE"]) != a.nproc:
                 raise SnuggleError(
                     f"--nproc {a.nproc} but torchrun started {os.environ['LOCAL_WORLD_SIZE']} processes "
