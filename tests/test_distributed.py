@@ -388,6 +388,18 @@ def test_resume_1_to_2_continues_the_curve(setup, lora_ref):
     assert_same_trainables(out, lora_ref)
 
 
+def test_a_refused_resume_is_its_reason_on_every_world_size(setup, lora_ref):
+    """Every rank refuses together; a peer a heartbeat behind at that instant used to be blamed as hung
+    ("rank 1 ... stopped responding"), sometimes in place of the reason."""
+    out = rewind(lora_ref, setup["root"] / "resume-refused", step=2)
+    args = overrides(setup["tied"], setup["corpus"], out, "train.batch_size=1", "train.resume=true")
+    p = snuggle_nproc(setup["config"], "--nproc", "2", *args)
+    assert p.returncode == 2, p.stderr[-3000:]
+    lines = [ln for ln in p.stderr.splitlines() if "snuggle: error:" in ln]
+    assert len(lines) == 1 and "trained with other settings" in lines[0] and "global batch" in lines[0], lines
+    assert "stopped responding" not in p.stderr
+
+
 # --- failures ---------------------------------------------------------------------------------------
 
 

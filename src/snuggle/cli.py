@@ -69,12 +69,14 @@ def _launch(nproc: int, train_args: list[str]) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     if "LOGLEVEL" not in os.environ:
         # the agent's own notes on a signal ("Received 2 death signal", "Sending process ... closing
-        # signal") are torch's wording of the one line rank 0 prints; its errors still show
+        # signal") and on a failed worker ("failed (exitcode: 2) local_rank: ...") are torch's wording
+        # of the one line snuggle prints (rank 0's error, or the rank that ended first)
         for name in (
             "torch.distributed.elastic.agent.server.api",
             "torch.distributed.elastic.multiprocessing.api",
+            "torch.distributed.elastic.multiprocessing.errors",
         ):
-            logging.getLogger(name).setLevel(logging.ERROR)
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     args = get_args_parser().parse_args(
         ["--standalone", f"--nproc-per-node={nproc}", "-m", "snuggle", "train", *train_args]
     )
@@ -83,12 +85,13 @@ def _launch(nproc: int, train_args: list[str]) -> int:
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
         status = failure.exitcode
+        if status == 2:
+            return 2  # a worker's own one-line error (bad input), printed by rank 0: the only line
         how = f"exit status {status}" if status >= 0 else f"signal {-status}"
         print(
             f"snuggle: error: training failed: rank {rank} ended first ({how}); see its output above",
             file=sys.stderr,
         )
-        # a worker's own one-line error has already been printed and exits 2 (bad input); keep that
         return status if status > 0 else 1
     except SignalException as e:
         # the agent has sent the signal on and waited for the workers to checkpoint and exit

@@ -177,6 +177,10 @@ def _train(cfg: RunConfig, ctx: DistContext, device: torch.device) -> dict:
         if _is_oom(e):
             # this rank alone raises; the others stop when torchrun ends the job or a collective times out
             raise _oom_to_user_error(e, cfg, device, ctx._phase) from None
+        if isinstance(e, SnuggleError):
+            # a deliberate refusal (a changed resume, bad data) that every rank raised together: a peer
+            # whose heartbeat is a phase behind at that instant has not hung, so no rank is blamed
+            raise
         # a collective that failed or timed out: name the rank that died or hangs, in one line
         explained = ctx.explain(e)
         if explained is None:
