@@ -63,7 +63,7 @@ def test_overrides_parse_values_as_yaml():
 
 
 @pytest.mark.parametrize(
-    ("raw", "value"), [("1e-4", 1e-4), ("5E-5", 5e-5), ("1.0e4", 1e4), ("-2e-3", None), ("2.0e-4", 2e-4)]
+    ("raw", "value"), [("1e-4", 1e-4), ("5E-5", 5e-5), ("1.0e1", 10.0), ("-2e-3", None), ("2.0e-4", 2e-4)]
 )
 def test_scientific_notation_is_a_float(raw, value, tmp_path):
     # PyYAML reads `1e-4` (no dot) as a string; a float field must still take it, from a file too
@@ -175,6 +175,9 @@ def test_to_dict_round_trips():
         ("data.val_fraction=-0.1", "data.val_fraction must be in [0, 1)"),
         ("train.lr=0", "train.lr and train.embedding_lr must be > 0"),
         ("train.embedding_lr=0", "train.lr and train.embedding_lr must be > 0"),
+        # 1e38 passed, then torch's AdamW overflowed in its first step with a traceback
+        ("train.lr=1e38", "train.lr=1e+38 is above 10: AdamW steps that large do not train"),
+        ("train.embedding_lr=11", "train.embedding_lr=11 is above 10"),
         ("train.betas=[0.9]", "train.betas must be a list of two numbers"),
         ("train.betas=[0.9, 1.0]", "train.betas must be a list of two numbers in [0, 1)"),
         ("train.weight_decay=-0.1", "train.weight_decay must be >= 0"),

@@ -22,6 +22,8 @@ import yaml
 
 from snuggle.errors import SnuggleError
 
+MAX_LR = 10.0  # train.lr / embedding_lr: AdamW moves a weight by about lr a step
+
 __all__ = [
     "REPORTER_NAMES",
     "ModelConfig",
@@ -150,6 +152,13 @@ class RunConfig:
             raise SnuggleError(f"data.val_fraction must be in [0, 1), got {self.data.val_fraction}")
         if t.lr <= 0 or (t.embedding_lr is not None and t.embedding_lr <= 0):
             raise SnuggleError("train.lr and train.embedding_lr must be > 0")
+        for key, lr in (("lr", t.lr), ("embedding_lr", t.embedding_lr)):
+            # AdamW moves each weight by about lr a step: far above 1 nothing trains, and near float32's
+            # range torch's optimizer overflows in its first step
+            if lr is not None and lr > MAX_LR:
+                raise SnuggleError(
+                    f"train.{key}={lr:g} is above {MAX_LR:g}: AdamW steps that large do not train"
+                )
         # the checks below catch values that torch would reject with a traceback (dropout, betas) or,
         # worse, accept silently: negative decay/clip norm/min lr turn descent into ascent, eval_rows=0
         # reports an eval loss of 0, alpha=0 makes the adapter a constant no-op
