@@ -96,6 +96,24 @@ def test_alpaca_with_chatml_template(tok, tmp_path: Path) -> None:
         assert tok.decode(ids[: mask.index(1)]).endswith("<|im_start|>assistant")  # the prompt is context
 
 
+def test_eos_after_a_special_end_of_turn_is_no_target(tok, tmp_path: Path) -> None:
+    """Llama 3 closes a reply with <|eot_id|> (a target) and has another EOS: the EOS appended after it
+    used to be trained too, where ChatML's (after its newline) was not; generation stops at the end of
+    turn, so neither is a target."""
+    llama3 = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'] }}<|im_end|>{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant {% endif %}"
+    )  # no whitespace after the end of turn, as Llama 3's template
+    stream = tokenize_instruct(
+        _jsonl(tmp_path / "a.jsonl", ALPACA), tok, cache_dir=tmp_path / "c", chat_template=llama3
+    )
+    end, eos = tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id
+    assert end != eos
+    for ids, mask in _examples(stream):
+        assert ids[-2:] == [end, eos] and mask[-2:] == [1, 0]
+    assert _targets(stream) == [_ids(tok, " the blue bird") + [end], _ids(tok, " the big cat") + [end]]
+
+
 def test_multi_turn_chat_and_tokenizer_template(tok, tmp_path: Path) -> None:
     tok.chat_template = CHATML  # the tokenizer's own template is used when none is passed
     data = _jsonl(tmp_path / "c.jsonl", [CHAT])

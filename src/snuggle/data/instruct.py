@@ -83,7 +83,7 @@ __all__ = [
     "tokenize_instruct",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: EOS after a special end-of-turn token is no target
 SUFFIXES: tuple[str, ...] = (".jsonl", ".json", ".parquet")
 _EXPECTED = f"{', '.join(SUFFIXES)} (.jsonl, .json also as {'/'.join(COMPRESSIONS)}) or a datasets directory"
 ROLES: tuple[str, ...] = ("system", "user", "assistant")
@@ -500,6 +500,9 @@ def _encode(
         return_attention_mask=False,
         verbose=False,  # no "longer than model_max_length" warning: truncation is the packer's business
     )
+    special = set(tokenizer.all_special_ids) | {
+        i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if getattr(t, "special", False)
+    }
     out = []
     for text, ids, offsets, sp in zip(texts, enc["input_ids"], enc["offset_mapping"], spans, strict=True):
         ids = np.asarray(ids, dtype=np.int64)  # (L,)
@@ -515,8 +518,11 @@ def _encode(
         while last and not text[offsets[last - 1][0] : offsets[last - 1][1]].strip():
             last -= 1
         if not last or ids[last - 1] != eos:
-            # a target only right after a reply: then it is what the model should say next
-            last_is_target = bool(target[-1]) if target.size else False
+            # a target only right after a reply's own last token: then it is what the model should say
+            # next. After the template's end-of-turn token (Llama 3's <|eot_id|>, a target) the turn is
+            # already closed, and generation stops there: EOS would be one more token to learn, which a
+            # template writing "\n" after its end of turn (ChatML) never has
+            last_is_target = bool(target[-1]) and int(ids[-1]) not in special if target.size else False
             ids, target = np.append(ids, eos), np.append(target, last_is_target)
         if bos is not None and ids[0] != bos:
             ids, target = np.insert(ids, 0, bos), np.insert(target, 0, False)
