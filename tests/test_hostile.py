@@ -741,15 +741,41 @@ def _kw(call: ast.Call, name: str) -> Any:
     return None
 
 
+def _restricted_unpickling_only(tree: ast.Module) -> bool:
+    """True when a module's only use of pickle is `import pickle` for subclasses of pickle.Unpickler that
+    override find_class (an allowlist, as DCP's metadata reader needs): no pickle.load/loads, no bare
+    pickle.Unpickler(...), no other pickling module."""
+    restricted = False
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef):
+            bases = {ast.unparse(b) for b in node.bases}
+            if "pickle.Unpickler" in bases:
+                if not any(isinstance(b, ast.FunctionDef) and b.name == "find_class" for b in node.body):
+                    return False
+                restricted = True
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            if ast.unparse(node.func) in ("pickle.load", "pickle.loads", "pickle.Unpickler"):
+                return False
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in _PICKLING_MODULES:
+            return False
+        if isinstance(node, ast.Import) and any(
+            a.name.split(".")[0] in _PICKLING_MODULES - {"pickle"} for a in node.names
+        ):
+            return False
+    return restricted
+
+
 def test_source_never_unpickles():
-    """An AST scan of src/: no pickle modules; torch.load only with weights_only=True; np.load only with
-    allow_pickle=False; yaml only through safe_load; no eval/exec; transformers never trusts remote code."""
+    """An AST scan of src/: no pickle modules (but a restricted Unpickler with its own find_class);
+    torch.load only with weights_only=True; np.load only with allow_pickle=False; yaml only through
+    safe_load; no eval/exec; transformers never trusts remote code."""
     problems = []
     for py in sorted(SRC.rglob("*.py")):
         tree = ast.parse(py.read_text(), str(py))
+        restricted = _restricted_unpickling_only(tree)
         for node in ast.walk(tree):
             where = f"{py.relative_to(SRC.parent)}:{getattr(node, 'lineno', '?')}"
-            if isinstance(node, ast.Import | ast.ImportFrom):
+            if isinstance(node, ast.Import | ast.ImportFrom) and not restricted:
                 names = [a.name for a in node.names] + (
                     [node.module] if isinstance(node, ast.ImportFrom) else []
                 )
@@ -979,3 +1005,23 @@ def test_cli_bad_inputs_end_in_one_line(work, hf_model, gguf_seed):
         assert "Traceback" not in r.stdout + r.stderr, r.stderr
         lines = r.stderr.splitlines()
         assert len(lines) == 1 and lines[0].startswith("snuggle: error: ") and fragment in lines[0], r.stderr
+
+
+def test_restricted_unpickling_rule_rejects_what_it_must():
+    """The exception test_source_never_unpickles makes for DCP's metadata reader holds only for an
+    Unpickler subclass with its own find_class and no direct pickle.load."""
+    ok = (
+        "import pickle\n"
+        "class U(pickle.Unpickler):\n"
+        "    def find_class(self, m, n):\n"
+        "        raise KeyError(m)\n"
+    )
+    assert _restricted_unpickling_only(ast.parse(ok))
+    for bad in (
+        "import pickle\nclass U(pickle.Unpickler):\n    pass\n",
+        ok + "x = pickle.loads(b'')\n",
+        ok + "x = pickle.Unpickler(f).load()\n",
+        ok + "import dill\n",
+        "import pickle\n",
+    ):
+        assert not _restricted_unpickling_only(ast.parse(bad)), bad
