@@ -133,3 +133,26 @@ def test_watchdog_names_the_hung_rank_in_a_real_job(tmp_path):
     assert f"exitcode  : {WATCHDOG_EXIT_STATUS}" in p.stderr  # torchrun's report: rank 0 left first
     assert "]: Traceback" not in p.stderr
     assert os.path.isdir(tmp_path / "run")
+
+
+@pytest.mark.parametrize(
+    "env, fragment",
+    [
+        ({"WORLD_SIZE": "2", "RANK": "0"}, "MASTER_ADDR, MASTER_PORT are not set"),
+        ({"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}, "RANK is not set"),
+        ({"WORLD_SIZE": "2", "RANK": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}, "outside"),
+        ({"WORLD_SIZE": "2", "RANK": "-1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}, "outside"),
+        ({"WORLD_SIZE": "2", "RANK": "1", "MASTER_ADDR": "h", "MASTER_PORT": "70000"}, "not a TCP port"),
+        ({"WORLD_SIZE": "2", "RANK": "1", "MASTER_ADDR": "h", "MASTER_PORT": "x"}, "not an integer"),
+    ],
+)
+def test_hand_set_launch_env_is_refused_before_joining(monkeypatch, env, fragment):
+    """A hand-set WORLD_SIZE without the rendezvous variables was torch's traceback, and a RANK past the
+    world waited for peers forever: each is one line before any group is joined."""
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(parallel.SnuggleError, match=fragment):
+        parallel.init_distributed(5.0, parallel.torch.device("cpu"))
+    assert not parallel.dist.is_initialized()

@@ -326,6 +326,25 @@ def _use_watchdog(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
+def _check_launch_env(world: int) -> None:
+    """The variables a hand-set multi-process job must give, checked before joining the group: without
+    MASTER_ADDR / MASTER_PORT torch's env:// rendezvous raises a traceback, and a RANK outside the world
+    would wait for peers that never come."""
+    missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k)]
+    if missing:
+        raise SnuggleError(
+            f"WORLD_SIZE={world} but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set: "
+            "start multi-process training with `snuggle train --nproc N` or torchrun, which set them all"
+        )
+    rank, port = _env_int("RANK", 0), _env_int("MASTER_PORT", 0)
+    if not 0 <= rank < world:
+        raise SnuggleError(f"RANK={rank} is outside WORLD_SIZE={world}: ranks are 0 to {world - 1}")
+    if not 0 < port < 65536:
+        raise SnuggleError(f"MASTER_PORT={port} is not a TCP port (1 to 65535)")
+    if _env_int("LOCAL_RANK", 0) < 0:
+        raise SnuggleError(f"LOCAL_RANK={os.environ['LOCAL_RANK']} is negative")
+
+
 def init_distributed(timeout_s: float, device: torch.device) -> DistContext:
     """Join the process group described by torchrun's environment (WORLD_SIZE, RANK, ...), if any.
 
@@ -340,6 +359,7 @@ def init_distributed(timeout_s: float, device: torch.device) -> DistContext:
             return DistContext(timeout_s=timeout_s)
         if not dist.is_available():
             raise SnuggleError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+        _check_launch_env(world)
         ctx = DistContext(world, _env_int("RANK", 0), _env_int("LOCAL_RANK", 0), timeout_s, owns_group=True)
         if device.type == "cuda":
             torch.cuda.set_device(device)
