@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +113,24 @@ def test_eos_after_a_special_end_of_turn_is_no_target(tok, tmp_path: Path) -> No
     for ids, mask in _examples(stream):
         assert ids[-2:] == [end, eos] and mask[-2:] == [1, 0]
     assert _targets(stream) == [_ids(tok, " the blue bird") + [end], _ids(tok, " the big cat") + [end]]
+
+
+def test_a_template_ignoring_the_generation_prompt_does_not_train_its_header(tok, tmp_path: Path) -> None:
+    """A ChatML template without an add_generation_prompt branch renders `<|im_start|>assistant` as part
+    of the reply's turn: it was trained on as if the model should say it. It is context, with a warning
+    that prompts at generate time will lack it."""
+    no_prompt = "{% for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'] }}<|im_end|> {% endfor %}"
+    data = _jsonl(tmp_path / "a.jsonl", ALPACA)
+    with pytest.warns(UserWarning, match="ignores add_generation_prompt.*<\\|im_start\\|>assistant"):
+        stream = tokenize_instruct(data, tok, cache_dir=tmp_path / "c", chat_template=no_prompt)
+    proper = tokenize_instruct(data, tok, cache_dir=tmp_path / "c", chat_template=CHATML)
+    assert _examples(stream) == _examples(proper)  # same tokens, same targets as with the prompt branch
+    # a template without any header before replies is left as it was: the whole reply is the target
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bare = "{% for m in messages %}{{ m['content'] }}.{% endfor %}"
+        plain = tokenize_instruct(data, tok, cache_dir=tmp_path / "c", chat_template=bare)
+    assert _targets(plain)[0] == _ids(tok, "the blue bird.") + [tok.eos_token_id]
 
 
 def test_multi_turn_chat_and_tokenizer_template(tok, tmp_path: Path) -> None:

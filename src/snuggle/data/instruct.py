@@ -83,7 +83,7 @@ __all__ = [
     "tokenize_instruct",
 ]
 
-FORMAT_VERSION = 2  # 2: EOS after a special end-of-turn token is no target
+FORMAT_VERSION = 3  # 2: EOS after a special end-of-turn token is no target; 3: no header targets
 SUFFIXES: tuple[str, ...] = (".jsonl", ".json", ".parquet")
 _EXPECTED = f"{', '.join(SUFFIXES)} (.jsonl, .json also as {'/'.join(COMPRESSIONS)}) or a datasets directory"
 ROLES: tuple[str, ...] = ("system", "user", "assistant")
@@ -449,6 +449,8 @@ class _Renderer:
                 specials.add(tok.content)
         # longest first, so that "</s>" is not mistaken for a shorter token that ends it
         self.specials = tuple(sorted((s for s in specials if s), key=len, reverse=True))
+        self.ignores_generation_prompt: bool | None = None  # probed at the first reply
+        self.header: str | None = None  # the markup such a template writes before a reply
 
     def render(self, messages: Messages, where: str, generation_prompt: bool = False) -> str:
         try:
@@ -478,10 +480,26 @@ class _Renderer:
                     "prefix-stable chat_template"
                 )
             start, end = len(prompt), len(upto)
+            if self.ignores_generation_prompt is None:
+                self.ignores_generation_prompt = prompt == self.render(messages[:k], where)
+            if self.ignores_generation_prompt:
+                start = self._skip_header(upto, start, end, m["content"])
             end = start + len(self._trim(upto[start:end]))
             if end > start:
                 spans.append((start, end))
         return full, spans
+
+    def _skip_header(self, upto: str, start: int, end: int, content: str) -> int:
+        """Where the reply starts in a template that ignores add_generation_prompt: the assistant header
+        it writes as part of the turn (`<|im_start|>assistant\n`) would otherwise be a target, trained
+        to be generated. Its markup before the reply's content is context, as a generation prompt is."""
+        reply = content.strip()
+        at = upto.find(reply, start, end) if reply else -1
+        if at > start and upto[start:at].strip():
+            if self.header is None:
+                self.header = upto[start:at]
+            return at
+        return start
 
     def _trim(self, reply: str) -> str:
         """Drop whitespace the template writes after the special token that closes the turn."""
@@ -605,6 +623,13 @@ def _write_cache(
             raise SnuggleError(f"no instruction records in {len(files)} file(s) ({names_})")
         if not n_targets:
             raise SnuggleError("the chat template left no response tokens to train on (empty replies?)")
+        if renderer.header is not None:
+            warnings.warn(
+                f"the chat template ignores add_generation_prompt: the markup it writes before each reply "
+                f"({renderer.header!r}) is context, not a target, but prompts at generate/eval time will "
+                "lack it; pass a chat_template whose generation prompt writes it",
+                stacklevel=2,
+            )
         meta = {
             "format": FORMAT_VERSION,
             "num_tokens": n_tokens,
