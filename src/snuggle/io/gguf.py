@@ -134,7 +134,8 @@ def load_gguf_tokenizer(path: str | os.PathLike[str]) -> PreTrainedTokenizerBase
     p = Path(path)
     _check_magic(p)
     # transformers parses the file with gguf-py's reader too: never hand it a bad header
-    n_tokens = _check_header(p).get("tokenizer.ggml.tokens")
+    arrays, flags = _check_header(p)
+    n_tokens = arrays.get("tokenizer.ggml.tokens")
     from transformers import AutoTokenizer
 
     # transformers prefers a tokenizer.json beside the file over the GGUF's own metadata, so the file is
@@ -157,7 +158,43 @@ def load_gguf_tokenizer(path: str | os.PathLike[str]) -> PreTrainedTokenizerBase
     check_chat_template_names(tok, p)  # named templates become file names when the tokenizer is saved
     if n_tokens is not None:
         _drop_stray_added_tokens(tok, n_tokens, p)
+    if flags.get("tokenizer.ggml.model") == "llama" and flags.get("tokenizer.ggml.add_space_prefix", True):
+        _spm_prefix_space(tok)
     return tok
+
+
+def _spm_prefix_space(tok: PreTrainedTokenizerBase) -> None:
+    """SentencePiece's dummy prefix as the model was trained with it, and as llama.cpp applies it.
+
+    SentencePiece (Llama 2, TinyLlama, Mistral v0.1) and llama.cpp put one "▁" before every text,
+    whatever it starts with: " the" is "▁▁the". transformers builds these GGUF tokenizers with
+    a `Metaspace(prepend_scheme="first")` pre-tokenizer, which adds none to a text already starting with a
+    space: " the" becomes "▁the", the same as "the", and a document's leading space is lost. The
+    normalizer form of the models' own legacy tokenizer.json (prepend, then spaces to "▁") is exact;
+    only texts starting with a space, or a text right after a special token (which llama.cpp prefixes
+    too), tokenize differently. Tokenizers built otherwise (Gemma's, Phi-3's) are left as they are.
+    """
+    import json
+
+    from tokenizers import Tokenizer
+
+    backend = getattr(tok, "_tokenizer", None)
+    if backend is None:
+        return
+    spec = json.loads(backend.to_str())
+    pre = spec.get("pre_tokenizer") or {}
+    if spec.get("normalizer") or pre.get("type") != "Metaspace" or pre.get("prepend_scheme") == "never":
+        return
+    mark = pre.get("replacement", "▁")
+    spec["normalizer"] = {
+        "type": "Sequence",
+        "normalizers": [
+            {"type": "Prepend", "prepend": mark},
+            {"type": "Replace", "pattern": {"String": " "}, "content": mark},
+        ],
+    }
+    spec["pre_tokenizer"] = None
+    tok._tokenizer = Tokenizer.from_str(json.dumps(spec))
 
 
 def _drop_stray_added_tokens(tok: PreTrainedTokenizerBase, n_tokens: int, p: Path) -> None:
@@ -237,7 +274,9 @@ class _Reader(GGUFReader):
 # length and offset against the file size before the reader (ours or transformers') ever sees the file.
 
 _SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUFValueType sizes
-_STRING, _ARRAY, _UINT32 = 8, 9, 4
+_STRING, _ARRAY, _UINT32, _BOOL = 8, 9, 4, 7
+# metadata the tokenizer fix-up reads before transformers builds the tokenizer (see _spm_prefix_space)
+_FLAGS = ("tokenizer.ggml.model", "tokenizer.ggml.add_space_prefix")
 _MAX_DIMS = 4  # GGML_MAX_DIMS
 _MAX_NESTING = 4  # arrays of arrays: none in practice; bounded so the walk's recursion is too
 _HEADER_BYTES = 24  # magic, version, tensor count, metadata count
@@ -252,6 +291,7 @@ class _HeaderWalk:
     def __init__(self, p: Path, buf: mmap.mmap, size: int) -> None:
         self.p, self.buf, self.size, self.pos = p, buf, size, _HEADER_BYTES
         self.array_lengths: dict[str, int] = {}  # top-level array metadata: key -> item count
+        self.flags: dict[str, bool | str] = {}  # the _FLAGS keys present: bools and strings
 
     def bad(self, what: str) -> SnuggleError:
         return SnuggleError(f"{self.p}: truncated or corrupt GGUF file: {what} (file size {self.size} bytes)")
@@ -343,6 +383,9 @@ class _HeaderWalk:
             kind = self.u32(f"value type of {key}")
             start = self.pos
             self.value(kind, key)
+            if key in _FLAGS and kind in (_BOOL, _STRING):
+                raw = self.buf[start : self.pos]
+                self.flags[key] = bool(raw[0]) if kind == _BOOL else raw[8:].decode("utf-8", "replace")
             if key == "general.alignment":
                 alignment = _U32.unpack_from(self.buf, start)[0] if kind == _UINT32 else 0
                 if alignment == 0 or alignment & (alignment - 1):
@@ -376,9 +419,9 @@ class _HeaderWalk:
                 )
 
 
-def _check_header(p: Path) -> dict[str, int]:
+def _check_header(p: Path) -> tuple[dict[str, int], dict[str, bool | str]]:
     """Every count, length, dimension and offset of the GGUF header at `p` fits the file (see above).
-    Returns the item count of each top-level array (the tokenizer's vocabulary, ...)."""
+    Returns the item count of each top-level array (the tokenizer's vocabulary, ...) and the `_FLAGS`."""
     try:
         with open(p, "rb") as f:
             size = os.fstat(f.fileno()).st_size
@@ -389,7 +432,7 @@ def _check_header(p: Path) -> dict[str, int]:
             with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
                 walk = _HeaderWalk(p, buf, size)
                 walk.walk()
-        return walk.array_lengths
+        return walk.array_lengths, walk.flags
     except OSError as e:
         raise SnuggleError(f"{p}: cannot read GGUF file ({_brief(e)})") from None
 
