@@ -10,7 +10,8 @@
 #
 #   usage (repository root, GPU machine): OUT=/tmp/out TOK=runs/smoke/tok bash benchmarks/gpu_cli_smoke.sh
 # The GPU image runs snuggle from src/ without installing it and lacks its dependency `gguf` (pure
-# Python): EXTRA=DIR puts a folder holding the gguf package on PYTHONPATH (a copy of site-packages/gguf).
+# Python): EXTRA=DIR puts a folder holding the gguf package on PYTHONPATH (a copy of site-packages/gguf
+# and its gguf-*.dist-info: transformers reads gguf's version). ONLY="cpt export_gguf eval_gguf": a subset.
 set -uo pipefail
 OUT=${OUT:?set OUT}
 TOK=${TOK:?set TOK to a tokenizer directory}
@@ -22,6 +23,9 @@ log="$OUT/smoke.txt"
 step() {  # step NAME CMD...: run, record the exit status and the last lines
   local name=$1
   shift
+  if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then
+    return 0  # ONLY="cpt export_gguf ...": the steps to run (a step's inputs must be among them)
+  fi
   local t0=$SECONDS
   "$@" > "$W/$name.out" 2> "$W/$name.err"
   local rc=$?
