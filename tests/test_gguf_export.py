@@ -346,6 +346,17 @@ def test_bos_and_chat_templates(tiny_hf_model, tmp_path: Path) -> None:
     assert f["tokenizer.chat_template.tool_use"] == "{{ messages[0]['content'] }}"
 
 
+def test_no_token_past_the_files_vocabulary(tiny_hf_model, tmp_path: Path) -> None:
+    """transformers' byte-level GGUF tokenizer adds a default `<|endoftext|>` the vocabulary lacks, one id
+    past the model's embedding; the loader drops it, so every id the tokenizer can produce has a row."""
+    tok = _byte_level()
+    assert "<|endoftext|>" not in tok.get_vocab()
+    out, back = _roundtrip_tokenizer(tiny_hf_model, tmp_path, tok)
+    n_tokens = len(_fields(out)["tokenizer.ggml.tokens"])
+    assert max(back.get_vocab().values()) < n_tokens
+    assert all(i < n_tokens for i in back("a<|endoftext|>b").input_ids)
+
+
 def _sentencepiece_tokenizer():
     """A Llama-2-style SentencePiece BPE (byte fallback, '\u2581' for spaces) of 296 tokens."""
     from transformers import LlamaTokenizer

@@ -156,24 +156,16 @@ def load_gguf_tokenizer(path: str | os.PathLike[str]) -> PreTrainedTokenizerBase
                 f"{p}: cannot build a tokenizer from the GGUF metadata ({_brief(e)})"
             ) from None
     check_chat_template_names(tok, p)  # named templates become file names when the tokenizer is saved
-    if n_tokens is not None:
-        _drop_stray_added_tokens(tok, n_tokens, p)
-    if flags.get("tokenizer.ggml.model") == "llama" and flags.get("tokenizer.ggml.add_space_prefix", True):
-        _spm_prefix_space(tok)
+    spm = flags.get("tokenizer.ggml.model") == "llama" and flags.get("tokenizer.ggml.add_space_prefix", True)
+    _repair_backend(tok, p, n_tokens, spm)
     return tok
 
 
-def _spm_prefix_space(tok: PreTrainedTokenizerBase) -> None:
-    """SentencePiece's dummy prefix as the model was trained with it, and as llama.cpp applies it.
-
-    SentencePiece (Llama 2, TinyLlama, Mistral v0.1) and llama.cpp put one "▁" before every text,
-    whatever it starts with: " the" is "▁▁the". transformers builds these GGUF tokenizers with
-    a `Metaspace(prepend_scheme="first")` pre-tokenizer, which adds none to a text already starting with a
-    space: " the" becomes "▁the", the same as "the", and a document's leading space is lost. The
-    normalizer form of the models' own legacy tokenizer.json (prepend, then spaces to "▁") is exact;
-    only texts starting with a space, or a text right after a special token (which llama.cpp prefixes
-    too), tokenize differently. Tokenizers built otherwise (Gemma's, Phi-3's) are left as they are.
-    """
+def _repair_backend(tok: PreTrainedTokenizerBase, p: Path, n_tokens: int | None, spm: bool) -> None:
+    """The repairs transformers' GGUF tokenizers need, made on one serialization of the backend (a
+    tokenizer of 100k+ tokens takes a while to write out and build again): stray added tokens dropped
+    (`n_tokens` known), SentencePiece's prefix space (`spm`). A backend that refuses its own edited
+    serialization is kept as it was, with a warning."""
     import json
 
     from tokenizers import Tokenizer
@@ -182,10 +174,37 @@ def _spm_prefix_space(tok: PreTrainedTokenizerBase) -> None:
     if backend is None:
         return
     spec = json.loads(backend.to_str())
+    changes = []
+    if n_tokens is not None:
+        stray = _drop_stray_added_tokens(tok, spec, n_tokens)
+        if stray:
+            changes.append(f"drop invented tokens {stray}")
+    if spm and _spm_prefix_space(spec):
+        changes.append("give SentencePiece its prefix space")
+    if not changes:
+        return
+    try:
+        tok._tokenizer = Tokenizer.from_str(json.dumps(spec))
+    except Exception as e:  # tokenizers refusing its own serialization: keep the tokenizer as it was
+        warnings.warn(f"{p}: could not {' or '.join(changes)} ({_brief(e)})", stacklevel=3)
+
+
+def _spm_prefix_space(spec: dict[str, Any]) -> bool:
+    """SentencePiece's dummy prefix as the model was trained with it, and as llama.cpp applies it, set in
+    a backend's serialization `spec`; True when it changed.
+
+    SentencePiece (Llama 2, TinyLlama, Mistral v0.1) and llama.cpp put one "\u2581" before every text,
+    whatever it starts with: " the" is "\u2581\u2581the". transformers builds these GGUF tokenizers with
+    a `Metaspace(prepend_scheme="first")` pre-tokenizer, which adds none to a text already starting with a
+    space: " the" becomes "\u2581the", the same as "the", and a document's leading space is lost. The
+    normalizer form of the models' own legacy tokenizer.json (prepend, then spaces to "\u2581") is exact;
+    only texts starting with a space, or a text right after a special token (which llama.cpp prefixes
+    too), tokenize differently. Tokenizers built otherwise (Gemma's, Phi-3's) are left as they are.
+    """
     pre = spec.get("pre_tokenizer") or {}
     if spec.get("normalizer") or pre.get("type") != "Metaspace" or pre.get("prepend_scheme") == "never":
-        return
-    mark = pre.get("replacement", "▁")
+        return False
+    mark = pre.get("replacement", "\u2581")
     spec["normalizer"] = {
         "type": "Sequence",
         "normalizers": [
@@ -194,11 +213,12 @@ def _spm_prefix_space(tok: PreTrainedTokenizerBase) -> None:
         ],
     }
     spec["pre_tokenizer"] = None
-    tok._tokenizer = Tokenizer.from_str(json.dumps(spec))
+    return True
 
 
-def _drop_stray_added_tokens(tok: PreTrainedTokenizerBase, n_tokens: int, p: Path) -> None:
-    """Remove added tokens transformers invents beyond the file's vocabulary.
+def _drop_stray_added_tokens(tok: PreTrainedTokenizerBase, spec: dict[str, Any], n_tokens: int) -> list[str]:
+    """Remove from a backend's serialization `spec` the added tokens transformers invents beyond the
+    file's vocabulary; returns their contents.
 
     transformers builds a byte-level GGUF tokenizer as a `GPT2Tokenizer` whose default special tokens add
     `<|endoftext|>` when the vocabulary lacks it (Llama 3's has `<|end_of_text|>` instead): a token with
@@ -206,25 +226,11 @@ def _drop_stray_added_tokens(tok: PreTrainedTokenizerBase, n_tokens: int, p: Pat
     own tokens (ids below `n_tokens`) are kept; an invented token that is the tokenizer's bos/eos/unk/pad is
     kept too, and the caller's vocabulary check then names the mismatch.
     """
-    import json
-
-    from tokenizers import Tokenizer
-
-    backend = getattr(tok, "_tokenizer", None)
-    if backend is None:
-        return
-    spec = json.loads(backend.to_str())
     added = spec.get("added_tokens") or []
     used = {getattr(tok, name, None) for name in ("bos_token", "eos_token", "unk_token", "pad_token")}
     stray = [a for a in added if a.get("id", -1) >= n_tokens and a.get("content") not in used]
-    if not stray:
-        return
     spec["added_tokens"] = [a for a in added if a not in stray]
-    try:
-        tok._tokenizer = Tokenizer.from_str(json.dumps(spec))
-    except Exception as e:  # tokenizers refusing its own serialization: keep the tokenizer as it was
-        names = [a.get("content") for a in stray]
-        warnings.warn(f"{p}: could not drop invented tokens {names} ({_brief(e)})", stacklevel=3)
+    return [a.get("content") for a in stray]
 
 
 # --- reading ----------------------------------------------------------------------------------------------
