@@ -122,6 +122,12 @@ SUITES["targets"] = [
     ("snuggle", "8b", 2, 2048, "plan", 24, NF4),
     *SUITES["peers"],
 ]
+# the same steps with no adapters (bench.py --no-lora): the frozen GEMMs, attention, norms, SwiGLU and
+# loss of a LoRA step, and no LoRA work at all, so no LoRA implementation on this base path can beat it
+SUITES["bound"] = [
+    ("snuggle", "1b", 8, 2048, "none", 0, ("--no-lora",)),
+    ("snuggle", "8b", 2, 2048, "none", 0, ("--no-lora",)),
+]
 SUITES["all"] = SUITES["1b"] + SUITES["8b"] + SUITES["qlora"] + SUITES["qlora-long"]
 SUITES["8b-cap"] = [c for c in SUITES["8b"] if c[5]]
 # peers' figures measured on one H100 with this setup (shared/ANCHORS.md), for rows we cannot run here
@@ -270,12 +276,14 @@ def run_case(case: tuple, timeout: int) -> dict:
         "cap_gib": cap,
         "error": err[:200],
         "kernels_off": "--no-kernels" in extra,
+        "no_lora": "--no-lora" in extra,
         "quantize": "nf4" if "nf4" in extra else "none",
     }
 
 
 def label(r: dict) -> str:
     name = r["variant"] + (" (no kernels)" if r.get("kernels_off") else "")
+    name += " no LoRA (bound)" if r.get("no_lora") else ""
     name += " QLoRA" if r.get("quantize") == "nf4" else ""
     if r.get("batch", 0) * r.get("seq", 0) > 8192:
         name += f" {r['batch']}x{r['seq']}"
