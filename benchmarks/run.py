@@ -128,6 +128,13 @@ SUITES["bound"] = [
     ("snuggle", "1b", 8, 2048, "none", 0, ("--no-lora",)),
     ("snuggle", "8b", 2, 2048, "none", 0, ("--no-lora",)),
 ]
+# the benchmark's loss curves against HF + PEFT's from the same weights (#3: equal within bf16 tolerance)
+SUITES["parity"] = [
+    ("hf", "1b", 8, 2048, "all", 0, ()),
+    ("snuggle", "1b", 8, 2048, "none", 0, ()),
+    ("hf", "8b", 2, 2048, "all", 0, ()),
+    ("snuggle", "8b", 2, 2048, "none", 0, ()),
+]
 SUITES["all"] = SUITES["1b"] + SUITES["8b"] + SUITES["qlora"] + SUITES["qlora-long"]
 SUITES["8b-cap"] = [c for c in SUITES["8b"] if c[5]]
 # peers' figures measured on one H100 with this setup (shared/ANCHORS.md), for rows we cannot run here
