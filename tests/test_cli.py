@@ -813,3 +813,37 @@ def test_nproc_launches_unless_torchrun_started_this_process(runs, tmp_path, mon
         monkeypatch.setenv(key, value)
     with pytest.raises(cli.SnuggleError, match="--nproc 3 but torchrun started 2 processes"):
         cli._cmd_train(cli.build_parser().parse_args(["train", config, "--nproc", "3"]))
+
+
+def test_exports_are_readable_like_the_files_beside_them_and_keep_the_generation_config(
+    runs, tmp_path, capfd
+):
+    # safetensors 0.8 writes through a private temp file: the exported weights came out 0600 while the
+    # config and tokenizer beside them were 0644; and the base's generation_config.json was left behind
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(runs["model"], base)
+    gen = {"bos_token_id": 1, "eos_token_id": [2, 3], "temperature": 0.6, "do_sample": True}
+    (base / "generation_config.json").write_text(json.dumps(gen))
+    umask = os.umask(0o022)
+    try:
+        hf, adapter = tmp_path / "hf", tmp_path / "adapter"
+        args = ["--model", str(base)]
+        assert main(["export", str(runs["lora"]), "--format", "hf", "--out", str(hf), *args]) == 0
+        assert main(["export", str(runs["lora"]), "--format", "peft", "--out", str(adapter), *args]) == 0
+    finally:
+        os.umask(umask)
+    capfd.readouterr()
+    for f in (hf / "model.safetensors", hf / "config.json", adapter / "adapter_model.safetensors"):
+        assert f.stat().st_mode & 0o777 == 0o644, f
+    assert json.loads((hf / "generation_config.json").read_text()) == gen
+    from transformers import GenerationConfig
+
+    assert GenerationConfig.from_pretrained(str(hf)).eos_token_id == [2, 3]
+    # a base without one (or with one that is not a JSON object) exports without one
+    (base / "generation_config.json").write_text("[1, 2]")
+    out = tmp_path / "hf2"
+    assert main(["export", str(runs["lora"]), "--format", "hf", "--out", str(out), *args]) == 0
+    capfd.readouterr()
+    assert not (out / "generation_config.json").exists()

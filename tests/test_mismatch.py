@@ -246,3 +246,32 @@ def test_gguf_tokenizer_invents_no_id_past_the_embedding(bases, tmp_path):
     model, tok = load(path, dtype=torch.float32, device="cpu")
     check_tokenizer_fits(tok, model, str(path))
     assert max(tok("a <|endoftext|> b")["input_ids"]) < model.args.vocab_size
+
+
+def test_run_adapter_on_a_base_with_other_kv_heads_says_so(bases, tmp_path):
+    # same hidden size and depth, so the summary check passes; the tensor shapes then differ, and the
+    # message said only "k_proj.lora_B has shape (32, 4), model has (12, 4)"
+    from snuggle.train.loop import train
+
+    other = tmp_path / "mqa"
+    build_tiny_hf_model("llama", False, other, num_key_value_heads=1)
+    run = tmp_path / "run"
+    train(make_cfg(bases["a"], bases["corpus"], run, "train.steps=1"))
+    with pytest.raises(SnuggleError) as e:
+        load_with_adapter(str(other), str(run), device="cpu")
+    msg = str(e.value)
+    assert "was trained on a different base model or lora config" in msg and "this model has" in msg, msg
+
+
+def test_peft_adapter_with_lora_on_lm_head_is_named(bases, tmp_path):
+    # PEFT can put LoRA on lm_head (target_modules=["lm_head", ...]); snuggle trains it as a full copy,
+    # and said only that the tensor was not one it supports
+    from safetensors.torch import load_file, save_file
+
+    adapter = peft_adapter(bases["a"], tmp_path / "ad")
+    tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    tensors["base_model.model.lm_head.lora_A.weight"] = torch.zeros(4, 48)
+    tensors["base_model.model.lm_head.lora_B.weight"] = torch.zeros(101, 4)
+    save_file(tensors, str(adapter / "adapter_model.safetensors"))
+    with pytest.raises(SnuggleError, match=r"adapter has LoRA on lm_head .*full copies"):
+        load_peft_adapter(fresh(bases["a"]), adapter)

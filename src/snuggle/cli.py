@@ -166,7 +166,7 @@ def _hf_export_dtype(flag: str | None, source: dict):
 
 
 def _cmd_export(a: argparse.Namespace) -> int:
-    from snuggle.io.hf import check_chat_template_names, save_hf_checkpoint
+    from snuggle.io.hf import check_chat_template_names, copy_generation_config, save_hf_checkpoint
     from snuggle.io.peft_format import merged_state_dict, save_peft_adapter
     from snuggle.run_dir import load_run
 
@@ -200,6 +200,7 @@ def _cmd_export(a: argparse.Namespace) -> int:
         if dtype is not None:
             state = {k: t.to(dtype) if t.is_floating_point() else t for k, t in state.items()}
         save_hf_checkpoint(state, model.args.hf_config, tmp, tokenizer=tok)
+        copy_generation_config(Path(cfg.model.path), tmp)  # load_run put --model there
     else:
         if not cfg.use_lora:
             raise SnuggleError(

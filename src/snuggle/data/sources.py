@@ -323,7 +323,7 @@ def _resolve_entry(entry: str, kinds: Sequence[str]) -> list[Path]:
             )
         return found
     if not _GLOB_CHARS.intersection(expanded):
-        raise SnuggleError(f"training data path does not exist: '{entry}'")
+        raise SnuggleError(f"data path does not exist: '{entry}'")
     found, other = [], []
     for match in glob.glob(expanded, recursive=True):
         m = Path(match)

@@ -242,6 +242,30 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors' save_file, then the mode any file we write gets (0666 less the umask): safetensors
+    0.8 writes through a private temp file, which would leave an exported model readable by its owner
+    only, unlike the config and tokenizer beside it."""
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
+def copy_generation_config(base: Path, out: Path) -> None:
+    """The base's generation_config.json (sampling defaults, EOS ids) into an export, as transformers'
+    save_pretrained would keep it; a file that is not a JSON object is left behind (it is input)."""
+    src = base / "generation_config.json"
+    if not base.is_dir() or not src.is_file():
+        return
+    try:
+        obj = json.loads(src.read_text())
+    except (OSError, ValueError):
+        return
+    if isinstance(obj, dict):
+        write_json_atomic(out / "generation_config.json", obj)
+
+
 def save_hf_checkpoint(
     state: dict[str, torch.Tensor],
     hf_config: dict[str, Any],
@@ -263,12 +287,12 @@ def save_hf_checkpoint(
         shards[-1][name] = t.detach().contiguous().cpu()
         size += nbytes
     if len(shards) == 1:
-        save_file(shards[0], str(out / "model.safetensors"), metadata={"format": "pt"})
+        save_safetensors(shards[0], out / "model.safetensors")
     else:
         weight_map = {}
         for i, shard in enumerate(shards, 1):
             fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, str(out / fname), metadata={"format": "pt"})
+            save_safetensors(shard, out / fname)
             weight_map.update(dict.fromkeys(shard, fname))
         total = sum(t.numel() * t.element_size() for t in state.values())
         write_json_atomic(

@@ -17,12 +17,11 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from snuggle.config import LoraConfig
 from snuggle.errors import SnuggleError
-from snuggle.io.hf import write_json_atomic
+from snuggle.io.hf import save_safetensors, write_json_atomic
 from snuggle.lora import ALL_LINEAR, LoRALinear, apply_lora
 from snuggle.model.decoder import Decoder
 from snuggle.quant.nf4 import NF4Weight
@@ -113,7 +112,7 @@ def save_peft_adapter(model: Decoder, lora_cfg: LoraConfig, base_model_path: str
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / (ADAPTER_WEIGHTS + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    save_safetensors(tensors, tmp)
     os.replace(tmp, out / ADAPTER_WEIGHTS)
     # config last, so a reader that finds the config in a new directory also finds the weights
     write_json_atomic(out / ADAPTER_CONFIG, config)
@@ -205,6 +204,15 @@ def _split_keys(tensors: dict[str, torch.Tensor], where: Path):
         name = key.removeprefix(_PREFIX)
         if name in _EMBEDDINGS:
             emb[name] = t
+        elif any(name.startswith(e.removesuffix(".weight") + ".") for e in _EMBEDDINGS):
+            # PEFT's LoRA on an embedding or lm_head (or its base_layer copy): snuggle trains those as
+            # full copies instead, so say that rather than call the tensor unknown
+            module = "lm_head" if name.startswith("lm_head.") else "embed_tokens"
+            raise SnuggleError(
+                f"{where}: adapter has LoRA on {module} ({key!r}); snuggle supports LoRA on the block "
+                "projections, and embed_tokens / lm_head as full copies "
+                "(PEFT modules_to_save; lora.train_embeddings)"
+            )
         elif m := _LORA_KEY.fullmatch(name):
             lora.setdefault(m["module"], {})[m["part"]] = t
         else:

@@ -354,7 +354,8 @@ def load_trainables(ckpt: Path, model: nn.Module) -> dict[str, Any]:
         for k, v in tensors.items():
             if params[k].shape != v.shape:
                 raise SnuggleError(
-                    f"{ckpt}: {k} has shape {tuple(v.shape)}, model has {tuple(params[k].shape)}"
+                    f"{ckpt}: was trained on a different base model or lora config: {k} has shape "
+                    f"{tuple(v.shape)}, this model has {tuple(params[k].shape)}"
                 )
             params[k].copy_(v)
     return meta
