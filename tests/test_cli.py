@@ -628,10 +628,13 @@ def test_eval_cache_dir_puts_the_token_cache_there(runs, tmp_path, capfd, monkey
     assert eval_json(capfd, *args) == here  # the same result from the default cache
 
 
-@pytest.mark.parametrize("flag", ["--seq-len", "--batch-size"])
-def test_eval_flags_below_one_are_named_as_typed(runs, capfd, flag):
-    rc = main(["eval", "--model", str(runs["model"]), "--data", str(runs["corpus"]), flag, "0"])
-    assert_one_error_line(rc, *capfd.readouterr(), f"{flag} must be >= 1, got 0")
+@pytest.mark.parametrize(
+    ("flag", "value", "least"), [("--seq-len", 0, 2), ("--seq-len", 1, 2), ("--batch-size", 0, 1)]
+)
+def test_eval_flags_below_their_least_are_named_as_typed(runs, capfd, flag, value, least):
+    # a row of one token has no next token to score: --seq-len 1 "evaluated" nothing for minutes
+    rc = main(["eval", "--model", str(runs["model"]), "--data", str(runs["corpus"]), flag, str(value)])
+    assert_one_error_line(rc, *capfd.readouterr(), f"{flag} must be >= {least}, got {value}")
 
 
 # ChatML as SmolLM2 and Qwen write it (the tiny tokenizer drops "\n", so turns end in a space)
@@ -847,3 +850,79 @@ def test_exports_are_readable_like_the_files_beside_them_and_keep_the_generation
     assert main(["export", str(runs["lora"]), "--format", "hf", "--out", str(out), *args]) == 0
     capfd.readouterr()
     assert not (out / "generation_config.json").exists()
+
+
+def _read_only(monkeypatch, module, name):
+    """Make `module.name` (a writer) fail as a read-only mount does: as root, chmod would not stop it."""
+    import errno
+
+    def refuse(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(module, name, refuse)
+
+
+@pytest.mark.parametrize("fmt", ["hf", "peft", "gguf"])
+def test_export_to_a_place_that_cannot_be_written_is_one_line(runs, tmp_path, capfd, monkeypatch, fmt):
+    import snuggle.io.gguf_export as gguf_export
+    import snuggle.io.hf as hf_io
+
+    if fmt == "gguf":
+        _read_only(monkeypatch, gguf_export, "GGUFWriter")
+    else:
+        _read_only(monkeypatch, hf_io, "save_file")
+    out = tmp_path / ("m.gguf" if fmt == "gguf" else "out")
+    rc = main(["export", str(runs["lora"]), "--format", fmt, "--out", str(out)])
+    assert_one_error_line(rc, *capfd.readouterr(), f"--out {out}: cannot write there (Read-only file system)")
+    assert list(tmp_path.iterdir()) == []  # no half-written export, no temp left behind
+
+
+def test_export_onto_a_file_says_it_is_a_file(runs, tmp_path, capfd):
+    f = tmp_path / "afile"
+    f.write_text("mine")
+    rc = main(["export", str(runs["lora"]), "--format", "hf", "--out", str(f)])
+    assert_one_error_line(rc, *capfd.readouterr(), f"--out {f} is a file")
+    assert f.read_text() == "mine"
+
+
+def test_an_output_dir_that_cannot_be_written_is_refused_before_the_model_loads(
+    runs, tmp_path, capfd, monkeypatch
+):
+    # an existing directory on a read-only mount passed every check, then the model loaded and
+    # writing metrics.jsonl raised OSError with a traceback
+    import pathlib
+
+    import snuggle.train.setup as setup_mod
+
+    out = tmp_path / "ro"
+    out.mkdir()
+    touch = pathlib.Path.touch
+
+    def touch_refused(self, *args, **kwargs):
+        if self.parent == out:
+            import errno
+
+            raise OSError(errno.EROFS, "Read-only file system")
+        return touch(self, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "touch", touch_refused)
+    monkeypatch.setattr(setup_mod, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    overrides = [f"model.path={runs['model']}", f"data.train={runs['corpus']}", "train.steps=1"]
+    rc = main(["train", str(write_empty(tmp_path)), *overrides, f"train.output_dir={out}"])
+    assert_one_error_line(rc, *capfd.readouterr(), f"train.output_dir {out}: cannot write there")
+    assert list(out.iterdir()) == []
+
+
+def test_a_run_whose_latest_names_a_missing_checkpoint_says_which_one_to_use(runs, tmp_path, capfd):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(runs["lora"], run)
+    newest = (run / "latest").read_text().strip()
+    (run / "latest").write_text("checkpoint-0000099\n")
+    rc = main(["export", str(run), "--format", "peft", "--out", str(tmp_path / "x")])
+    line = assert_one_error_line(rc, *capfd.readouterr(), "names no complete checkpoint while", newest)
+    assert f"echo {newest} > {run / 'latest'}" in line
+    (run / "latest").unlink()
+    rc = main(["export", str(run), "--format", "peft", "--out", str(tmp_path / "x")])
+    assert_one_error_line(rc, *capfd.readouterr(), f"{run / 'latest'} is missing while")

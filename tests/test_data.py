@@ -89,8 +89,17 @@ def test_resolve_dirs_globs_dedup(tmp_path, monkeypatch):
     c = write(tmp_path / "c" / "sub" / "deep" / "c.parquet", b"")
     d = write(tmp_path / "d.json", "[]")
 
-    got = resolve_files(str(tmp_path / "c"))
+    # files a directory holds that are not training data are skipped, and counted in a warning
+    with pytest.warns(UserWarning, match=r"1 files are not training data and were skipped \(1 \.md\)"):
+        got = resolve_files(str(tmp_path / "c"))
     assert [str(p) for p in got] == sorted([a, b, c])
+    write(tmp_path / "c" / "ls.1.gz", b"")
+    write(tmp_path / "c" / "sub" / "guide.html", "")
+    write(tmp_path / "c" / "sub" / "index.html", "")
+    with pytest.warns(
+        UserWarning, match=r"4 files .* skipped \(2 \.html, 1 \.md, 1 \.1\.gz\); read are \.txt"
+    ):
+        assert [str(p) for p in resolve_files(str(tmp_path / "c"))] == sorted([a, b, c])
     monkeypatch.chdir(tmp_path)
     assert resolve_files("c/*.txt") == [tmp_path.resolve() / "c" / "a.txt"]
     assert resolve_files("c/**/*.jsonl") == [tmp_path.resolve() / "c" / "sub" / "b.jsonl"]

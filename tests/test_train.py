@@ -687,3 +687,16 @@ def test_an_unwritable_output_or_cache_dir_is_one_error(tiny_hf_model, tmp_path,
             )
         )
     assert not (tmp_path / "run").exists()
+
+
+def test_resume_from_an_empty_state_file_is_one_error(tiny_hf_model, tmp_path):
+    # torch.load of an empty file raises a bare EOFError; quoting its (absent) first line raised an
+    # IndexError inside the error handler, a traceback instead of the one line
+    path, _ = tiny_hf_model("llama", True, tmp_path)
+    corpus = write_jsonl(tmp_path / "c.jsonl", learnable_docs(30))
+    out = tmp_path / "run"
+    const = "train.schedule=constant"  # a longer run is the same curve: only the damage stops it
+    train(make_cfg(path, corpus, out, const, "train.steps=1"))
+    (latest_checkpoint(out) / "state.pt").write_bytes(b"")
+    with pytest.raises(SnuggleError, match=r"state\.pt: refused or unreadable \(EOFError\)"):
+        train(make_cfg(path, corpus, out, const, "train.steps=2", "train.resume=true"))

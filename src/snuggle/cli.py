@@ -113,9 +113,10 @@ def _cmd_eval(a: argparse.Namespace) -> int:
     if a.max_rows is not None and a.max_rows < 1:
         # zero rows would report loss 0 / perplexity 1 over 0 tokens, a result rather than an error
         raise SnuggleError(f"--max-rows must be >= 1, got {a.max_rows}")
-    for flag, value in (("--seq-len", a.seq_len), ("--batch-size", a.batch_size)):
-        if value is not None and value < 1:  # named as the user typed it, before any model is read
-            raise SnuggleError(f"{flag} must be >= 1, got {value}")
+    # named as the user typed it, before any model is read; a row of 1 token has nothing to predict
+    for flag, value, least in (("--seq-len", a.seq_len, 2), ("--batch-size", a.batch_size, 1)):
+        if value is not None and value < least:
+            raise SnuggleError(f"{flag} must be >= {least}, got {value}")
     fmt, template = _eval_format(a.format, a.adapter)
     # before the model: bad paths fail fast; instruction data passes over a directory's README.txt
     files = resolve_files(a.data, INSTRUCT_SUFFIXES) if fmt == "instruct" else resolve_files(a.data)
@@ -166,8 +167,7 @@ def _hf_export_dtype(flag: str | None, source: dict):
 
 
 def _cmd_export(a: argparse.Namespace) -> int:
-    from snuggle.io.hf import check_chat_template_names, copy_generation_config, save_hf_checkpoint
-    from snuggle.io.peft_format import merged_state_dict, save_peft_adapter
+    from snuggle.io.hf import check_chat_template_names
     from snuggle.run_dir import load_run
 
     out = Path(a.out)
@@ -180,39 +180,55 @@ def _cmd_export(a: argparse.Namespace) -> int:
             raise SnuggleError(f"--out {out} exists; give a new .gguf file name")
         if not out.parent.is_dir():
             raise SnuggleError(f"--out {out}: directory {out.parent} does not exist")
-    elif out.exists() and (not out.is_dir() or any(out.iterdir())):
+    elif out.exists() and not out.is_dir():
+        raise SnuggleError(f"--out {out} is a file; give a new directory name")
+    elif out.exists() and any(out.iterdir()):
         raise SnuggleError(f"--out {out} exists and is not empty")
     model, tok, cfg = load_run(a.run_dir, device="cpu", model_path=a.model)
     check_chat_template_names(tok, a.run_dir)  # named templates become files in the export: before writing
+    try:
+        _write_export(a, model, tok, cfg, out)
+    except OSError as e:  # a read-only or full destination: the run is untouched, nothing half-written
+        raise SnuggleError(f"--out {out}: cannot write there ({e.strerror or e})") from None
+    written = {"format": a.format, "out": str(out)}
+    print(json.dumps({**written, "dtype": a.dtype or "f16"} if a.format == "gguf" else written))
+    return 0
+
+
+def _write_export(a: argparse.Namespace, model, tok, cfg, out: Path) -> None:
+    from snuggle.io.hf import copy_generation_config, save_hf_checkpoint
+    from snuggle.io.peft_format import merged_state_dict, save_peft_adapter
+
     if a.format == "gguf":
         from snuggle.io.gguf_export import write_gguf
 
         # LoRA merged in; written to a temp file and renamed, so no half-written .gguf is ever left
         write_gguf(model, tok, out, dtype=a.dtype or "f16")
-        print(json.dumps({"format": "gguf", "out": str(out), "dtype": a.dtype or "f16"}))
-        return 0
-    # write beside the target, then rename: an interrupted export leaves no half-written model
+        return
+    # write beside the target, then rename: an interrupted export leaves no half-written model, and a
+    # failed one (a full or read-only disk) leaves nothing
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    if a.format == "hf":
-        state = merged_state_dict(model)
-        dtype = _hf_export_dtype(a.dtype, model.args.hf_config)
-        if dtype is not None:
-            state = {k: t.to(dtype) if t.is_floating_point() else t for k, t in state.items()}
-        save_hf_checkpoint(state, model.args.hf_config, tmp, tokenizer=tok)
-        copy_generation_config(Path(cfg.model.path), tmp)  # load_run put --model there
-    else:
-        if not cfg.use_lora:
-            raise SnuggleError(
-                "--format peft needs a LoRA run; this run was full fine-tuning (use --format hf)"
-            )
-        save_peft_adapter(model, cfg.lora, str(Path(cfg.model.path).resolve()), tmp)
-        tok.save_pretrained(str(tmp))
-    if out.exists():
-        out.rmdir()
-    os.replace(tmp, out)
-    print(json.dumps({"format": a.format, "out": str(out)}))
-    return 0
+    try:
+        if a.format == "hf":
+            state = merged_state_dict(model)
+            dtype = _hf_export_dtype(a.dtype, model.args.hf_config)
+            if dtype is not None:
+                state = {k: t.to(dtype) if t.is_floating_point() else t for k, t in state.items()}
+            save_hf_checkpoint(state, model.args.hf_config, tmp, tokenizer=tok)
+            copy_generation_config(Path(cfg.model.path), tmp)  # load_run put --model there
+        else:
+            if not cfg.use_lora:
+                raise SnuggleError(
+                    "--format peft needs a LoRA run; this run was full fine-tuning (use --format hf)"
+                )
+            save_peft_adapter(model, cfg.lora, str(Path(cfg.model.path).resolve()), tmp)
+            tok.save_pretrained(str(tmp))
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _chat_template(tok, adapter: str | None, explicit: bool) -> str | None:

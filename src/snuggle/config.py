@@ -302,6 +302,10 @@ def _why(value: Any, tp: Any) -> str:
 def _type_name(tp: Any) -> str:
     if typing.get_origin(tp) is Literal:
         return " | ".join(repr(a) for a in typing.get_args(tp))
+    if dataclasses.is_dataclass(tp):  # a section: say what it is, not our class's module path
+        return "a mapping of its keys (see docs/config.md)"
+    if (sub := _dataclass_arm(tp)) is not None:  # lora: LoraConfig | None
+        return f"{_type_name(sub)} or null"
     return str(tp).replace("typing.", "").replace("<class '", "").replace("'>", "")
 
 

@@ -431,12 +431,12 @@ def load_checkpoint(
     try:
         # weights_only: a state.pt that asks to run code is refused, not executed
         state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
+        scheduler_state, rngs = state["scheduler"], state["rng"]
     except Exception as e:  # any failure (refused pickle opcodes, truncation) is this one file's fault
-        raise SnuggleError(
-            f"{ckpt}/state.pt: refused or unreadable ({str(e).splitlines()[0][:160]})"
-        ) from None
-    scheduler.load_state_dict(state["scheduler"])
-    rngs = state["rng"]
+        # an empty file raises a bare EOFError: its message has no first line to quote
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise SnuggleError(f"{ckpt}/state.pt: refused or unreadable ({first})") from None
+    scheduler.load_state_dict(scheduler_state)
     if ctx.rank < len(rngs):
         torch.set_rng_state(rngs[ctx.rank]["torch"])
         if "cuda" in rngs[ctx.rank] and torch.cuda.is_available():

@@ -57,17 +57,33 @@ def check_output_dir(out: Path, resume: bool) -> None:
             f"train.output_dir {out} holds another run; set train.resume=true to continue it "
             "or choose another train.output_dir"
         )
+    if out.is_dir():
+        # an existing directory on a read-only mount (or immutable): found now, not after the model loaded
+        probe = out / f".snuggle-write-test-{os.getpid()}"
+        try:
+            probe.touch()
+            probe.unlink()
+        except OSError as e:
+            raise SnuggleError(f"train.output_dir {out}: cannot write there ({e.strerror or e})") from None
     if resume and out.is_dir() and latest_checkpoint(out) is None:
         # `latest` lost (deleted, or naming a checkpoint that is gone) while complete ones stand: starting
         # from step 0 here would overwrite the curve and prune those checkpoints, so ask instead of guessing
-        complete = sorted(p.name for p in out.glob("checkpoint-*") if (p / "meta.json").is_file())
-        if complete:
-            raise SnuggleError(
-                f"train.resume=true, but {out / 'latest'} names no complete checkpoint while "
-                f"{', '.join(complete[-3:])} {'is one' if len(complete) == 1 else 'are'}; to continue "
-                f"from the newest, write its name there (echo {complete[-1]} > {out / 'latest'}); "
-                "nothing was changed"
-            )
+        if stray := _stray_checkpoints(out, "train.resume=true, but "):
+            raise SnuggleError(stray)
+
+
+def _stray_checkpoints(run: Path, lead: str) -> str | None:
+    """What to say when `latest` is missing or names no complete checkpoint while complete ones stand."""
+    complete = sorted(p.name for p in run.glob("checkpoint-*") if (p / "meta.json").is_file())
+    if not complete:
+        return None
+    latest = run / "latest"
+    what = "names no complete checkpoint" if latest.exists() else "is missing"
+    return (
+        f"{lead}{latest} {what} while {', '.join(complete[-3:])} "
+        f"{'is one' if len(complete) == 1 else 'are'}; to use the newest, write its name there "
+        f"(echo {complete[-1]} > {latest}); nothing was changed"
+    )
 
 
 def _same_base(a: str, b: str) -> bool:
@@ -96,7 +112,7 @@ def run_checkpoint(run: Path) -> Path:
     except (OSError, ValueError) as e:  # unreadable, not UTF-8, a NUL in the name
         raise SnuggleError(f"{run}/latest: unreadable checkpoint pointer ({e})") from None
     if ckpt is None:
-        raise SnuggleError(f"{run}: the run has no complete checkpoint yet")
+        raise SnuggleError(_stray_checkpoints(run, "") or f"{run}: the run has no complete checkpoint yet")
     if not ckpt.resolve().is_relative_to(run.resolve()) or ckpt.resolve() == run.resolve():
         raise SnuggleError(f"{run}/latest names {ckpt}, which is not a checkpoint inside the run")
     return ckpt
