@@ -988,6 +988,12 @@ def test_fingerprint_ignores_what_does_not_shape_the_curve(tmp_path):
         "lora.targets: [down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj] -> [k_proj, q_proj]"
     ]
     assert fingerprint_changes(ref, fp("train.max_grad_norm=null")) == ["train.max_grad_norm: 1.0 -> null"]
+    # a new seq_len changes the row count too: named once, as the seq_len it is, not as changed data
+    saved, now = {**ref, "data.rows": 10}, {**fp("data.seq_len=32"), "data.rows": 5}
+    assert fingerprint_changes(saved, now) == [f"data.seq_len: {ref['data.seq_len']} -> 32"]
+    assert fingerprint_changes(saved, {**fp(), "data.rows": 5}) == [
+        "packed rows of data.train (the data changed): 10 -> 5"
+    ]
     # an old checkpoint records only its global batch
     assert fingerprint_changes({"train.global_batch": 2}, fp("train.seed=1", global_batch=4)) == [
         "global batch (processes x train.batch_size x train.grad_accum): 2 -> 4"

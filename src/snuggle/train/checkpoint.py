@@ -514,11 +514,10 @@ def fingerprint_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]
     are compared after a JSON round trip, which is how the saved side was stored (tuples are lists).
     """
     now = json.loads(json.dumps(now))
-    out = []
-    for key, old in saved.items():
-        if key in now and now[key] != old:
-            out.append(f"{_LABELS.get(key, key)}: {_show(old)} -> {_show(now[key])}")
-    return out
+    changed = {key: old for key, old in saved.items() if key in now and now[key] != old}
+    if "data.seq_len" in changed:  # the row count follows from seq_len: not a second, data change
+        changed.pop("data.rows", None)
+    return [f"{_LABELS.get(key, key)}: {_show(old)} -> {_show(now[key])}" for key, old in changed.items()]
 
 
 # keys that are no config key of their own, named by what the user sets
