@@ -24,6 +24,7 @@ import os
 import re
 import warnings
 import zlib
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -282,7 +283,7 @@ def _walk_dir(root: Path, kinds: Sequence[str] = SUFFIXES) -> list[Path]:
     # Links are followed (a corpus assembled from links is common), but each real directory is walked
     # once: a link back to a parent would otherwise make the walk endless.
     found = []
-    skipped: dict[str, int] = {}
+    skipped: Counter[str] = Counter()  # suffix -> files left out
     seen: set[tuple[int, int]] = set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         try:
@@ -308,16 +309,14 @@ def _walk_dir(root: Path, kinds: Sequence[str] = SUFFIXES) -> list[Path]:
             else:
                 # a man page is ls.1.gz: name it by both suffixes, not as a .gz we would read
                 kind = "".join(path.suffixes[-2:]) if path.suffix in COMPRESSIONS else path.suffix
-                skipped[kind or "(no suffix)"] = skipped.get(kind or "(no suffix)", 0) + 1
+                skipped[kind or "(no suffix)"] += 1
     if found and skipped and tuple(kinds) == SUFFIXES:
         # a Debian doc tree holds .html and man pages (.1.gz) beside .txt: say what was left out, or
         # a user believes the model trained on all of it (instruction data passes over README.txt etc.
         # by design, so only a text corpus is told)
-        kinds_seen = ", ".join(
-            f"{n} {suffix}" for suffix, n in sorted(skipped.items(), key=lambda kv: -kv[1])
-        )
+        kinds_seen = ", ".join(f"{n} {suffix}" for suffix, n in skipped.most_common())
         warnings.warn(
-            f"{root}: {sum(skipped.values())} files are not training data and were skipped "
+            f"{root}: {skipped.total()} files are not training data and were skipped "
             f"({kinds_seen}); read are {_EXPECTED}",
             stacklevel=2,
         )

@@ -204,10 +204,11 @@ def _split_keys(tensors: dict[str, torch.Tensor], where: Path):
         name = key.removeprefix(_PREFIX)
         if name in _EMBEDDINGS:
             emb[name] = t
-        elif any(name.startswith(e.removesuffix(".weight") + ".") for e in _EMBEDDINGS):
+        elif module := next(
+            (m for k, m in _EMBEDDINGS.items() if name.startswith(k.removesuffix("weight"))), None
+        ):
             # PEFT's LoRA on an embedding or lm_head (or its base_layer copy): snuggle trains those as
             # full copies instead, so say that rather than call the tensor unknown
-            module = "lm_head" if name.startswith("lm_head.") else "embed_tokens"
             raise SnuggleError(
                 f"{where}: adapter has LoRA on {module} ({key!r}); snuggle supports LoRA on the block "
                 "projections, and embed_tokens / lm_head as full copies "
