@@ -9,6 +9,7 @@ import math
 import os
 import shutil
 import sys
+import traceback
 import warnings
 from pathlib import Path
 
@@ -444,17 +445,37 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
     try:
-        return args.fn(args)
+        status = args.fn(args)
     except SnuggleError as e:
         # in a multi-process run every rank raises an error the ranks agreed on; rank 0 prints it
         if not getattr(e, "silent", False):
             rank = int(os.environ.get("RANK", "0"))
             where = f"[rank {rank}] " if rank else ""
             print(f"snuggle: error: {where}{one_line(str(e))}", file=sys.stderr)
-        return 2
+        status = 2
     except KeyboardInterrupt:
         print("snuggle: interrupted", file=sys.stderr)
-        return 130
+        status = 130
+    except Exception:
+        if not _group_left_open():
+            raise
+        traceback.print_exc()  # a bug: its traceback, then the same exit as any failed worker
+        status = 1
+    if _group_left_open():
+        # a worker that failed without its peers: its process group cannot be torn down with them
+        from snuggle.train.parallel import leave_now
+
+        leave_now(status)
+    return status
+
+
+def _group_left_open() -> bool:
+    # only a training worker ever joins a group, and it has imported torch.distributed by then
+    if "snuggle.train.parallel" not in sys.modules:
+        return False
+    from snuggle.train.parallel import group_left_open
+
+    return group_left_open()
 
 
 if __name__ == "__main__":

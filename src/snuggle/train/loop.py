@@ -18,6 +18,7 @@ refused with each one named (`train.allow_config_change` overrides).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -86,11 +87,26 @@ def train(cfg: RunConfig) -> dict:
     prefer_expandable_segments()  # before anything starts CUDA
     device = rank_device(cfg.model.device)
     ctx = init_distributed(cfg.train.dist_timeout_s, device)
-    summary = _train(cfg, ctx, device)
-    # only after success: a failed collective can leave the group unable to shut down cleanly, and
-    # the process is about to exit anyway
+    try:
+        summary = _train(cfg, ctx, device)
+    except RankError as e:
+        # every rank raised it at the same point, outside any collective: they leave the group in step.
+        # The frames of the run (the wrapped model) go first, so that nothing holds the group after.
+        _drop_tracebacks(e)
+        with contextlib.suppress(Exception):  # a peer killed meanwhile: the group stays open (see below)
+            ctx.close()
+        raise
+    # any other failure may have left a peer dead or inside a collective, so no rank tears down with
+    # the others: the CLI ends such a process without interpreter shutdown (parallel.leave_now)
     ctx.close()
     return summary
+
+
+def _drop_tracebacks(e: BaseException | None) -> None:
+    """Free the frames an exception chain holds (rank 0 prints only the message of a RankError)."""
+    while e is not None:
+        e.__traceback__ = None
+        e = e.__cause__ or e.__context__
 
 
 def _rank_config(cfg: RunConfig, ctx: DistContext, device: torch.device, strategy: str) -> RunConfig:

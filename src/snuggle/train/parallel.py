@@ -48,7 +48,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -65,6 +65,8 @@ __all__ = [
     "apply_parallel",
     "grad_sync",
     "unwrap",
+    "group_left_open",
+    "leave_now",
 ]
 
 STRATEGIES = ("auto", "none", "ddp", "fsdp")
@@ -278,12 +280,19 @@ class DistContext:
             return None
 
     def close(self) -> None:
-        """Tear down the group we made, after the run's objects that hold it are gone.
+        """Tear down the group we made, on every rank together: after success, or after an error that
+        every rank raised at the same point (a RankError), never inside a collective.
 
-        FSDP and DDP state sits in reference cycles that refer to the group; left to the collector at
-        interpreter exit they would be destroyed after the group, in whatever order shutdown picks
-        (we saw the occasional abort at exit on CPU before collecting here). The barrier keeps a
-        rank from tearing down while another still talks to it.
+        The group must not be left to interpreter shutdown. A backend's worker thread drops its last
+        reference to a finished collective's tensors a moment after the waiting thread returns; when
+        the process exits right after a collective (a refusal every rank raises at once), that release
+        can come after Python is torn down, and freeing a tensor that has a Python object then aborts
+        the process in C++ ("terminate called without an active exception", signal 6).
+        `destroy_process_group` shuts the backends down, joining those threads, while Python is alive.
+
+        FSDP and DDP state sits in reference cycles that refer to the group: collected first, so that
+        it goes before the group. The barrier keeps a rank from tearing down while another still talks
+        to it.
         """
         self.stop_watchdog()
         if not (self.owns_group and dist.is_initialized()):
@@ -291,6 +300,30 @@ class DistContext:
         gc.collect()
         dist.barrier()
         dist.destroy_process_group()
+
+
+def group_left_open() -> bool:
+    """Whether this process still holds a process group: a failure its peers did not share left it.
+
+    Read without importing torch.distributed, so that the CLI can ask after any command.
+    """
+    d = sys.modules.get("torch.distributed")
+    return d is not None and d.is_available() and d.is_initialized()
+
+
+def leave_now(status: int) -> NoReturn:
+    """End a process whose group is still open after a failure, skipping interpreter shutdown.
+
+    Its peers may be dead or blocked in a collective, so no rank can tear the group down with them
+    (a barrier or a backend shutdown would wait on them). Left to interpreter shutdown, the backend's
+    threads can free tensors after Python is gone and abort the process (see `DistContext.close`),
+    turning the worker's exit status into signal 6. Output is flushed first; every file the run
+    writes is already closed or atomically replaced by then.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(status)
 
 
 def _env_int(name: str, default: int) -> int:
