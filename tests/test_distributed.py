@@ -314,8 +314,8 @@ from snuggle.quant.nf4 import NF4Weight
 
 real = loop.apply_parallel
 
-def counting(model, strategy, ctx, device):
-    engine = real(model, strategy, ctx, device)
+def counting(model, strategy, ctx, device, *rest):
+    engine = real(model, strategy, ctx, device, *rest)
     local = lambda t: t.to_local() if hasattr(t, "to_local") else t
     mine = sum(local(p).numel() * local(p).element_size()
                for m in model.modules() if isinstance(m, NF4Weight) for p in m.parameters())
