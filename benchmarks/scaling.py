@@ -34,6 +34,7 @@ Overlap (the time model, an approximation stated as one):
 usage:
   python benchmarks/scaling.py                          # both named configs, every link, 1/2/4/8 GPUs
   python benchmarks/scaling.py --config cpt --profile my_profile.json   # a measured profile instead
+  python benchmarks/scaling.py --link "my node=14"         # a measured busbw (GB/s) beside the named links
   python benchmarks/scaling.py --markdown docs_table.md
 A profile JSON: {"micro_batch_ms": ..., "backward_ms": ..., "optimizer_ms": ...} (one GPU).
 """
@@ -244,8 +245,11 @@ def traffic(
         t.all_reduce = sum(p.numel for p in trainable) * reduce_bytes
         t.broadcast = sum(p.numel * p.itemsize for p in params if p.buffer)
         t.collectives = max(1, math.ceil(t.all_reduce / DDP_BUCKET_BYTES)) + (1 if t.broadcast else 0)
+        # buckets are cut from the gradients as they are (fp32): a bf16 reduction sends half of each
+        grads = sum(p.numel * p.itemsize for p in trainable)
+        last_bucket = min(grads, DDP_BUCKET_BYTES) * t.all_reduce // max(grads, 1)
         embed = [p for p in trainable if p.name == "model.embed_tokens.weight"]
-        t.tail = max(min(t.all_reduce, DDP_BUCKET_BYTES), sum(p.numel for p in embed) * reduce_bytes)
+        t.tail = max(last_bucket, sum(p.numel for p in embed) * reduce_bytes)
         return t
     if strategy != "fsdp":
         raise ValueError(f"strategy must be ddp or fsdp, got {strategy!r}")
@@ -463,16 +467,25 @@ def markdown(cfg: Config, prof: Profile) -> str:
         f"Trainable parameters: {n_train / 1e6:,.1f} M (fp32). One GPU: {one:,.0f} ms an optimizer step "
         f"({tokens / one * 1e3:,.0f} tokens/s); {prof.source}.",
         "",
-        "| strategy | reduce | link | GPUs | payload GB/step | comm ms | exposed ms | step ms | "
-        "tokens/s per GPU | efficiency |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| strategy | reduce | link | payload GB a step | comm ms at 8 | exposed ms at 8 "
+        "| step ms at 2 / 4 / 8 | efficiency at 2 / 4 / 8 | tokens/s per GPU at 8 |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows_for(cfg, prof):
-        lines.append(
-            f"| {r['strategy']} | {r['reduce']} | {r['link']} | {r['gpus']} | {r['payload_gb']:.2f} | "
-            f"{r['comm_ms']:,.0f} | {r['exposed_ms']:,.0f} | {r['step_ms']:,.0f} | "
-            f"{r['tokens_s_gpu']:,.0f} | {r['efficiency']:.0%} |"
-        )
+    rows = rows_for(cfg, prof)
+    for strategy, _, rname in STRATEGIES:
+        for link in LINKS:
+            by_n = {
+                r["gpus"]: r
+                for r in rows
+                if (r["strategy"], r["reduce"], r["link"]) == (strategy, rname, link)
+            }
+            last = by_n[max(by_n)]
+            steps = " / ".join(f"{by_n[n]['step_ms']:,.0f}" for n in sorted(by_n))
+            effs = " / ".join(f"{by_n[n]['efficiency']:.0%}" for n in sorted(by_n))
+            lines.append(
+                f"| {strategy} | {rname} | {link} | {last['payload_gb']:.2f} | {last['comm_ms']:,.0f} | "
+                f"{last['exposed_ms']:,.0f} | {steps} | {effs} | {last['tokens_s_gpu']:,.0f} |"
+            )
     return "\n".join(lines)
 
 
@@ -504,7 +517,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--config", choices=sorted(CONFIGS), action="append", help="default: all")
     ap.add_argument("--profile", help="JSON with micro_batch_ms, backward_ms, optimizer_ms (one config only)")
     ap.add_argument("--markdown", help="also write the tables to this file")
+    ap.add_argument(
+        "--link",
+        action="append",
+        default=[],
+        metavar="NAME=GBPS",
+        help="a link of your own (e.g. a measured nccl-tests all_reduce busbw); repeat for more",
+    )
     a = ap.parse_args(argv)
+    for spec in a.link:
+        name, _, gbps = spec.partition("=")
+        try:
+            LINKS[name.strip()] = Link(float(gbps), 30.0, "given on the command line")
+        except ValueError:
+            raise SystemExit(f"scaling.py: --link wants NAME=GB/s, got {spec!r}") from None
     names = a.config or list(CONFIGS)
     if a.profile and len(names) != 1:
         raise SystemExit("scaling.py: --profile applies to one --config")
