@@ -231,3 +231,23 @@ def test_time_model_one_gpu_is_the_profile_and_a_faster_link_never_hurts():
             scaling.predict(prof, tr, strategy, 8, 1, link)["step_ms"] for link in scaling.LINKS.values()
         ]
         assert steps == sorted(steps, reverse=True)
+
+
+def test_a_measured_profile_replaces_the_estimate(tmp_path, capsys):
+    """scaling_profile.py (a GPU's timing of the config's micro-batch) on CPU with the tiny shape: its JSON
+    is what scaling.py --profile takes, and the table then says measured, not estimated."""
+    out = tmp_path / "profile.json"
+    cmd = [
+        sys.executable, str(BENCH / "scaling_profile.py"), "--config", "cpt", "--shape", "tiny",
+        "--seq", "32", "--device", "cpu", "--warmup", "1", "--steps", "1", "--out", str(out),
+    ]  # fmt: skip
+    p = subprocess.run(
+        cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=180
+    )
+    assert p.returncode == 0, p.stderr[-4000:]
+    prof = json.loads(out.read_text())
+    assert 0 < prof["backward_ms"] < prof["micro_batch_ms"] and prof["optimizer_ms"] > 0
+    assert prof["source"].startswith("measured on one cpu, shape tiny, seq 32")
+    scaling.main(["--config", "cpt", "--profile", str(out)])
+    text = capsys.readouterr().out
+    assert "measured on one cpu" in text and "estimated" not in text
