@@ -305,6 +305,22 @@ def test_ddp_with_offloaded_checkpointing_matches_single_process(setup, lora_ref
     assert_same_trainables(out, lora_ref)
 
 
+def test_ddp_with_bf16_gradient_reduction_stays_near_the_single_process_curve(setup, lora_ref):
+    """train.reduce_dtype=bfloat16 through the CLI: each rank's gradients are rounded to bf16 before the
+    sum (benchmarks/scaling.py's lever for slow links), so the curve is near the fp32 one, within bf16's
+    ~3 significant digits, rather than equal to it."""
+    out = setup["root"] / "ddp-bf16-reduce"
+    args = overrides(
+        setup["tied"], setup["corpus"], out, "train.batch_size=2", "train.parallel=ddp",
+        "train.reduce_dtype=bfloat16",
+    )  # fmt: skip
+    ok(torchrun(setup["config"], *args))
+    rows = zip(metrics(out), metrics(lora_ref), strict=True)
+    pairs = [(r["loss"], w["loss"]) for r, w in rows if "loss" in w]
+    assert len(pairs) == 4
+    assert all(a == pytest.approx(b, rel=1e-3) for a, b in pairs), pairs
+
+
 # Prints each rank's bytes of 4-bit weights as FSDP leaves them, then trains as the CLI would.
 _NF4_BYTES_SCRIPT = """
 import sys
@@ -314,8 +330,8 @@ from snuggle.quant.nf4 import NF4Weight
 
 real = loop.apply_parallel
 
-def counting(model, strategy, ctx, device):
-    engine = real(model, strategy, ctx, device)
+def counting(model, strategy, ctx, device, *rest):
+    engine = real(model, strategy, ctx, device, *rest)
     local = lambda t: t.to_local() if hasattr(t, "to_local") else t
     mine = sum(local(p).numel() * local(p).element_size()
                for m in model.modules() if isinstance(m, NF4Weight) for p in m.parameters())

@@ -112,6 +112,8 @@ class TrainConfig:
     kernels: Literal["auto", "triton", "torch"] = "auto"  # auto: Triton fast path on CUDA, PyTorch elsewhere
     progress: bool = True  # progress bar on stderr
     parallel: Literal["auto", "none", "ddp", "fsdp"] = "auto"  # data parallelism across processes
+    # the dtype gradients are reduced in across processes: bfloat16 halves the bytes on the link
+    reduce_dtype: Literal["float32", "bfloat16"] = "float32"
     dist_timeout_s: float = 600.0  # a collective waiting longer for a dead or hung rank fails the run
     report_to: str | list[str] = field(default_factory=list)  # tensorboard, wandb (metrics.jsonl always)
     wandb_project: str = "snuggle"

@@ -256,7 +256,7 @@ def _run(cfg, ctx: DistContext, device, strategy, model, data, plan, say, report
     try:
         # what forward is called on; under FSDP this also reads the base, block by block, and a
         # checkpoint that fails to read on one rank must stop every rank, not leave them waiting
-        engine = apply_parallel(model, strategy, ctx, device)
+        engine = apply_parallel(model, strategy, ctx, device, getattr(torch, t.reduce_dtype))
     except Exception as e:
         error = _oom_to_user_error(e, cfg, device, "building the model")
     ctx.agree(error)

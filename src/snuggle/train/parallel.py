@@ -438,6 +438,18 @@ def _sum_allreduce_hook(group, bucket):
     return work.get_future().then(lambda fut: fut.value()[0])
 
 
+def _bf16_sum_allreduce_hook(group, bucket):
+    """DDP comm hook for `train.reduce_dtype: bfloat16`: the SUM all-reduce of a bf16 copy of the bucket.
+
+    Half the bytes of the fp32 gradients on the link; the sum comes back into the fp32 bucket. Each
+    rank's share is rounded to bf16 (~3 significant digits) before the sum, and the sum is rounded
+    along the ring, so gradients differ from the fp32 reduction by about bf16's precision.
+    """
+    buf = bucket.buffer()
+    work = dist.all_reduce(buf.to(torch.bfloat16), group=group, async_op=True)
+    return work.get_future().then(lambda fut: buf.copy_(fut.value()[0]))
+
+
 def _check_trainable_dtypes(module: nn.Module, name: str) -> None:
     # FSDP2 reduce-scatters one flat buffer per unit, so every *trainable* tensor of a unit must share
     # a dtype; frozen ones may differ (they are all-gathered as bytes and never reduced). lora.py keeps
@@ -447,10 +459,18 @@ def _check_trainable_dtypes(module: nn.Module, name: str) -> None:
         raise SnuggleError(f"fsdp: trainable parameters of {name} mix dtypes {sorted(map(str, dtypes))}")
 
 
-def apply_parallel(model: nn.Module, strategy: str, ctx: DistContext, device: torch.device) -> nn.Module:
+def apply_parallel(
+    model: nn.Module,
+    strategy: str,
+    ctx: DistContext,
+    device: torch.device,
+    reduce_dtype: torch.dtype = torch.float32,
+) -> nn.Module:
     """Wrap `model` for `strategy`; returns the module to call (forward with labels gives the loss).
 
-    `device` is where training runs. FSDP accepts a model still on the CPU and moves each unit there
+    `reduce_dtype`: the dtype gradients cross the link in (`train.reduce_dtype`); bf16 halves the bytes
+    of a step's gradient reduction, the trainables and their gradients stay fp32. `device` is where
+    training runs. FSDP accepts a model still on the CPU and moves each unit there
     as it shards it, so a model larger than one card never has to fit on one whole.
 
     A model built with deferred blocks (`load_deferred`: FSDP's sharded load) gets each block read just
@@ -472,7 +492,8 @@ def apply_parallel(model: nn.Module, strategy: str, ctx: DistContext, device: to
         # keeps the offloaded checkpointed blocks, which run a nested backward, compatible with the
         # reducer: each parameter is marked ready once, whichever graph task computes it.
         ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-        ddp.register_comm_hook(None, _sum_allreduce_hook)
+        hook = _bf16_sum_allreduce_hook if reduce_dtype == torch.bfloat16 else _sum_allreduce_hook
+        ddp.register_comm_hook(None, hook)
         return ddp
     if strategy == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
@@ -480,8 +501,9 @@ def apply_parallel(model: nn.Module, strategy: str, ctx: DistContext, device: to
 
         mesh = init_device_mesh(device.type, (ctx.world_size,))
         # all-gather and compute in the model's dtype (trainable fp32 copies are cast like the
-        # single-process path casts them at use); reduce gradients in fp32 into the fp32 shards
-        mp = MixedPrecisionPolicy(param_dtype=model.compute_dtype, reduce_dtype=torch.float32)
+        # single-process path casts them at use); reduce gradients in `reduce_dtype` (fp32 unless
+        # asked) into the fp32 shards
+        mp = MixedPrecisionPolicy(param_dtype=model.compute_dtype, reduce_dtype=reduce_dtype)
         units: list[nn.Module] = []
         for i, block in enumerate(model.model.layers):
             if deferred is not None:
