@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -218,8 +219,6 @@ def run_snuggle(a, model_dir: Path, corpus: Path) -> dict:
     env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent / "src"), env.get("PYTHONPATH", "")])
     cmd = [sys.executable, "-m", "snuggle", "train", str(cfg_path)]
     if out.exists():
-        import shutil
-
         shutil.rmtree(out)
     t0 = time.perf_counter()
     p = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -237,6 +236,7 @@ def run_snuggle(a, model_dir: Path, corpus: Path) -> dict:
     )
     res["process_wall_s"] = round(wall, 1)
     res["embeddings_changed"] = snuggle_embeddings_changed(out, model_dir)
+    shutil.rmtree(out)  # its checkpoint holds the embedding copies and their state: GBs a row
     return res
 
 

@@ -153,3 +153,17 @@ def test_plan_counts_host_state_and_moves_it_when_nothing_fits_on_the_device(tin
     with pytest.raises(SnuggleError):
         plan_for_model(model, 1, 16, tight, can_offload=False, embedding_offload="gpu")
     assert host.predicted_gib < gpu.predicted_gib and on_host / GIB < host.predicted_gib
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_host_update_on_a_gpu_follows_the_on_device_curve(tiny_hf_model, tmp_path, corpus):
+    # fp32 so that the tolerance is the optimizers' (fused on the GPU, foreach on the host), not bf16's
+    model_dir, _ = tiny_hf_model("llama", False, tmp_path)
+    losses = {}
+    for place in ("gpu", "cpu"):
+        out = tmp_path / place
+        extra = ("model.device=cuda", "model.dtype=float32", f"train.embedding_offload={place}")
+        train(_cpt(model_dir, corpus, out, *extra))
+        losses[place] = [r["loss"] for r in read_metrics(out) if "loss" in r]
+    torch.testing.assert_close(torch.tensor(losses["cpu"]), torch.tensor(losses["gpu"]), rtol=1e-5, atol=0)
