@@ -391,11 +391,7 @@ def main() -> None:
     rows = []
     if all(recipe):
         work = Path(os.environ.get("SNUGGLE_CPT_WORK", "/tmp/snuggle-cpt")) / "runs"
-        # --only: stacks and shapes, comma-separated, all of which a case must match (a few rows fit
-        # one 10-minute call of a lent machine; merge the calls' lines with --rows)
-        terms = [t for t in a.only.split(",") if t]
-        picked = [c for name in a.suite for c in CPT_SUITES[name] if all(t in c[:2] for t in terms)]
-        for case in picked:
+        for case in cpt_cases(a.suite, a.only):
             r = run_cpt_case(case, a.timeout, work)
             rows.append(r)
             print(json.dumps(r), flush=True)
@@ -406,6 +402,13 @@ def main() -> None:
         rows.append(r)
         print(json.dumps({k: v for k, v in r.items() if k != "losses"}), flush=True)
     write_tables(suite, env, peak, rows, Path(a.out))
+
+
+def cpt_cases(suites: list[str], only: str = "") -> list[tuple]:
+    """The CPT cases of `suites`; `only`: stacks and shapes, comma-separated, all of which a case must
+    match (a few rows fit one call of 10 minutes; merge the calls' printed lines with --rows)."""
+    terms = [t for t in only.split(",") if t]
+    return [c for name in suites for c in CPT_SUITES[name] if all(t in c[:2] for t in terms)]
 
 
 def cpt_command(case: tuple, work: Path) -> tuple[list[str], dict[str, str], str]:

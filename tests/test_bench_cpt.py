@@ -144,6 +144,9 @@ def test_cpt_suites_cover_the_recipe_and_parity_hands_hf_factors_to_snuggle(tmp_
     assert ours[ours.index("--adapter") + 1] == init
     _, env, _ = run.cpt_command(("unsloth", "mistral7b", 24, ("--keep-layers", "auto")), tmp_path)
     assert env["UNSLOTH_GC_KEEP_LAYERS"] == "auto"
+    picked = run.cpt_cases(["cpt"], "unsloth,llama3-8b")
+    assert len(picked) == 4 and {(c[0], c[1]) for c in picked} == {("unsloth", "llama3-8b")}
+    assert run.cpt_cases(["cpt", "cpt-offload"]) == cases + run.CPT_SUITES["cpt-offload"]
 
 
 def test_cpt_table_carries_rows_errors_and_the_parity_verdict(tmp_path, capsys):
