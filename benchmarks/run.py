@@ -528,8 +528,9 @@ def write_cpt_tables(suite: str, env: dict, rows: list[dict], out: Path) -> None
         )
     lines += [
         "",
-        "s / step: median seconds of an optimizer step (32,768 tokens) after the warm-up steps; 150 steps: "
-        "150 x their mean; peak: torch.cuda.max_memory_allocated over the process.",
+        "s / step: median seconds of an optimizer step (batch x seq x accumulation tokens: 32,768 in the "
+        "recipe) after the warm-up steps; 150 steps: 150 x their mean; peak: torch.cuda.max_memory_allocated "
+        "over the process.",
     ]
     table = "\n".join(lines) + "\n"
     (out / f"{stem}.md").write_text(table)
