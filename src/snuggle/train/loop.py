@@ -759,6 +759,9 @@ def oom_message(
             fixes.append("checkpoint every block (train.checkpoint_layers=null)")
         elif t.gradient_checkpointing and not t.offload_activations:
             fixes.append("turn on train.offload_activations")
+        trains_embeddings = cfg.lora is None or not cfg.lora.enabled or cfg.lora.train_embeddings
+        if trains_embeddings and getattr(t, "embedding_offload", "cpu") != "cpu":
+            fixes.append("train.embedding_offload=cpu (the embeddings' optimizer state in CPU memory)")
         budget = getattr(t, "memory_budget_gib", None)
         if budget is not None:
             fixes.append(f"lower train.memory_budget_gib (now {budget:g}) so the memory plan saves more")
