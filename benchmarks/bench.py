@@ -443,6 +443,12 @@ def run(args) -> dict:
         from snuggle.train.memory import prefer_expandable_segments
 
         prefer_expandable_segments()
+    if args.variant == "unsloth":
+        # Unsloth reads its switches and sets its allocator (expandable_segments) when it is imported:
+        # before CUDA starts, or its rows run on the default allocator
+        if args.gc_keep_layers:
+            os.environ["UNSLOTH_GC_KEEP_LAYERS"] = args.gc_keep_layers
+        import unsloth  # noqa: F401
     device = torch.device("cuda", torch.cuda.current_device())
     if args.cap_gib:
         total = torch.cuda.get_device_properties(device).total_memory
@@ -597,6 +603,11 @@ def main() -> None:
         "--quantize", default="none", choices=["none", "nf4"], help="nf4: QLoRA (snuggle, unsloth)"
     )
     p.add_argument("--tile", type=int, default=0, help="MLP sequence tile in tokens (0: untiled)")
+    p.add_argument(
+        "--gc-keep-layers",
+        default="",
+        help="unsloth: UNSLOTH_GC_KEEP_LAYERS (e.g. auto: layers left un-checkpointed where memory allows)",
+    )
     args = p.parse_args()
     try:
         res = run(args)
@@ -623,6 +634,7 @@ def main() -> None:
         recompute_norm=args.recompute_norm,
         recompute_gate_up=args.recompute_gate_up,
         offload_blocks=args.offload_blocks,
+        gc_keep_layers=args.gc_keep_layers,
     )
     print(json.dumps(res), flush=True)
 

@@ -1,6 +1,7 @@
 """Run benchmark cases, each in its own process, and print/write a table with GPU, commit and versions.
 
-usage: python benchmarks/run.py SUITE [--out DIR]     (suites: tiny, 1b, 8b, all; see SUITES)
+usage: python benchmarks/run.py SUITE [--out DIR]     (suites: tiny, 1b, 8b, all; see SUITES; the CPT
+recipe's suites cpt, cpt-parity run benchmarks/cpt.py, see CPT_SUITES)
 Results: DIR/<suite>-<gpu>-<commit>.{md,csv,jsonl} (DIR defaults to benchmarks/results).
 MFU counts model FLOPs only (no recomputation): 4N a token for LoRA (forward 2N, input gradients 2N;
 frozen weights get no weight gradient) plus causal attention 6*L*T*d; N = matmul weights incl. lm_head.
@@ -22,6 +23,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+import cpt  # noqa: E402
 from bench import SHAPES  # noqa: E402
 
 # (variant, model, batch, seq, ckpt, cap_gib, extra flags)
@@ -135,8 +137,48 @@ SUITES["parity"] = [
     ("hf", "8b", 2, 2048, "all", 0, ()),
     ("snuggle", "8b", 2, 2048, "none", 0, ()),
 ]
+# Unsloth's fastest configuration that fits 24 GiB may keep some layers un-checkpointed
+# (UNSLOTH_GC_KEEP_LAYERS=auto): the capped rows again with that setting
+KEEP = ("--gc-keep-layers", "auto")
+SUITES["peers-keep"] = [
+    ("unsloth", "8b", 2, 2048, "all", 24, KEEP),
+    ("unsloth", "8b", 2, 2048, "all", 24, (*NF4, *KEEP)),
+    ("unsloth", "1b", 8, 2048, "all", 24, KEEP),
+]
 SUITES["all"] = SUITES["1b"] + SUITES["8b"] + SUITES["qlora"] + SUITES["qlora-long"]
 SUITES["8b-cap"] = [c for c in SUITES["8b"] if c[5]]
+# the CPT recipe through each stack's trainer (benchmarks/cpt.py): (stack, shape, cap GiB, extra flags),
+# under a 24 GiB cap and uncapped, on Mistral-7B-v0.3's shape and Llama-3-8B's (128k vocabulary)
+_CPT_STACKS = ("snuggle", "unsloth-logits", "unsloth", "hf")
+CPT_SUITES: dict[str, list[tuple]] = {
+    "cpt": [
+        (stack, shape, cap, extra)
+        for shape in ("mistral7b", "llama3-8b")
+        for cap in (24, 0)
+        for stack, extra in [(s, ()) for s in _CPT_STACKS]
+        + [("unsloth-logits", ("--keep-layers", "auto")), ("unsloth", ("--keep-layers", "auto"))]
+    ],
+    # snuggle with the embeddings' optimizer state on the host, against the plan's own choice
+    "cpt-offload": [
+        ("snuggle", shape, 24, ("--embedding-offload", "cpu")) for shape in ("mistral7b", "llama3-8b")
+    ],
+    "cpt-tiny": [("snuggle", "tiny", 0, ("--seq", "64", "--quantize", "none", "--r", "8"))],
+}
+# 20 steps from the same weights, LoRA factors (HF's, given to snuggle as model.adapter) and data (one
+# optimizer step = every document, so the order of the rows cannot differ), bf16 base and AdamW: the
+# curves must agree within bf16 tolerance (cpt.PARITY_RTOL); then the same with the recipe's NF4 and
+# 8-bit AdamW, where each stack's own quantization and 8-bit code add their own differences
+PARITY = ("--warmup", "0", "--steps", "20", "--docs", "16")
+CPT_PARITY = {
+    "bf16": (*PARITY, "--quantize", "none", "--optim", "adamw"),
+    "nf4-8bit": (*PARITY, "--quantize", "nf4", "--optim", "adamw8bit"),
+}
+CPT_SUITES["cpt-parity"] = [
+    (stack, shape, 0, (*flags, "--parity", name))
+    for shape in ("mistral7b", "llama3-8b")
+    for name, flags in CPT_PARITY.items()
+    for stack in ("hf", "snuggle")
+]
 # peers' figures measured on one H100 with this setup (shared/ANCHORS.md), for rows we cannot run here
 ANCHORS = {
     ("unsloth", "1b", "all"): (53759, 4.8),
@@ -305,16 +347,21 @@ def label(r: dict) -> str:
         if r.get(k)
     ]
     ck += f" +{' and '.join(again)} recomputed" if again else ""
+    ck += f", keep layers {r['gc_keep_layers']}" if r.get("gc_keep_layers") else ""
     cap = f", cap {r['cap_gib']:g} GiB" if r.get("cap_gib") else ""
     return f"{r['model']} {name}, ckpt {ck}{cap}"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("suite", nargs="+", choices=list(SUITES), help="one or more, run in this order")
+    ap.add_argument(
+        "suite", nargs="+", choices=list(SUITES) + list(CPT_SUITES), help="one or more, run in this order"
+    )
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--timeout", type=int, default=300)
-    ap.add_argument("--only", default="", help="run only the cases of this variant (e.g. snuggle)")
+    ap.add_argument(
+        "--only", default="", help="only the cases of this variant (e.g. snuggle; CPT suites: stack,shape)"
+    )
     ap.add_argument(
         "--rows",
         default="",
@@ -323,9 +370,17 @@ def main() -> None:
     )
     a = ap.parse_args()
     suite = "-".join(a.suite)  # file names of letters, digits, dots, dashes
+    recipe = [name in CPT_SUITES for name in a.suite]
+    if any(recipe) and not all(recipe):
+        ap.error("CPT suites (" + ", ".join(CPT_SUITES) + ") run apart from the others")
     if a.rows:
         lines = [json.loads(ln) for ln in Path(a.rows).read_text().splitlines() if ln.startswith("{")]
         head, peak = lines[0], lines[0]["matmul_tflops"]
+        if all(recipe):
+            write_cpt_tables(
+                suite, head["environment"], with_parity(lines[1:], head["environment"]), Path(a.out)
+            )
+            return
         rows = [r if "mfu" in r else add_rates(r, peak) for r in lines[1:]]  # bench.py's own lines lack them
         write_tables(suite, head["environment"], peak, rows, Path(a.out))
         return
@@ -334,11 +389,155 @@ def main() -> None:
     # first, so that a run stopped before its end still has them beside its rows (see --rows)
     print(json.dumps({"environment": env, "matmul_tflops": peak}), flush=True)
     rows = []
+    if all(recipe):
+        work = Path(os.environ.get("SNUGGLE_CPT_WORK", "/tmp/snuggle-cpt")) / "runs"
+        for case in cpt_cases(a.suite, a.only):
+            r = run_cpt_case(case, a.timeout, work)
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+        write_cpt_tables(suite, env, with_parity(rows, env), Path(a.out))
+        return
     for case in [c for name in a.suite for c in SUITES[name] if not a.only or c[0] == a.only]:
         r = add_rates(run_case(case, a.timeout), peak)
         rows.append(r)
         print(json.dumps({k: v for k, v in r.items() if k != "losses"}), flush=True)
     write_tables(suite, env, peak, rows, Path(a.out))
+
+
+def cpt_cases(suites: list[str], only: str = "") -> list[tuple]:
+    """The CPT cases of `suites`; `only`: stacks and shapes, comma-separated, all of which a case must
+    match (a few rows fit one call of 10 minutes; merge the calls' printed lines with --rows)."""
+    terms = [t for t in only.split(",") if t]
+    return [c for name in suites for c in CPT_SUITES[name] if all(t in c[:2] for t in terms)]
+
+
+def cpt_command(case: tuple, work: Path) -> tuple[list[str], dict[str, str], str]:
+    """(command, environment, parity run name) of one CPT case: `--parity NAME` becomes HF saving its
+    starting adapter and snuggle starting from it (model.adapter); the environment is the stack's own
+    (cpt.stack_env: no inherited allocator setting, Unsloth's switches)."""
+    stack, shape, cap, extra = case
+    extra, parity = list(extra), ""
+    if "--parity" in extra:
+        i = extra.index("--parity")
+        parity = extra[i + 1]
+        del extra[i : i + 2]
+        init = str(work / f"init-{shape}-{parity}")
+        extra += ["--save-init-adapter", init] if stack == "hf" else ["--adapter", init]
+    keep = extra[extra.index("--keep-layers") + 1] if "--keep-layers" in extra else ""
+    cmd = [
+        sys.executable,
+        str(HERE / "cpt.py"),
+        "--stack",
+        stack,
+        "--shape",
+        shape,
+        "--cap",
+        str(cap),
+        "--out-dir",
+        str(work),
+        *extra,
+    ]
+    return cmd, cpt.stack_env(stack, keep), parity
+
+
+_prepared: set[tuple] = set()
+
+
+def run_cpt_case(case: tuple, timeout: int, work: Path) -> dict:
+    """One CPT variant in its own process; the shape's model directory and corpus are written first,
+    in a process of their own (on the GPU when there is one), once per shape and corpus."""
+    cmd, env, parity = cpt_command(case, work)
+    stack, shape, cap, _ = case
+    data_flags = tuple(cmd[cmd.index("--out-dir") + 2 :])
+    if (shape, data_flags) not in _prepared:
+        prep = [sys.executable, str(HERE / "cpt.py"), "--prepare", "--shape", shape, *data_flags]
+        subprocess.run(prep, env=env, capture_output=True, text=True, timeout=max(timeout, 1800))
+        _prepared.add((shape, data_flags))
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        line = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
+        row = json.loads(line[-1]) if line else None
+        err = (p.stderr.strip().splitlines() or ["no output"])[-1]
+    except subprocess.TimeoutExpired:
+        row, err = None, f"timeout after {timeout}s"
+    if row is None:
+        row = {"stack": stack, "shape": shape, "cap_gib": cap, "error": err[:200]}
+    if parity:
+        row["parity_run"] = parity
+    return row
+
+
+def with_parity(rows: list[dict], env: dict) -> list[dict]:
+    """Each snuggle row of a parity run gets the verdict against the HF row of the same shape and run."""
+    rtol = cpt.PARITY_RTOL["fp32" if env.get("gpu") == "cpu" else "bf16"]
+    ref = {(r["shape"], r["parity_run"]): r for r in rows if r.get("parity_run") and r["stack"] == "hf"}
+    for r in rows:
+        key = (r.get("shape"), r.get("parity_run"))
+        if r.get("stack") == "snuggle" and key in ref and "losses" in r and "losses" in ref[key]:
+            r.update(cpt.compare_curves(r, ref[key], rtol))
+    return rows
+
+
+def table_head(heading: str, env: dict, header: list[str], *notes: str) -> list[str]:
+    """A results table's heading, environment, notes and column header (markdown lines)."""
+    return [
+        f"# {heading}",
+        "",
+        "environment: " + ", ".join(f"{k} {v}" for k, v in env.items()),
+        *notes,
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+
+
+def cpt_label(r: dict) -> str:
+    name = f"{r['shape']} {r['stack']}"
+    if r.get("keep_layers"):
+        name += f" keep layers {r['keep_layers']}"
+    if r.get("embedding_offload") not in (None, "", "auto"):
+        name += f" embeddings' state on {r['embedding_offload']}"
+    if r.get("parity_run"):
+        name += f" (parity, {r['parity_run']})"
+    return name + (f", cap {r['cap_gib']:g} GiB" if r.get("cap_gib") else "")
+
+
+def write_cpt_tables(suite: str, env: dict, rows: list[dict], out: Path) -> None:
+    """The CPT recipe's table (markdown, printed too) and its rows as JSON lines."""
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"{suite}-{env['gpu'].replace(' ', '_')}-{env['commit']}"
+    header = ["case", "s / step", "tokens/s", "peak GiB", "loss first", "loss last", "150 steps", "notes"]
+    lines = table_head(f"snuggle benchmark `{suite}`: the continued-pretraining recipe", env, header)
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {cpt_label(r)} | {r['error']} |" + " |" * (len(header) - 2))
+            continue
+        notes = []
+        if "parity" in r:
+            verdict = "equal" if r["parity"] else "NOT equal"
+            notes.append(f"curve {verdict} to HF's (max rel. diff {r.get('max_rel_diff', float('nan')):.1e})")
+        moved = r.get("embeddings_changed") or {}
+        if moved and not all(v > 0 for v in moved.values()):
+            notes.append("embeddings did not change")
+        if r.get("placement") or r.get("plan"):
+            notes.append(r.get("placement") or r["plan"].removeprefix("snuggle: "))
+        lines.append(
+            f"| {cpt_label(r)} | {r['step_s']:.2f} | {r['tokens_per_s']:,.0f} | {r['peak_gib']:.1f} | "
+            f"{r['loss_first']:.4f} | {r['loss_last']:.4f} | {r['wall_150_s'] / 60:.1f} min | "
+            f"{'; '.join(notes)} |"
+        )
+    lines += [
+        "",
+        "s / step: median seconds of an optimizer step (batch x seq x accumulation tokens: 32,768 in the "
+        "recipe) after the warm-up steps; 150 steps: 150 x their mean; peak: torch.cuda.max_memory_allocated "
+        "over the process.",
+    ]
+    table = "\n".join(lines) + "\n"
+    (out / f"{stem}.md").write_text(table)
+    with open(out / f"{stem}.jsonl", "w") as fh:
+        for r in rows:
+            fh.write(json.dumps({**r, **env}) + "\n")
+    print(table)
 
 
 def add_rates(r: dict, peak: float) -> dict:
@@ -375,15 +574,9 @@ def write_tables(suite: str, env: dict, peak: float, rows: list[dict], out: Path
         "loss first",
         "loss last",
     ]
-    lines = [
-        f"# snuggle benchmark `{suite}`",
-        "",
-        "environment: " + ", ".join(f"{k} {v}" for k, v in env.items()),
-        f"measured bf16 matmul: {peak:.0f} TFLOP/s",
-        "",
-        "| " + " | ".join(header) + " |",
-        "|" + "---|" * len(header),
-    ]
+    lines = table_head(
+        f"snuggle benchmark `{suite}`", env, header, f"measured bf16 matmul: {peak:.0f} TFLOP/s"
+    )
     for r in rows:
         if "error" in r:
             lines.append(f"| {label(r)} | {r['error']} |" + " |" * (len(header) - 2))

@@ -821,6 +821,10 @@ def test_oom_message_gives_the_figures_and_the_settings_to_change():
     )
     assert "needed more than was free, 512.00 MiB of 16.00 GiB free;" in msg
     assert "turn on train.offload_activations" in msg and "gradient_checkpointing" not in msg
+    assert "embedding_offload" not in msg  # no embeddings train in this run
+    cfg = make_cfg(Path("/m"), Path("c.jsonl"), Path("/o"), "lora.train_embeddings=true")
+    msg = oom_message(TORCH_OOM, cfg, device="cuda:0", phase="step 1: forward/backward")
+    assert "train.embedding_offload=cpu (the embeddings' optimizer state in CPU memory)" in msg
 
     msg = oom_message(TORCH_OOM, cfg, device="cuda:0", phase="building the model")
     assert "the model does not fit: try model.dtype=bfloat16" in msg and "train.parallel=fsdp" in msg

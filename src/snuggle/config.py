@@ -109,6 +109,8 @@ class TrainConfig:
     memory_budget_gib: float | None = None
     checkpoint_layers: int | None = None  # with gradient_checkpointing: how many blocks (None: all)
     offload_activations: bool = False  # checkpointed blocks keep their inputs in pinned CPU memory
+    # trained embeddings' optimizer state and fp32 master: gpu, cpu (updated there), auto (the memory plan)
+    embedding_offload: Literal["auto", "gpu", "cpu"] = "auto"
     kernels: Literal["auto", "triton", "torch"] = "auto"  # auto: Triton fast path on CUDA, PyTorch elsewhere
     progress: bool = True  # progress bar on stderr
     parallel: Literal["auto", "none", "ddp", "fsdp"] = "auto"  # data parallelism across processes

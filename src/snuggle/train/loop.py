@@ -277,7 +277,10 @@ def _run(cfg, ctx: DistContext, device, strategy, model, data, plan, say, report
     elif t.gradient_checkpointing:
         configure_checkpointing(model, t.checkpoint_layers, t.offload_activations)
     trainables = trainable_state(unwrap(engine))
-    opt = build_optimizer(unwrap(engine), t)
+    host_embeddings = _host_embeddings(t.embedding_offload, mem_plan, strategy)
+    if host_embeddings and mem_plan is None:
+        say("snuggle: embed_tokens/lm_head optimizer state and fp32 master in CPU memory (updated there)")
+    opt = build_optimizer(unwrap(engine), t, host_embeddings=host_embeddings)
     sched = build_scheduler(opt, t)
     dtype = str(resolve_dtype(cfg.model.dtype, device)).removeprefix("torch.")
     fingerprint = curve_fingerprint(cfg, dtype, plan.global_batch)
@@ -618,6 +621,18 @@ def _stopped(signum, done: int, steps: int, out: Path, loss: float, ctx, strateg
     return summary
 
 
+def _host_embeddings(setting: str, mem_plan, strategy: str) -> bool:
+    """Whether the trained embeddings' optimizer runs on the host: as set, or as the memory plan chose."""
+    host = setting == "cpu" or (mem_plan is not None and mem_plan.embeddings == "cpu")
+    if host and strategy == "fsdp":
+        # FSDP shards the copies and reduces their gradients itself
+        raise SnuggleError(
+            f"train.embedding_offload={setting}: the embeddings' optimizer state goes to CPU memory on one "
+            "process or under DDP, not under FSDP; set train.memory_budget_gib higher or use more GPUs"
+        )
+    return host
+
+
 def _grad_norm(params: list[torch.Tensor], max_norm: float | None) -> float:
     """The global gradient norm, after clipping to `max_norm` when that is set.
 
@@ -760,6 +775,9 @@ def oom_message(
             fixes.append("checkpoint every block (train.checkpoint_layers=null)")
         elif t.gradient_checkpointing and not t.offload_activations:
             fixes.append("turn on train.offload_activations")
+        trains_embeddings = cfg.lora is None or not cfg.lora.enabled or cfg.lora.train_embeddings
+        if trains_embeddings and getattr(t, "embedding_offload", "cpu") != "cpu":
+            fixes.append("train.embedding_offload=cpu (the embeddings' optimizer state in CPU memory)")
         budget = getattr(t, "memory_budget_gib", None)
         if budget is not None:
             fixes.append(f"lower train.memory_budget_gib (now {budget:g}) so the memory plan saves more")

@@ -76,6 +76,8 @@ class MemoryPlan:
     recompute_product: bool = False  # the MLPs keep gate and up, and make their SwiGLU product again
     recompute_norm: bool = False  # the LoRA groups keep the norms' inputs, and normalize again
     offload_blocks: int = 0  # the first n blocks keep their saved activations in pinned CPU memory
+    # where the trained embeddings' optimizer state and fp32 master live: "gpu", "cpu", or "" (none train)
+    embeddings: str = ""
 
     def describe(self) -> str:
         again = [
@@ -100,7 +102,17 @@ class MemoryPlan:
         return (
             f"memory plan for {self.budget_gib:.1f} GiB: {ckpt}{tiles}; predicted peak "
             f"{self.predicted_gib:.1f} GiB ({self.static_gib:.1f} weights and optimizer state)"
+            + _EMBEDDING_PLACES.get(self.embeddings, "")
         )
+
+
+_EMBEDDING_PLACES = {
+    "gpu": "; embed_tokens/lm_head copies, gradients and optimizer state on the GPU",
+    "cpu": (
+        "; embed_tokens/lm_head copies and gradients on the GPU, their optimizer state and fp32 master "
+        "in CPU memory (updated there)"
+    ),
+}
 
 
 def _local_bytes(t: torch.Tensor) -> int:
@@ -109,9 +121,10 @@ def _local_bytes(t: torch.Tensor) -> int:
     return local.numel() * local.element_size()
 
 
-def static_bytes(model: nn.Module, optimizer: str = "adamw") -> int:
+def static_bytes(model: nn.Module, optimizer: str = "adamw", host_state: frozenset[int] = frozenset()) -> int:
     """Bytes that live through the whole step: every tensor of the model, plus gradient and
-    optimizer state of the trainable ones (fp32 gradient; AdamW 8 bytes, 8-bit AdamW ~2)."""
+    optimizer state of the trainable ones (fp32 gradient; AdamW 8 bytes, 8-bit AdamW ~2).
+    `host_state`: ids of parameters whose optimizer state lives in CPU memory (embedding_offload)."""
     total = 0
     seen: set[int] = set()
     for t in list(model.parameters()) + list(model.buffers()):
@@ -122,7 +135,9 @@ def static_bytes(model: nn.Module, optimizer: str = "adamw") -> int:
         total += n
         if t.requires_grad:
             numel = n // t.element_size()
-            total += 4 * numel + (8 * numel if optimizer == "adamw" else 2 * numel + numel // 64)
+            total += 4 * numel
+            if id(t) not in host_state:
+                total += 8 * numel if optimizer == "adamw" else 2 * numel + numel // 64
     return total
 
 
@@ -332,22 +347,31 @@ def apply_memory_plan(model: nn.Module, plan: MemoryPlan) -> None:
         block.recompute_norm = plan.recompute_norm
 
 
-def _model_terms(model: nn.Module, optimizer: str = "adamw") -> dict:
+def _model_terms(model: nn.Module, optimizer: str = "adamw", host_embeddings: bool = False) -> dict:
     """predict_bytes' arguments that a built `Decoder` fixes: its real bytes, activation dtype, head
-    and 4-bit weights."""
+    and 4-bit weights; `host_embeddings`: the trained embeddings' optimizer state is in CPU memory."""
     from snuggle.quant.nf4 import NF4Weight
 
     dense = [m.shape.numel() for m in model.modules() if isinstance(m, NF4Weight)]
     act_bytes = torch.empty((), dtype=model.compute_dtype).element_size()
     return dict(
-        static=static_bytes(model, optimizer),
+        static=static_bytes(model, optimizer, _embedding_ids(model) if host_embeddings else frozenset()),
         act_bytes=act_bytes,
         trainable_head=bool(model.lm_head.weight.requires_grad),
         transient=2 * act_bytes * max(dense, default=0),  # one dequantized weight in forward, one in backward
     )
 
 
-def predict_for_model(model: nn.Module, tokens: int, optimizer: str = "adamw") -> int:
+def _embedding_ids(model: nn.Module) -> frozenset[int]:
+    """ids of the trained embed_tokens / lm_head copies (one for a tied pair)."""
+    return frozenset(
+        id(w) for w in (model.model.embed_tokens.weight, model.lm_head.weight) if w.requires_grad
+    )
+
+
+def predict_for_model(
+    model: nn.Module, tokens: int, optimizer: str = "adamw", host_embeddings: bool = False
+) -> int:
     """Predicted peak bytes of a step of `tokens` tokens with the savings the model is set to now
     (checkpointed and offloaded blocks, MLP tiles, recomputed product and norms): what a plan with
     these settings would have predicted, so that any configuration's measured peak can be held
@@ -363,7 +387,7 @@ def predict_for_model(model: nn.Module, tokens: int, optimizer: str = "adamw") -
         fused_mlp=bool(block.mlp.recompute_product),
         fused_norm=bool(getattr(block, "recompute_norm", False)),
         offload_blocks=len(saved.layers) if saved is not None else 0,
-        **_model_terms(model, optimizer),
+        **_model_terms(model, optimizer, host_embeddings),
     )
 
 
@@ -375,12 +399,51 @@ def plan_for_model(
     optimizer: str = "adamw",
     can_offload: bool = True,
     offload_blocks_max: int | None = None,
+    embedding_offload: str = "gpu",
 ) -> MemoryPlan:
     """`plan_memory` for a built `Decoder` (see `_model_terms`).
 
     `offload_blocks_max`: None measures what the host link carries on the model's GPU
-    (`offload_capacity`; 0 elsewhere or without `can_offload`)."""
-    terms = _model_terms(model, optimizer)
+    (`offload_capacity`; 0 elsewhere or without `can_offload`). `embedding_offload`: where the trained
+    embeddings' optimizer state lives, gpu or cpu; auto keeps it on the GPU when any plan fits there
+    (an update on the host costs every optimizer step a round trip of the copies over the host link
+    and a CPU AdamW pass) and moves it to the host when none does."""
+    if not _embedding_ids(model):
+        return _plan_for_model(
+            model, batch_size, seq_len, budget_gib, optimizer, can_offload, offload_blocks_max
+        )
+    if embedding_offload == "auto":
+        try:
+            return plan_for_model(
+                model, batch_size, seq_len, budget_gib, optimizer, can_offload, offload_blocks_max, "gpu"
+            )
+        except SnuggleError:
+            embedding_offload = "cpu"
+    plan = _plan_for_model(
+        model,
+        batch_size,
+        seq_len,
+        budget_gib,
+        optimizer,
+        can_offload,
+        offload_blocks_max,
+        embedding_offload == "cpu",
+    )
+    plan.embeddings = embedding_offload
+    return plan
+
+
+def _plan_for_model(
+    model: nn.Module,
+    batch_size: int,
+    seq_len: int,
+    budget_gib: float,
+    optimizer: str,
+    can_offload: bool,
+    offload_blocks_max: int | None,
+    host_embeddings: bool = False,
+) -> MemoryPlan:
+    terms = _model_terms(model, optimizer, host_embeddings)
     rp, rn = _can_recompute_product(model), _can_recompute_norm(model)
     device = model.lm_head.weight.device
     if offload_blocks_max is None:
@@ -526,7 +589,13 @@ def memory_plan_for(cfg, model: nn.Module, device: torch.device) -> MemoryPlan |
         return None
     budget = t.memory_budget_gib if t.memory_budget_gib is not None else device_budget_gib(device)
     return plan_for_model(
-        model, t.batch_size, cfg.data.seq_len, budget, t.optimizer, can_offload=device.type == "cuda"
+        model,
+        t.batch_size,
+        cfg.data.seq_len,
+        budget,
+        t.optimizer,
+        can_offload=device.type == "cuda",
+        embedding_offload=t.embedding_offload,
     )
 
 

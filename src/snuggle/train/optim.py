@@ -2,7 +2,8 @@
 
 Groups: `decay` (LoRA factors and matrices), `no_decay` (norms and biases: decaying a gain towards 0 is
 never what one wants), `embeddings` (embed_tokens / lm_head copies at `embedding_lr`; peers' CPT recipe
-trains them 2-10x slower than the adapters because they move every token's representation).
+trains them 2-10x slower than the adapters because they move every token's representation). The
+embeddings' optimizer may run on the host (`train.embedding_offload`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 from torch import nn
 
 from snuggle.config import TrainConfig
+from snuggle.errors import SnuggleError
 
 __all__ = ["param_groups", "build_optimizer", "lr_factor", "build_scheduler"]
 
@@ -38,15 +40,33 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: nn.Module, cfg: TrainConfig, host_embeddings: bool = False
+) -> torch.optim.Optimizer:
+    """AdamW (or 8-bit AdamW) over `param_groups`; `host_embeddings`: the embeddings group's optimizer
+    state and fp32 master live in CPU memory and are updated there (see embedding_offload)."""
     groups = param_groups(model, cfg)
-    if cfg.optimizer == "adamw8bit":
-        from snuggle.train.adamw8bit import AdamW8bit
 
-        return AdamW8bit(groups, betas=tuple(cfg.betas), eps=1e-8)
-    on_cuda = all(p.is_cuda for g in groups for p in g["params"])
-    # fused AdamW is one kernel for all tensors on CUDA; on CPU the foreach path is the fast one
-    return torch.optim.AdamW(groups, betas=tuple(cfg.betas), eps=1e-8, fused=on_cuda or None)
+    def make(groups: list[dict]) -> torch.optim.Optimizer:
+        if cfg.optimizer == "adamw8bit":
+            from snuggle.train.adamw8bit import AdamW8bit
+
+            return AdamW8bit(groups, betas=tuple(cfg.betas), eps=1e-8)
+        on_cuda = all(p.is_cuda for g in groups for p in g["params"])
+        # fused AdamW is one kernel for all tensors on CUDA; on CPU the foreach path is the fast one
+        return torch.optim.AdamW(groups, betas=tuple(cfg.betas), eps=1e-8, fused=on_cuda or None)
+
+    if not host_embeddings:
+        return make(groups)
+    emb = [g for g in groups if g["name"] == "embeddings"]
+    if not emb:
+        raise SnuggleError(
+            "train.embedding_offload=cpu moves the trained embeddings' optimizer state to CPU memory, "
+            "but no embeddings train: set lora.train_embeddings=true or embedding_offload=auto"
+        )
+    from snuggle.train.embedding_offload import HostOffloadOptimizer
+
+    return HostOffloadOptimizer([g for g in groups if g["name"] != "embeddings"], emb[0], make)
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
