@@ -55,6 +55,7 @@ import torch.distributed as dist
 from torch import nn
 
 from snuggle.errors import SnuggleError
+from snuggle.train.gpu_link import configure_nccl_link
 
 __all__ = [
     "DistContext",
@@ -97,6 +98,7 @@ class DistContext:
     local_rank: int = 0
     timeout_s: float = 600.0
     owns_group: bool = False  # we initialised the process group, so we tear it down
+    link: str = ""  # how this machine's GPUs reach each other, for the plan line (gpu_link.py)
     _store: Any = field(default=None, repr=False)
     _seq: int = 0
     _phase: str = "setup"
@@ -363,6 +365,8 @@ def init_distributed(timeout_s: float, device: torch.device) -> DistContext:
         ctx = DistContext(world, _env_int("RANK", 0), _env_int("LOCAL_RANK", 0), timeout_s, owns_group=True)
         if device.type == "cuda":
             torch.cuda.set_device(device)
+            # GeForce cards without peer-to-peer need NCCL told so before its communicators start
+            ctx.link = configure_nccl_link(single_node=_env_int("LOCAL_WORLD_SIZE", world) == world)
         # gloo beside NCCL: the few CPU-side collectives (object gathers) work whatever the device
         backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
         # with our watchdog, the backends' own timeout is the later backstop (see the module doc)
