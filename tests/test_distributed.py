@@ -93,26 +93,26 @@ if "KILL_SEED" in os.environ and "RANK" in os.environ:
         setattr(ckpt, where, hooked(getattr(ckpt, where)))
 """
 
-# Ends its own node for good at step KILL_STEP of the first attempt: the worker SIGKILLs its agent
-# (torchrun of that node, its parent) and then itself.
-_NODE_KILL_SCRIPT = """
-import os, signal, sys
-import snuggle.train.loop as loop
-from snuggle.cli import main
+# sitecustomize.py for the workers of a node that dies for good: at step KILL_STEP of the run, the
+# worker of the node started with KILL_NODE=1 SIGKILLs its agent (torchrun of that node, its parent)
+# and then itself.
+_NODE_KILL_SITECUSTOMIZE = """
+import os
 
-real = loop.BatchPlan.micro_batches
+if os.environ.get("KILL_NODE") == "1" and "RANK" in os.environ:
+    import signal, sys
+    import snuggle.train.loop as loop
 
+    real = loop.BatchPlan.micro_batches
 
-def dying(self, step):
-    if os.environ.get("KILL_NODE") == "1" and step + 1 == int(os.environ["KILL_STEP"]):
-        print(f"KILL node of rank {self.rank} at step {step + 1}", file=sys.stderr, flush=True)
-        os.kill(os.getppid(), signal.SIGKILL)
-        os.kill(os.getpid(), signal.SIGKILL)
-    return real(self, step)
+    def dying(self, step):
+        if step + 1 == int(os.environ["KILL_STEP"]):
+            print(f"KILL node of rank {self.rank} at step {step + 1}", file=sys.stderr, flush=True)
+            os.kill(os.getppid(), signal.SIGKILL)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(self, step)
 
-
-loop.BatchPlan.micro_batches = dying
-sys.exit(main(sys.argv[1:]))
+    loop.BatchPlan.micro_batches = dying
 """
 
 
@@ -573,5 +573,56 @@ def test_killed_ranks_are_restarted_and_the_job_finishes_the_uninterrupted_curve
     assert json.loads(p.stdout.strip().splitlines()[-1])["restarts"] == kills
     assert f"; restart {kills} of 3" in p.stderr, p.stderr[-3000:]
     assert metrics(out)[-1]["restart"] == kills
+    assert_same_curve(out, lora_ref, ignore=("restart",))
+    assert_same_trainables(out, lora_ref)
+
+
+def test_a_node_lost_for_good_leaves_the_job_on_one_process_with_the_same_curve(setup, lora_ref, tmp_path):
+    """Two torchrun agents (`--nnodes 1:2`, one process each) train with `train.global_batch=4`
+    (batch_size 2: grad_accum 1 on 2 processes). One node dies for good at step 3; the other agent's
+    worker fails, the agent meets alone in the next rendezvous round and restarts it on 1 process,
+    which derives grad_accum 2, resumes checkpoint 2 and ends on the uninterrupted curve."""
+    from torch.distributed import TCPStore
+
+    (tmp_path / "sitecustomize.py").write_text(_NODE_KILL_SITECUSTOMIZE)
+    out = tmp_path / "run"
+    args = overrides(
+        setup["tied"], setup["corpus"], out, "train.batch_size=2", "train.global_batch=4", "train.resume=auto"
+    )
+    # the rendezvous store lives here, so that it outlives whichever node dies
+    store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    rdzv = [
+        "--nnodes=1:2",
+        "--nproc-per-node=1",
+        "--max-restarts=2",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint=127.0.0.1:{store.port}",
+        "--rdzv-id=shrink",
+        # a second node gets 10 s to join the first round; a lost one is dropped after 3 s of silence
+        "--rdzv-conf=is_host=false,last_call_timeout=10,keep_alive_interval=1,keep_alive_max_attempt=3",
+    ]
+    cmd = [sys.executable, "-m", "torch.distributed.run", *rdzv, "-m", "snuggle", "train"]
+    cmd += [setup["config"], *args]
+    path = os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])
+    nodes = []
+    for kill in ("0", "1"):
+        log = open(tmp_path / f"node{kill}.txt", "w+")
+        node_env = {**env(), "PYTHONPATH": path, "KILL_NODE": kill, "KILL_STEP": "3"}
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=node_env)
+        nodes.append((proc, log))
+    try:
+        survivor, lost = (p.wait(timeout=LAUNCH_TIMEOUT_S) for p, _ in nodes)
+    finally:
+        for p, log in nodes:
+            if p.poll() is None:
+                p.kill()
+            log.close()
+    said = [(tmp_path / f"node{k}.txt").read_text() for k in ("0", "1")]
+    assert (survivor, lost) == (0, -9), said[0][-3000:] + said[1][-3000:]
+    assert "KILL node of rank" in said[1]
+    assert "grad_accum 1 for a global batch of 4 rows" in said[0] + said[1]  # 2 processes
+    assert "snuggle: 1 process; grad_accum 2 for a global batch of 4 rows" in said[0]
+    summary = json.loads(said[0].strip().splitlines()[-1])
+    assert summary["restarts"] >= 1 and "world_size" not in summary  # it ended on one process
     assert_same_curve(out, lora_ref, ignore=("restart",))
     assert_same_trainables(out, lora_ref)

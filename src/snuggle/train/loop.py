@@ -164,7 +164,11 @@ def _train(cfg: RunConfig, ctx: DistContext, device: torch.device) -> dict:
     )
     if not ctx.enabled and t.parallel in ("ddp", "fsdp"):
         say(_one_process_note(t.parallel))
-    derived = "" if t.global_batch is None and t.global_batch_tokens is None else f"; grad_accum {grad_accum}"
+    derived = ""
+    if t.global_batch is not None or t.global_batch_tokens is not None:
+        derived = f"; grad_accum {grad_accum} for a global batch of {plan.global_batch} rows"
+        if not ctx.enabled:
+            say(f"snuggle: 1 process{derived}")
     if ctx.enabled:
         say(
             f"snuggle: {ctx.world_size} processes, train.parallel={strategy}"
