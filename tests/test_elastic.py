@@ -106,3 +106,18 @@ def test_configure_sets_the_process_environment_from_the_driver_query(monkeypatc
     line = configure_nccl_link(single_node=True)
     assert os.environ["NCCL_P2P_DISABLE"] == "1" and os.environ["NCCL_IB_DISABLE"] == "0"
     assert line.endswith("NCCL_P2P_DISABLE=1, NCCL_IB_DISABLE=0 (yours)")
+
+
+def test_a_torchrun_job_with_restarts_needs_resume(monkeypatch):
+    """Under `torchrun --max-restarts`, resume=false would make each restarted worker refuse its own run."""
+    from snuggle.train.loop import _check_restartable
+
+    cfg = load_config(None, REQUIRED)
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "0")
+    _check_restartable(cfg.train)  # no restarts: nothing to continue
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "3")
+    with pytest.raises(
+        SnuggleError, match=r"--max-restarts 3\), but train.resume=false .* set train.resume=auto"
+    ):
+        _check_restartable(cfg.train)
+    _check_restartable(load_config(None, [*REQUIRED, "train.resume=auto"]).train)

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import yaml
 
-from snuggle.config import RunConfig, to_dict, with_absolute_paths
+from snuggle.config import RunConfig, TrainConfig, to_dict, with_absolute_paths
 from snuggle.data import BatchPlan, collate, grad_accum_for, iterate_eval
 from snuggle.errors import SnuggleError
 from snuggle.load import resolve_dtype
@@ -201,7 +201,7 @@ def _train(cfg: RunConfig, ctx: DistContext, device: torch.device) -> dict:
             r.close()
 
 
-def _check_restartable(t) -> None:
+def _check_restartable(t: TrainConfig) -> None:
     """A job that torchrun restarts (`--max-restarts`) must continue its run, not refuse its own directory."""
     restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0)
     if restarts and t.resume is False:
@@ -368,8 +368,6 @@ def _run(cfg, ctx: DistContext, device, strategy, model, data, plan, say, report
             + (f"; resumed from {ckpt.name}" if ckpt is not None else "")
             + (f"; restart {restart} of {os.environ.get('TORCHELASTIC_MAX_RESTARTS')}" if restart else "")
         )
-        if ckpt is None and t.resume is True:
-            bar.write(f"snuggle: note: train.resume=true, but {out} holds no checkpoint: starting at step 0")
 
     def run_eval(step: int) -> dict | None:
         if len(data.val_idx) == 0:
