@@ -121,7 +121,7 @@ def test_unknown_key_in_yaml_file_is_named(tmp_path):
         ("train.steps=true", "config key 'train.steps' must be int, got True"),
         ("train.lr=fast", "config key 'train.lr' must be float"),
         ("train.lr=true", "config key 'train.lr' must be float"),
-        ("train.resume=1", "config key 'train.resume' must be bool, got 1"),
+        ("train.resume=1", "config key 'train.resume' must be bool | 'auto', got 1"),
         ("train.betas=0.9", "config key 'train.betas' must be list[float]"),
         ("train.betas=[0.9, x]", "config key 'train.betas' must be list[float]"),
         ("train.schedule=step", "config key 'train.schedule' must be 'cosine' | 'linear' | 'constant'"),

@@ -342,6 +342,8 @@ def _type_name(tp: Any) -> str:
         return "a mapping of its keys (see docs/config.md)"
     if (sub := _dataclass_arm(tp)) is not None:  # lora: LoraConfig | None
         return f"{_type_name(sub)} or null"
+    if typing.get_origin(tp) is typing.Union:  # resume: bool | Literal["auto"] (a Literal makes a Union)
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
     return str(tp).replace("typing.", "").replace("<class '", "").replace("'>", "")
 
 
