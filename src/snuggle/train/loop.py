@@ -13,7 +13,10 @@ the lr schedule does not advance, the data moves on) with a warning naming it, a
 `train.max_bad_steps` of them in a row stop the run with a checkpoint; SIGTERM / SIGINT finish the
 step, checkpoint it and return (exit status 128 + signal); running out of GPU memory is one line with
 the figures and the settings that lower the need; resuming with settings that change the curve is
-refused with each one named (`train.allow_config_change` overrides).
+refused with each one named (`train.allow_config_change` overrides). Workers that torchrun starts
+again after a failure (`train.max_restarts`, `--max-restarts`) continue from `latest` with
+`train.resume: auto`; their rows in metrics.jsonl carry the restart number, and `train.global_batch`
+keeps the curve when they come back on another number of processes.
 """
 
 from __future__ import annotations
