@@ -800,7 +800,7 @@ def test_nproc_launches_unless_torchrun_started_this_process(runs, tmp_path, mon
     import snuggle.cli as cli
 
     launched = []
-    monkeypatch.setattr(cli, "_launch", lambda n, args: launched.append(n) or 0)
+    monkeypatch.setattr(cli, "_launch", lambda n, args, restarts: launched.append(n) or 0)
     config = str(write_config(tmp_path, runs))
     for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(key, raising=False)
@@ -816,6 +816,30 @@ def test_nproc_launches_unless_torchrun_started_this_process(runs, tmp_path, mon
         monkeypatch.setenv(key, value)
     with pytest.raises(cli.SnuggleError, match="--nproc 3 but torchrun started 2 processes"):
         cli._cmd_train(cli.build_parser().parse_args(["train", config, "--nproc", "3"]))
+
+
+def test_max_restarts_launches_torchrun_even_for_one_process_and_checks_the_global_batch_first(
+    runs, tmp_path, monkeypatch, capsys
+):
+    """Restarts need a launcher that outlives the workers; an indivisible global batch is one line
+    before any worker starts, not one per (re)started worker."""
+    import snuggle.cli as cli
+
+    launched = []
+    monkeypatch.setattr(
+        cli, "_launch", lambda n, args, restarts: launched.append((n, args[-1], restarts)) or 0
+    )
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    config = str(write_config(tmp_path, runs))
+    assert main(["train", config, "--max-restarts", "2", "train.resume=auto"]) == 0
+    assert launched == [(1, "train.max_restarts=2", 2)]  # the workers see the count in their config
+    assert main(["train", config, "--nproc", "3", "train.global_batch=4"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("snuggle: error: train.global_batch=4 (4 rows a step) is not a multiple of 3")
+    assert main(["train", config, "--nproc", "2", "--max-restarts", "1"]) == 2  # resume is false
+    assert "set train.resume=auto" in capsys.readouterr().err
+    assert len(launched) == 1
 
 
 def test_exports_are_readable_like_the_files_beside_them_and_keep_the_generation_config(

@@ -121,7 +121,7 @@ def test_unknown_key_in_yaml_file_is_named(tmp_path):
         ("train.steps=true", "config key 'train.steps' must be int, got True"),
         ("train.lr=fast", "config key 'train.lr' must be float"),
         ("train.lr=true", "config key 'train.lr' must be float"),
-        ("train.resume=1", "config key 'train.resume' must be bool, got 1"),
+        ("train.resume=1", "config key 'train.resume' must be bool | 'auto', got 1"),
         ("train.betas=0.9", "config key 'train.betas' must be list[float]"),
         ("train.betas=[0.9, x]", "config key 'train.betas' must be list[float]"),
         ("train.schedule=step", "config key 'train.schedule' must be 'cosine' | 'linear' | 'constant'"),
@@ -312,3 +312,30 @@ def test_a_mapping_override_sets_its_keys_and_keeps_the_others(tmp_path):
     assert load_config(f, ["lora=null", "lora={r: 2}"]).lora.alpha == 16.0  # nothing left to keep
     with pytest.raises(SnuggleError, match="unknown config key 'train.stpes'"):
         load_config(f, ["train={stpes: 3}"])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragment"),
+    [
+        (["train.global_batch=8", "train.global_batch_tokens=64"], "not both"),
+        (["train.global_batch=8", "train.grad_accum=2"], "both size the step: set one"),
+        (["train.global_batch=0"], "train.global_batch must be >= 1"),
+        (
+            ["train.global_batch_tokens=100", "data.seq_len=16"],
+            "not a whole number of rows of data.seq_len=16",
+        ),
+        (["train.max_restarts=-1"], "train.max_restarts must be >= 0"),
+        (["train.max_restarts=2"], "set train.resume=auto"),
+        (["train.resume=maybe"], "train.resume"),
+    ],
+)
+def test_world_size_free_and_restart_settings_are_checked(overrides, fragment):
+    assert fragment in error_of(*overrides)
+
+
+def test_resume_auto_and_a_global_batch_are_accepted():
+    cfg = cfg_of(
+        "train.resume=auto", "train.max_restarts=3", "train.global_batch_tokens=128", "data.seq_len=16"
+    )
+    assert (cfg.train.resume, cfg.train.max_restarts, cfg.train.global_batch_tokens) == ("auto", 3, 128)
+    assert cfg_of("train.resume=true", "train.max_restarts=1").train.resume is True

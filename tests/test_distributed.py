@@ -54,6 +54,67 @@ loop.BatchPlan.micro_batches = faulty
 sys.exit(main(sys.argv[1:]))
 """
 
+# sitecustomize.py for the workers of a job that torchrun restarts: SIGKILLs one rank once in each of
+# the first KILL_ATTEMPTS attempts. The rank and the instant come from (KILL_SEED, attempt): the nth
+# step this attempt runs (mid-step), or the entry to a phase of its first checkpoint write
+# (mid-checkpoint: after the temp directory, after the DCP shards, before `latest` moves). Only
+# instants every attempt reaches are drawn, so each armed attempt dies exactly once. Python imports
+# sitecustomize in every process it starts, so this reaches workers that `snuggle train --nproc`
+# starts as `python -m snuggle` too.
+_KILL_SITECUSTOMIZE = """
+import os
+
+if "KILL_SEED" in os.environ and "RANK" in os.environ:
+    import random, signal, sys
+    import snuggle.train.checkpoint as ckpt
+    import snuggle.train.loop as loop
+
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    rng = random.Random(f"{os.environ['KILL_SEED']}/{attempt}")
+    victim = rng.randrange(int(os.environ["WORLD_SIZE"]))
+    # rank 0 alone writes state/meta and publishes; every rank writes shards
+    where = rng.choice(["step", "_write_shards"] + (["_write_state", "_publish"] if victim == 0 else []))
+    nth = rng.randint(1, 2) if where == "step" else 1
+    armed = attempt < int(os.environ["KILL_ATTEMPTS"]) and int(os.environ["RANK"]) == victim
+    calls = [0]
+
+    def hooked(fn):
+        def wrapper(*args, **kwargs):
+            calls[0] += 1
+            if armed and calls[0] == nth:
+                print(f"KILL rank={victim} attempt={attempt} at {where} #{nth}", file=sys.stderr, flush=True)
+                os.kill(os.getpid(), signal.SIGKILL)
+            return fn(*args, **kwargs)
+        return wrapper
+
+    if where == "step":
+        loop.BatchPlan.micro_batches = hooked(loop.BatchPlan.micro_batches)
+    else:
+        setattr(ckpt, where, hooked(getattr(ckpt, where)))
+"""
+
+# sitecustomize.py for the workers of a node that dies for good: at step KILL_STEP of the run, the
+# worker of the node started with KILL_NODE=1 SIGKILLs its agent (torchrun of that node, its parent)
+# and then itself.
+_NODE_KILL_SITECUSTOMIZE = """
+import os
+
+if os.environ.get("KILL_NODE") == "1" and "RANK" in os.environ:
+    import signal, sys
+    import snuggle.train.loop as loop
+
+    real = loop.BatchPlan.micro_batches
+
+    def dying(self, step):
+        if step + 1 == int(os.environ["KILL_STEP"]):
+            print(f"KILL node of rank {self.rank} at step {step + 1}", file=sys.stderr, flush=True)
+            os.kill(os.getppid(), signal.SIGKILL)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(self, step)
+
+    loop.BatchPlan.micro_batches = dying
+"""
+
 
 def docs(n: int) -> list[str]:
     import random
@@ -154,8 +215,9 @@ def rewind(src: Path, dst: Path, step: int) -> Path:
     return dst
 
 
-def assert_same_curve(out: Path, ref: Path, atol: float = 1e-5) -> None:
-    got, want = metrics(out), metrics(ref)
+def assert_same_curve(out: Path, ref: Path, atol: float = 1e-5, ignore: tuple[str, ...] = ()) -> None:
+    got = [{k: v for k, v in r.items() if k not in ignore} for r in metrics(out)]
+    want = metrics(ref)
     assert [(r["step"], "loss" in r) for r in got] == [(r["step"], "loss" in r) for r in want]
     for r, w in zip(got, want, strict=True):
         assert set(r) == set(w), (r, w)
@@ -490,3 +552,93 @@ def test_a_signal_to_the_nproc_launcher_checkpoints_and_exits_like_one_process(s
     assert len(stopped) == 1, err[-3000:]
     step = int(re.search(r"at step (\d+) ", stopped[0]).group(1))
     assert latest_checkpoint(out).name == f"checkpoint-{step:07d}"
+
+
+# --- elastic: restarts and a changing world size -----------------------------------------------------
+
+
+# (launcher, seed, kills): seed 5 kills rank 1 inside step 2; seed 2 kills rank 1 writing its DCP shards
+# of checkpoint 2, then rank 0 with checkpoint 2 written but before `latest` names it
+@pytest.mark.parametrize(("launch", "seed", "kills"), [("torchrun", 5, 1), ("nproc", 2, 2)])
+def test_killed_ranks_are_restarted_and_the_job_finishes_the_uninterrupted_curve(
+    setup, lora_ref, tmp_path, launch, seed, kills
+):
+    """A rank SIGKILLed at a seeded instant (mid-step or mid-checkpoint) in each of the first `kills`
+    attempts of `torchrun --max-restarts 3` / `snuggle train --nproc 2 --max-restarts 3`: the agent
+    restarts both workers, which resume from `latest` with no human step. The curve and the trained
+    tensors are the uninterrupted run's; the restarts are counted in the log and metrics.jsonl."""
+    (tmp_path / "sitecustomize.py").write_text(_KILL_SITECUSTOMIZE)
+    out = tmp_path / "run"
+    args = overrides(setup["tied"], setup["corpus"], out, "train.batch_size=2", "train.resume=auto")
+    if launch == "torchrun":
+        cmd = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--max-restarts", "3"]
+        cmd += ["-m", "snuggle", "train", setup["config"], *args]
+    else:
+        cmd = ["-m", "snuggle", "train", setup["config"], "--nproc", "2", "--max-restarts", "3", *args]
+    path = os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])
+    p = subprocess.run(
+        [sys.executable, *cmd],
+        capture_output=True,
+        text=True,
+        env={**env(), "PYTHONPATH": path, "KILL_SEED": str(seed), "KILL_ATTEMPTS": str(kills)},
+        timeout=LAUNCH_TIMEOUT_S,
+    )
+    ok(p)
+    attempts = re.findall(r"KILL rank=\d attempt=(\d)", p.stderr)
+    assert attempts == [str(a) for a in range(kills)], p.stderr[-3000:]
+    assert json.loads(p.stdout.strip().splitlines()[-1])["restarts"] == kills
+    assert f"; restart {kills} of 3" in p.stderr, p.stderr[-3000:]
+    assert metrics(out)[-1]["restart"] == kills
+    assert_same_curve(out, lora_ref, ignore=("restart",))
+    assert_same_trainables(out, lora_ref)
+
+
+def test_a_node_lost_for_good_leaves_the_job_on_one_process_with_the_same_curve(setup, lora_ref, tmp_path):
+    """Two torchrun agents (`--nnodes 1:2`, one process each) train with `train.global_batch=4`
+    (batch_size 2: grad_accum 1 on 2 processes). One node dies for good at step 3; the other agent's
+    worker fails, the agent meets alone in the next rendezvous round and restarts it on 1 process,
+    which derives grad_accum 2, resumes checkpoint 2 and ends on the uninterrupted curve."""
+    from torch.distributed import TCPStore
+
+    (tmp_path / "sitecustomize.py").write_text(_NODE_KILL_SITECUSTOMIZE)
+    out = tmp_path / "run"
+    args = overrides(
+        setup["tied"], setup["corpus"], out, "train.batch_size=2", "train.global_batch=4", "train.resume=auto"
+    )
+    # the rendezvous store lives here, so that it outlives whichever node dies
+    store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    rdzv = [
+        "--nnodes=1:2",
+        "--nproc-per-node=1",
+        "--max-restarts=2",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint=127.0.0.1:{store.port}",
+        "--rdzv-id=shrink",
+        # a second node gets 10 s to join the first round; a lost one is dropped after 3 s of silence
+        "--rdzv-conf=is_host=false,last_call_timeout=10,keep_alive_interval=1,keep_alive_max_attempt=3",
+    ]
+    cmd = [sys.executable, "-m", "torch.distributed.run", *rdzv, "-m", "snuggle", "train"]
+    cmd += [setup["config"], *args]
+    path = os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])
+    nodes = []
+    for kill in ("0", "1"):
+        log = open(tmp_path / f"node{kill}.txt", "w+")
+        node_env = {**env(), "PYTHONPATH": path, "KILL_NODE": kill, "KILL_STEP": "3"}
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=node_env)
+        nodes.append((proc, log))
+    try:
+        survivor, lost = (p.wait(timeout=LAUNCH_TIMEOUT_S) for p, _ in nodes)
+    finally:
+        for p, log in nodes:
+            if p.poll() is None:
+                p.kill()
+            log.close()
+    said = [(tmp_path / f"node{k}.txt").read_text() for k in ("0", "1")]
+    assert (survivor, lost) == (0, -9), said[0][-3000:] + said[1][-3000:]
+    assert "KILL node of rank" in said[1]
+    assert "grad_accum 1 for a global batch of 4 rows" in said[0] + said[1]  # 2 processes
+    assert "snuggle: 1 process; grad_accum 2 for a global batch of 4 rows" in said[0]
+    summary = json.loads(said[0].strip().splitlines()[-1])
+    assert summary["restarts"] >= 1 and "world_size" not in summary  # it ended on one process
+    assert_same_curve(out, lora_ref, ignore=("restart",))
+    assert_same_trainables(out, lora_ref)

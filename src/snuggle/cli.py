@@ -27,20 +27,26 @@ EVAL_SEQ_LEN = 2048  # eval's default row length, capped at the model's position
 def _cmd_train(a: argparse.Namespace) -> int:
     from snuggle.config import load_config
 
+    if a.max_restarts is not None:
+        a.overrides = [*a.overrides, f"train.max_restarts={a.max_restarts}"]  # the workers see it too
     cfg = load_config(a.config, a.overrides)  # bad input fails here, once, before any process starts
-    if a.nproc is not None:
-        if a.nproc < 1:
-            raise SnuggleError(f"--nproc must be >= 1, got {a.nproc}")
-        # already a worker that torchrun started: it sets all of these (a stray LOCAL_WORLD_SIZE left in a
-        # shell alone must not turn --nproc N into one silent process)
-        if all(k in os.environ for k in _TORCHRUN_WORKER_ENV):
-            if int(os.environ["LOCAL_WORLD_SIZE"]) != a.nproc:
-                raise SnuggleError(
-                    f"--nproc {a.nproc} but torchrun started {os.environ['LOCAL_WORLD_SIZE']} processes "
-                    "per node; give the count to one of them"
-                )
-        elif a.nproc > 1:
-            return _launch(a.nproc, [a.config, *a.overrides])
+    # already a worker that torchrun started: it sets all of these (a stray LOCAL_WORLD_SIZE left in a
+    # shell alone must not turn --nproc N into one silent process)
+    worker = all(k in os.environ for k in _TORCHRUN_WORKER_ENV)
+    if a.nproc is not None and a.nproc < 1:
+        raise SnuggleError(f"--nproc must be >= 1, got {a.nproc}")
+    if worker and a.nproc is not None and int(os.environ["LOCAL_WORLD_SIZE"]) != a.nproc:
+        raise SnuggleError(
+            f"--nproc {a.nproc} but torchrun started {os.environ['LOCAL_WORLD_SIZE']} processes "
+            "per node; give the count to one of them"
+        )
+    nproc = a.nproc or 1
+    if not worker and (nproc > 1 or cfg.train.max_restarts):
+        # restarts need a launcher that outlives the workers: torchrun's agent, even for one process
+        from snuggle.train.loop import grad_accum_for_config
+
+        grad_accum_for_config(cfg, nproc)  # a global batch N processes cannot divide: one line, now
+        return _launch(nproc, [a.config, *a.overrides], cfg.train.max_restarts)
     from snuggle.train.loop import train
 
     summary = train(cfg)
@@ -54,13 +60,14 @@ def _finite_or_null(summary: dict) -> dict:
     return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in summary.items()}
 
 
-def _launch(nproc: int, train_args: list[str]) -> int:
+def _launch(nproc: int, train_args: list[str], max_restarts: int = 0) -> int:
     """`snuggle train --nproc N`: torchrun on this machine, in this process, with the same arguments.
 
-    The elastic agent watches the workers: when one exits with an error, it stops the others, so the
-    launcher returns as soon as any rank fails. A SIGTERM / SIGINT to the launcher (Ctrl-C, a scheduler)
-    is passed on to the workers, which checkpoint the step and stop, rank 0 saying so in one line; the
-    launcher then exits 128 + the signal, as one process does.
+    The elastic agent watches the workers: when one exits with an error, it stops the others, and
+    either starts them all again (`max_restarts` times; they resume from `latest`) or returns. A
+    SIGTERM / SIGINT to the launcher (Ctrl-C, a scheduler) is passed on to the workers, which
+    checkpoint the step and stop, rank 0 saying so in one line; the launcher then exits 128 + the
+    signal, as one process does.
     """
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -79,7 +86,15 @@ def _launch(nproc: int, train_args: list[str]) -> int:
         ):
             logging.getLogger(name).setLevel(logging.CRITICAL)
     args = get_args_parser().parse_args(
-        ["--standalone", f"--nproc-per-node={nproc}", "-m", "snuggle", "train", *train_args]
+        [
+            "--standalone",
+            f"--nproc-per-node={nproc}",
+            f"--max-restarts={max_restarts}",
+            "-m",
+            "snuggle",
+            "train",
+            *train_args,
+        ]
     )
     try:
         run(args)
@@ -334,6 +349,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="processes on this machine (one per GPU): torchrun in one step",
+    )
+    t.add_argument(
+        "--max-restarts",
+        type=int,
+        default=None,
+        help="restart the workers up to this many times when one fails; they resume from latest "
+        "(train.max_restarts)",
     )
     t.set_defaults(fn=_cmd_train)
 

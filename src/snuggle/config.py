@@ -82,6 +82,9 @@ class TrainConfig:
     steps: int = 100  # optimizer steps
     batch_size: int = 1  # rows per micro-batch per process
     grad_accum: int = 1  # micro-batches per optimizer step
+    # rows (sequences) an optimizer step over every process; set, it derives grad_accum from the world size
+    global_batch: int | None = None
+    global_batch_tokens: int | None = None  # the same in tokens: global_batch x data.seq_len
     lr: float = 2e-4
     embedding_lr: float | None = None  # lr of embed_tokens/lm_head when trained; default lr
     weight_decay: float = 0.0
@@ -100,7 +103,7 @@ class TrainConfig:
     log_every: int = 1  # steps between metrics.jsonl rows
     output_dir: str = "runs/snuggle"
     seed: int = 3407
-    resume: bool = False
+    resume: bool | Literal["auto"] = False  # auto: continue this run if output_dir holds it, else start
     allow_config_change: bool = False  # resume even though settings that shape the curve changed
     # recompute blocks in backward (less memory, ~30% slower); null (auto): as the memory plan needs
     gradient_checkpointing: bool | None = None
@@ -117,6 +120,7 @@ class TrainConfig:
     # the dtype gradients are reduced in across processes: bfloat16 halves the bytes on the link
     reduce_dtype: Literal["float32", "bfloat16"] = "float32"
     dist_timeout_s: float = 600.0  # a collective waiting longer for a dead or hung rank fails the run
+    max_restarts: int = 0  # `snuggle train --nproc N`: restarts of the workers after one fails (resume auto)
     report_to: str | list[str] = field(default_factory=list)  # tensorboard, wandb (metrics.jsonl always)
     wandb_project: str = "snuggle"
 
@@ -148,6 +152,7 @@ class RunConfig:
             ("train.save_every", t.save_every, 0),
             ("train.log_every", t.log_every, 1),
             ("train.keep_checkpoints", t.keep_checkpoints, 1),
+            ("train.max_restarts", t.max_restarts, 0),
             ("train.seed", t.seed, 0),  # numpy's generators take non-negative seeds only
         ):
             if val < lo:
@@ -176,6 +181,12 @@ class RunConfig:
             raise SnuggleError(f"train.max_grad_norm must be >= 0 (null disables), got {t.max_grad_norm}")
         if t.dist_timeout_s <= 0:
             raise SnuggleError(f"train.dist_timeout_s must be > 0, got {t.dist_timeout_s}")
+        _check_global_batch(t, self.data.seq_len)
+        if t.max_restarts and t.resume is False:
+            raise SnuggleError(
+                f"train.max_restarts={t.max_restarts} restarts the workers to continue from latest: "
+                "set train.resume=auto"
+            )
         if t.eval_rows is not None and t.eval_rows < 1:
             raise SnuggleError(f"train.eval_rows must be >= 1 (or null for all), got {t.eval_rows}")
         if isinstance(t.report_to, str):
@@ -220,6 +231,31 @@ class RunConfig:
     @property
     def use_lora(self) -> bool:
         return self.lora is not None and self.lora.enabled
+
+
+def _check_global_batch(t: TrainConfig, seq_len: int) -> None:
+    """train.global_batch / global_batch_tokens replace grad_accum: one of the three names the step."""
+    if t.global_batch is not None and t.global_batch_tokens is not None:
+        raise SnuggleError("set train.global_batch or train.global_batch_tokens, not both")
+    key, value = (
+        ("global_batch", t.global_batch)
+        if t.global_batch is not None
+        else ("global_batch_tokens", t.global_batch_tokens)
+    )
+    if value is None:
+        return
+    if value < 1:
+        raise SnuggleError(f"train.{key} must be >= 1, got {value}")
+    if t.grad_accum != 1:
+        raise SnuggleError(
+            f"train.{key} and train.grad_accum={t.grad_accum} both size the step: set one (with a global "
+            "batch, grad_accum follows from the number of processes and batch_size)"
+        )
+    if key == "global_batch_tokens" and value % seq_len:
+        raise SnuggleError(
+            f"train.global_batch_tokens={value} is not a whole number of rows of data.seq_len={seq_len} "
+            "tokens: use a multiple of it"
+        )
 
 
 # PyYAML implements YAML 1.1, whose float pattern needs a dot and a signed exponent: `lr: 1e-4` and
@@ -310,6 +346,8 @@ def _type_name(tp: Any) -> str:
         return "a mapping of its keys (see docs/config.md)"
     if (sub := _dataclass_arm(tp)) is not None:  # lora: LoraConfig | None
         return f"{_type_name(sub)} or null"
+    if typing.get_origin(tp) is typing.Union:  # resume: bool | Literal["auto"] (a Literal makes a Union)
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
     return str(tp).replace("typing.", "").replace("<class '", "").replace("'>", "")
 
 

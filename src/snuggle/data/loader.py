@@ -16,7 +16,7 @@ import torch
 from snuggle.data.packing import PackedRows
 from snuggle.errors import SnuggleError
 
-__all__ = ["BatchPlan", "iterate_eval", "split_indices"]
+__all__ = ["BatchPlan", "grad_accum_for", "iterate_eval", "split_indices"]
 
 _PERM_CACHE_SIZE = 4  # a step spans at most two epochs unless the epoch is smaller than a global batch
 
@@ -45,6 +45,24 @@ def split_indices(n_rows: int, val_fraction: float, seed: int) -> tuple[np.ndarr
     is_val[rng.choice(n_rows, size=n_val, replace=False)] = True
     all_rows = np.arange(n_rows, dtype=np.int64)
     return all_rows[~is_val], all_rows[is_val]
+
+
+def grad_accum_for(global_rows: int, batch_size: int, world_size: int, named: str) -> int:
+    """The micro-batches a step needs for `global_rows` rows a step over `world_size` processes.
+
+    A job restarted on fewer or more processes keeps its global batch (and so its curve) this way;
+    `named` is how the user gave the global batch, for the one line when the world cannot divide it.
+    """
+    per_micro = world_size * batch_size  # rows one micro-batch of every process takes
+    if global_rows % per_micro:
+        # the world sizes (up to 64 processes) this global batch and batch_size do fit
+        fits = [str(w) for w in range(1, 65) if global_rows % (w * batch_size) == 0]
+        where = f"or run on {', '.join(fits)} processes" if fits else "none of 1-64 processes fits it"
+        raise SnuggleError(
+            f"{named} ({global_rows} rows a step) is not a multiple of {world_size} processes x "
+            f"train.batch_size={batch_size}: change batch_size, {where}"
+        )
+    return global_rows // per_micro
 
 
 class BatchPlan:

@@ -13,7 +13,10 @@ the lr schedule does not advance, the data moves on) with a warning naming it, a
 `train.max_bad_steps` of them in a row stop the run with a checkpoint; SIGTERM / SIGINT finish the
 step, checkpoint it and return (exit status 128 + signal); running out of GPU memory is one line with
 the figures and the settings that lower the need; resuming with settings that change the curve is
-refused with each one named (`train.allow_config_change` overrides).
+refused with each one named (`train.allow_config_change` overrides). Workers that torchrun starts
+again after a failure (`train.max_restarts`, `--max-restarts`) continue from `latest` with
+`train.resume: auto`; their rows in metrics.jsonl carry the restart number, and `train.global_batch`
+keeps the curve when they come back on another number of processes.
 """
 
 from __future__ import annotations
@@ -35,8 +38,8 @@ import numpy as np
 import torch
 import yaml
 
-from snuggle.config import RunConfig, to_dict, with_absolute_paths
-from snuggle.data import BatchPlan, collate, iterate_eval
+from snuggle.config import RunConfig, TrainConfig, to_dict, with_absolute_paths
+from snuggle.data import BatchPlan, collate, grad_accum_for, iterate_eval
 from snuggle.errors import SnuggleError
 from snuggle.load import resolve_dtype
 from snuggle.lora import count_parameters, trainable_state
@@ -73,7 +76,7 @@ from snuggle.train.parallel import (
 from snuggle.train.reporters import Reporter, check_reporters, open_reporters
 from snuggle.train.setup import build_data, build_model, check_output_dir
 
-__all__ = ["train", "oom_message"]
+__all__ = ["grad_accum_for_config", "oom_message", "restart_count", "train"]
 
 
 def train(cfg: RunConfig) -> dict:
@@ -136,6 +139,7 @@ def _train(cfg: RunConfig, ctx: DistContext, device: torch.device) -> dict:
     error: BaseException | None = None
     model = tokenizer = data = None
     strategy = "none"
+    grad_accum = t.grad_accum
 
     def rank_data(model, tokenizer):
         args = model.args
@@ -146,6 +150,8 @@ def _train(cfg: RunConfig, ctx: DistContext, device: torch.device) -> dict:
     try:
         fits, sizes = auto_strategy_fits(cfg, device) if ctx.enabled and t.parallel == "auto" else (True, "")
         strategy = resolve_strategy(t.parallel, ctx.world_size, cfg.use_lora, fits)
+        _check_restartable(t)
+        grad_accum = grad_accum_for_config(cfg, ctx.world_size)
         if ctx.is_main:
             check_output_dir(out, t.resume)
             check_reporters(t.report_to)
@@ -170,17 +176,24 @@ def _train(cfg: RunConfig, ctx: DistContext, device: torch.device) -> dict:
     plan = BatchPlan(
         data.train_idx,
         batch_size=t.batch_size,
-        grad_accum=t.grad_accum,
+        grad_accum=grad_accum,
         world_size=ctx.world_size,
         rank=ctx.rank,
         seed=t.seed,
     )
     if not ctx.enabled and t.parallel in ("ddp", "fsdp"):
         say(_one_process_note(t.parallel))
+    derived = ""
+    if t.global_batch is not None or t.global_batch_tokens is not None:
+        derived = f"; grad_accum {grad_accum} for a global batch of {plan.global_batch} rows"
+        if not ctx.enabled:
+            say(f"snuggle: 1 process{derived}")
     if ctx.enabled:
         say(
             f"snuggle: {ctx.world_size} processes, train.parallel={strategy}"
             + (f" (auto{': ' + sizes if sizes else ''})" if t.parallel == "auto" else "")
+            + (f"; {ctx.link}" if ctx.link else "")
+            + derived
         )
         # dropout draws its own masks on each rank (the same masks on different rows would be a
         # correlation no single-process run has)
@@ -205,6 +218,34 @@ def _train(cfg: RunConfig, ctx: DistContext, device: torch.device) -> dict:
     finally:
         for r in reporters:
             r.close()
+
+
+def _check_restartable(t: TrainConfig) -> None:
+    """A job that torchrun restarts (`--max-restarts`) must continue its run, not refuse its own directory."""
+    restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0)
+    if restarts and t.resume is False:
+        raise SnuggleError(
+            f"torchrun restarts failed workers (--max-restarts {restarts}), but train.resume=false would "
+            "refuse the run they continue: set train.resume=auto"
+        )
+
+
+def grad_accum_for_config(cfg: RunConfig, world_size: int) -> int:
+    """train.grad_accum, or the count that makes train.global_batch (_tokens) on this many processes."""
+    t = cfg.train
+    if t.global_batch is not None:
+        named = f"train.global_batch={t.global_batch}"
+        return grad_accum_for(t.global_batch, t.batch_size, world_size, named)
+    if t.global_batch_tokens is not None:
+        rows = t.global_batch_tokens // cfg.data.seq_len  # a whole number: config.validate checked it
+        named = f"train.global_batch_tokens={t.global_batch_tokens}"
+        return grad_accum_for(rows, t.batch_size, world_size, named)
+    return t.grad_accum
+
+
+def restart_count() -> int:
+    """How many times torchrun has restarted this job's workers (0 for a first start or no torchrun)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
 
 
 def _one_process_note(requested: str) -> str:
@@ -326,10 +367,14 @@ def _run(cfg, ctx: DistContext, device, strategy, model, data, plan, say, report
         _write_atomic(out / "config.yaml", yaml.safe_dump(saved, sort_keys=False))
         log = MetricsLog(out / "metrics.jsonl", resume_step=start if ckpt is not None else None)
 
+    restart = restart_count()
+
     def record(row: dict) -> None:
-        # rank 0: metrics.jsonl, then every reporter, the same row
+        # rank 0: metrics.jsonl, then every reporter, the same row; rows of a restarted job say which
         if log is None:
             return
+        if restart:
+            row = {**row, "restart": restart}
         log.write(row)
         for r in reporters:
             r.log(row)
@@ -343,6 +388,7 @@ def _run(cfg, ctx: DistContext, device, strategy, model, data, plan, say, report
             f"{len(data.val_idx)} held-out rows of {cfg.data.seq_len} tokens"
             + (f"; LoRA from {cfg.model.adapter}" if cfg.model.adapter and ckpt is None else "")
             + (f"; resumed from {ckpt.name}" if ckpt is not None else "")
+            + (f"; restart {restart} of {os.environ.get('TORCHELASTIC_MAX_RESTARTS')}" if restart else "")
         )
 
     def run_eval(step: int) -> dict | None:
@@ -488,6 +534,8 @@ def _run(cfg, ctx: DistContext, device, strategy, model, data, plan, say, report
     if log is not None:
         log.close()
     summary = {"output_dir": str(out), "steps": t.steps, "final_loss": loss_val}
+    if restart:
+        summary["restarts"] = restart
     if ctx.enabled:
         summary["world_size"], summary["parallel"] = ctx.world_size, strategy
     if first_eval is not None:

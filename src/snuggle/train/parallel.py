@@ -55,6 +55,7 @@ import torch.distributed as dist
 from torch import nn
 
 from snuggle.errors import SnuggleError
+from snuggle.train.gpu_link import configure_nccl_link
 
 __all__ = [
     "DistContext",
@@ -99,6 +100,7 @@ class DistContext:
     local_rank: int = 0
     timeout_s: float = 600.0
     owns_group: bool = False  # we initialised the process group, so we tear it down
+    link: str = ""  # how this machine's GPUs reach each other, for the plan line (gpu_link.py)
     _store: Any = field(default=None, repr=False)
     _seq: int = 0
     _phase: str = "setup"
@@ -378,6 +380,21 @@ def _check_launch_env(world: int) -> None:
         raise SnuggleError(f"LOCAL_RANK={os.environ['LOCAL_RANK']} is negative")
 
 
+def _attempt_store(world: int, timeout: timedelta) -> Any:
+    """This worker group's own view of the store torchrun's agent keeps for the whole job, or None.
+
+    The agent's store outlives a restart of the workers, and with it the keys of the group before:
+    the addresses its dead ranks listened on (a restarted rank that read one would wait on it until
+    the timeout) and their heartbeats. So each start of the group works under its own prefix: the
+    restart count, and the world size for a restart that only admits or drops nodes.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None  # the store is made afresh for this group (env:// with rank 0 hosting it)
+    addr, port = os.environ["MASTER_ADDR"], _env_int("MASTER_PORT", 0)
+    store = dist.TCPStore(addr, port, world, is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"snuggle/start-{_env_int('TORCHELASTIC_RESTART_COUNT', 0)}-of-{world}/", store)
+
+
 def init_distributed(timeout_s: float, device: torch.device) -> DistContext:
     """Join the process group described by torchrun's environment (WORLD_SIZE, RANK, ...), if any.
 
@@ -396,11 +413,18 @@ def init_distributed(timeout_s: float, device: torch.device) -> DistContext:
         ctx = DistContext(world, _env_int("RANK", 0), _env_int("LOCAL_RANK", 0), timeout_s, owns_group=True)
         if device.type == "cuda":
             torch.cuda.set_device(device)
+            # GeForce cards without peer-to-peer need NCCL told so before its communicators start
+            ctx.link = configure_nccl_link(single_node=_env_int("LOCAL_WORLD_SIZE", world) == world)
         # gloo beside NCCL: the few CPU-side collectives (object gathers) work whatever the device
         backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
         # with our watchdog, the backends' own timeout is the later backstop (see the module doc)
         grace = watchdog_grace_s(timeout_s) if watchdog else 0.0
-        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s + grace))
+        timeout = timedelta(seconds=timeout_s + grace)
+        store = _attempt_store(world, timeout)
+        if store is None:
+            dist.init_process_group(backend, timeout=timeout)
+        else:
+            dist.init_process_group(backend, store=store, rank=ctx.rank, world_size=world, timeout=timeout)
     if ctx.world_size > 1:
         try:
             ctx._store = dist.distributed_c10d._get_default_store()
