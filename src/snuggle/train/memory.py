@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from snuggle.errors import SnuggleError
+from snuggle.kernels.capabilities import can_recompute_norm, can_recompute_product
 from snuggle.model.args import ModelArgs
 from snuggle.model.checkpointing import configure_checkpointing
 
@@ -381,7 +382,7 @@ def plan_for_model(
     `offload_blocks_max`: None measures what the host link carries on the model's GPU
     (`offload_capacity`; 0 elsewhere or without `can_offload`)."""
     terms = _model_terms(model, optimizer)
-    rp, rn = _can_recompute_product(model), _can_recompute_norm(model)
+    rp, rn = can_recompute_product(model), can_recompute_norm(model)
     device = model.lm_head.weight.device
     if offload_blocks_max is None:
         offload_blocks_max = 0
@@ -468,49 +469,6 @@ def host_available_bytes() -> int:
     except OSError:
         pass
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
-def _can_recompute_product(model: nn.Module) -> bool:
-    """Whether the blocks' MLPs can run SwiGLU inside the LoRA down projection (the fast path's act_down)."""
-    from snuggle.kernels.lora import fusable
-    from snuggle.model.decoder import act_down
-
-    mlps = [block.mlp for block in model.model.layers]
-    # the swap point replaced (by the fast path), a down projection it can fuse, and activations the
-    # kernel can take (a model on the CPU of a GPU machine has the fast path swapped in, but runs the
-    # reference beneath it, which keeps the product)
-    return (
-        bool(mlps)
-        and _kernels_run_on(model)
-        and all(m.act_down is not act_down and fusable([m.down_proj]) for m in mlps)
-    )
-
-
-def _kernels_run_on(model: nn.Module) -> bool:
-    """Whether the fast path's kernels take this model's activations (its device), or fall back."""
-    from snuggle.kernels._utils import use_triton
-
-    return use_triton(model.lm_head.weight)
-
-
-def _can_recompute_norm(model: nn.Module) -> bool:
-    """Whether every block's q/k/v and gate/up are LoRA groups that take their norm inside (fast path)."""
-    from snuggle.kernels.lora import fast_project, fusable, norm_fusable
-
-    blocks = list(model.model.layers)
-    return (
-        bool(blocks)
-        and _kernels_run_on(model)
-        and all(
-            b.self_attn.project is fast_project
-            and b.mlp.project is fast_project
-            and norm_fusable(b.input_layernorm)
-            and norm_fusable(b.post_attention_layernorm)
-            and fusable([b.self_attn.q_proj, b.self_attn.k_proj, b.self_attn.v_proj])
-            and fusable([b.mlp.gate_proj, b.mlp.up_proj])
-            for b in blocks
-        )
-    )
 
 
 def memory_plan_for(cfg, model: nn.Module, device: torch.device) -> MemoryPlan | None:
