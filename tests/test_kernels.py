@@ -33,6 +33,7 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 from torch import nn  # noqa: E402
 
+from snuggle.config import LoraConfig  # noqa: E402
 from snuggle.lora import LoRALinear, apply_lora  # noqa: E402
 from snuggle.model.args import ModelArgs  # noqa: E402
 from snuggle.model.checkpointing import configure_checkpointing  # noqa: E402
@@ -1093,7 +1094,7 @@ def tiny_decoder(
                 p.normal_(0, 0.1)
     model.to(DEV, dtype)
     model.compute_dtype = dtype
-    apply_lora(model, r=4, alpha=8, train_embeddings=True)
+    apply_lora(model, LoraConfig(r=4, alpha=8, train_embeddings=True))
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, LoRALinear):

@@ -56,6 +56,7 @@ from torch.distributed.checkpoint.state_dict import (
 from snuggle.config import RunConfig
 from snuggle.errors import SnuggleError
 from snuggle.lora import resolve_targets
+from snuggle.run_dir import CHECKPOINT_PREFIX, TRAINABLE_FILE, latest_checkpoint
 from snuggle.train.dcp_safe import SafeLoadPlanner, SafeReader
 from snuggle.train.parallel import DistContext, RankError, unwrap
 
@@ -70,9 +71,8 @@ __all__ = [
     "TRAINABLE_FILE",
 ]
 
-_PREFIX = "checkpoint-"
+_PREFIX = CHECKPOINT_PREFIX
 _TMP_PREFIX = f".tmp-{_PREFIX}"
-TRAINABLE_FILE = "trainable.safetensors"
 _OPTIMIZER_DIR = "optimizer"
 
 
@@ -308,21 +308,6 @@ def _settle_trainable_file(tmp: Path) -> None:
     os.replace(files[0], tmp / TRAINABLE_FILE)
     shutil.rmtree(tmp / "sharded", ignore_errors=True)
     (tmp / "model.safetensors.index.json").unlink(missing_ok=True)
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    pointer = run_dir / "latest"
-    if not pointer.is_file():
-        return None
-    try:
-        name = pointer.read_text().strip()
-    except (OSError, UnicodeDecodeError) as e:
-        raise SnuggleError(f"{pointer}: unreadable checkpoint pointer ({e})") from None
-    # the pointer names a checkpoint directory of this run, nothing else: never a path out of it
-    if not (name.startswith(_PREFIX) and name[len(_PREFIX) :].isdigit()):
-        raise SnuggleError(f"{pointer}: names {name[:80]!r}, not a checkpoint inside the run")
-    ckpt = run_dir / name
-    return ckpt if (ckpt / "meta.json").is_file() else None
 
 
 def read_meta(ckpt: Path) -> dict[str, Any]:
