@@ -850,7 +850,7 @@ def test_trainer_keeps_its_curve_with_blocks_offloaded_to_cpu_on_gpu(tiny_hf_mod
     corpus = write_jsonl(tmp_path / "c.jsonl", learnable_docs(300))
 
     def curve(out: Path, plan: MemoryPlan) -> list[float]:
-        monkeypatch.setattr(loop, "memory_plan_for", lambda cfg, model, device: plan)
+        monkeypatch.setattr(loop, "memory_plan_for", lambda model, device, **settings: plan)
         cfg = make_cfg(
             path, corpus, out, "model.dtype=float32", "data.seq_len=128", "data.val_fraction=0.1",
             "train.steps=12", "train.grad_accum=2", "train.lr=0.003", "train.eval_every=4",

@@ -128,7 +128,10 @@ def _train(cfg: RunConfig, ctx: DistContext, device: torch.device) -> dict:
         )
 
     try:
-        fits, sizes = auto_strategy_fits(cfg, device) if ctx.enabled and t.parallel == "auto" else (True, "")
+        fits, sizes = (True, "")
+        if ctx.enabled and t.parallel == "auto":
+            m = cfg.model
+            fits, sizes = auto_strategy_fits(m.path, m.dtype, m.quantize, t.memory_budget_gib, device)
         strategy = resolve_strategy(t.parallel, ctx.world_size, cfg.use_lora, fits)
         if ctx.is_main:
             check_output_dir(out, t.resume)
@@ -249,7 +252,15 @@ def _run(cfg, ctx: DistContext, device, strategy, model, data, plan, say, report
     mem_plan = None
     try:
         enforce_budget(t.memory_budget_gib, device)
-        mem_plan = memory_plan_for(cfg, model, device)
+        mem_plan = memory_plan_for(
+            model,
+            device,
+            batch_size=t.batch_size,
+            seq_len=cfg.data.seq_len,
+            optimizer=t.optimizer,
+            budget_gib=t.memory_budget_gib,
+            gradient_checkpointing=t.gradient_checkpointing,
+        )
     except Exception as e:
         error = e
     ctx.agree(error)  # a run that cannot fit stops on every rank, before any step

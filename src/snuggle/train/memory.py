@@ -471,21 +471,27 @@ def host_available_bytes() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def memory_plan_for(cfg, model: nn.Module, device: torch.device) -> MemoryPlan | None:
-    """The plan for this run, or None when the config settles checkpointing itself.
+def memory_plan_for(
+    model: nn.Module,
+    device: torch.device,
+    *,
+    batch_size: int,
+    seq_len: int,
+    optimizer: str,
+    budget_gib: float | None,
+    gradient_checkpointing: bool | None,
+) -> MemoryPlan | None:
+    """The plan for this run, or None when `gradient_checkpointing` (the config's) settles it.
 
-    Planned when `train.gradient_checkpointing` is left unset (auto) and there is a budget: on a GPU
-    always (default: what the card has), elsewhere only with an explicit `train.memory_budget_gib`.
+    Planned when `gradient_checkpointing` is left unset (auto) and there is a budget: on a GPU always
+    (default: what the card has), elsewhere only with an explicit `budget_gib`.
     """
-    t = cfg.train
-    if t.gradient_checkpointing is not None:
+    if gradient_checkpointing is not None:
         return None
-    if t.memory_budget_gib is None and device.type != "cuda":
+    if budget_gib is None and device.type != "cuda":
         return None
-    budget = t.memory_budget_gib if t.memory_budget_gib is not None else device_budget_gib(device)
-    return plan_for_model(
-        model, t.batch_size, cfg.data.seq_len, budget, t.optimizer, can_offload=device.type == "cuda"
-    )
+    budget = budget_gib if budget_gib is not None else device_budget_gib(device)
+    return plan_for_model(model, batch_size, seq_len, budget, optimizer, can_offload=device.type == "cuda")
 
 
 def enforce_budget(budget_gib: float | None, device: torch.device) -> None:
@@ -507,18 +513,19 @@ def estimate_weight_bytes(args: ModelArgs, dtype_bytes: int, quantize: str = "no
     return int(L * block * per_weight + (embeddings + (2 * L + 1) * h) * dtype_bytes)
 
 
-def auto_strategy_fits(cfg, device: torch.device) -> tuple[bool, str]:
-    """Whether the base model fits one card with room to train, and the figures, for `parallel: auto`."""
+def auto_strategy_fits(
+    model_path: str, dtype: str, quantize: str, budget_gib: float | None, device: torch.device
+) -> tuple[bool, str]:
+    """Whether the base model at `model_path` (in `dtype`, `quantize`d) fits one card with room to train,
+    and the figures, for `parallel: auto`. `budget_gib` None: what the card has."""
     if device.type != "cuda":
         return True, ""
     from snuggle.load import load_model_args, resolve_dtype
 
-    args = load_model_args(cfg.model.path)
-    dtype_bytes = torch.empty((), dtype=resolve_dtype(cfg.model.dtype, device)).element_size()
-    need = estimate_weight_bytes(args, dtype_bytes, cfg.model.quantize)
-    budget = (
-        cfg.train.memory_budget_gib if cfg.train.memory_budget_gib is not None else device_budget_gib(device)
-    )
+    args = load_model_args(model_path)
+    dtype_bytes = torch.empty((), dtype=resolve_dtype(dtype, device)).element_size()
+    need = estimate_weight_bytes(args, dtype_bytes, quantize)
+    budget = budget_gib if budget_gib is not None else device_budget_gib(device)
     # replicated weights may take at most ~3/4 of the card: the rest is activations and LoRA state
     fits = need <= 0.75 * budget * GIB
     return fits, f"weights {need / GIB:.1f} GiB, {budget:.1f} GiB a card"
