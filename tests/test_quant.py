@@ -1,6 +1,6 @@
 """QLoRA and long context on CPU: NF4 weights, bnb checkpoints, the memory plan, tiled MLP, 8-bit AdamW.
 
-The Triton dequantization kernel is tested against `dequantize_nf4_reference` in test_kernels.py; here
+The Triton dequantization kernel is tested against `dequantize_nf4_reference` in kernels/test_nf4.py; here
 the reference itself is held to error bounds, and to bitsandbytes (an independent implementation of the
 same format) where that package is installed.
 """
