@@ -71,8 +71,7 @@ __all__ = [
     "TRAINABLE_FILE",
 ]
 
-_PREFIX = CHECKPOINT_PREFIX
-_TMP_PREFIX = f".tmp-{_PREFIX}"
+_TMP_PREFIX = f".tmp-{CHECKPOINT_PREFIX}"
 _OPTIMIZER_DIR = "optimizer"
 
 
@@ -150,7 +149,7 @@ def save_checkpoint(
     points `latest` at it. A failed write removes the temp directory before anyone raises.
     """
     ctx = ctx or DistContext()
-    final = run_dir / f"{_PREFIX}{step:07d}"
+    final = run_dir / f"{CHECKPOINT_PREFIX}{step:07d}"
     tmp = run_dir / f"{_TMP_PREFIX}{step:07d}"
 
     def phase(fn: Callable[[], None], everywhere: bool = False) -> None:
@@ -252,7 +251,7 @@ def _publish(run_dir: Path, tmp: Path, final: Path, keep: int) -> None:
         os.fsync(fh.fileno())
     os.replace(latest_tmp, run_dir / "latest")
     _fsync_dir(run_dir)
-    for old in sorted(run_dir.glob(f"{_PREFIX}*"))[:-keep]:
+    for old in sorted(run_dir.glob(f"{CHECKPOINT_PREFIX}*"))[:-keep]:
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
 
