@@ -118,6 +118,7 @@ def batches(steps: int, batch: int, seq: int, vocab: int, device):
 
 
 def build_snuggle(args, device):
+    from snuggle.config import LoraConfig
     from snuggle.lora import LoRALinear, apply_lora
     from snuggle.model.args import ModelArgs
     from snuggle.model.checkpointing import configure_checkpointing
@@ -140,7 +141,7 @@ def build_snuggle(args, device):
     if args.no_lora:
         no_lora_bound(model)
     else:
-        apply_lora(model, r=16, alpha=16, targets=TARGETS)
+        apply_lora(model, LoraConfig(r=16, alpha=16, targets=TARGETS))
         for name, mod in model.named_modules():
             if isinstance(mod, LoRALinear):
                 init_lora(name, mod.lora_A, mod.lora_B)

@@ -6,7 +6,7 @@
 #   usage (from the repository root, on the GPU machine; .peers from ../shared/device/build_peers.sh):
 #     OUT=/tmp/out TESTS="-k 'lora or MLP'" SUITES="targets" AB_BASE=.snap0 \
 #       AB_CASES="1b 8 2048 none 0;8b 2 2048 none 0" bash benchmarks/gpu_check.sh
-#   TESTS: pytest arguments for tests/test_kernels.py (empty: skip); SUITES: run.py suites (empty: skip);
+#   TESTS: pytest arguments for tests/kernels/ (empty: skip); SUITES: run.py suites (empty: skip);
 #   AB_BASE / AB_CASES: a base tree and ';'-separated cases for benchmarks/ab.py (empty: skip);
 #   T_TESTS, T_SUITES, T_AB: each stage's seconds (defaults 90, 300, 150); ROUNDS: A/B rounds (1).
 set -uo pipefail
@@ -18,7 +18,7 @@ export PYTHONPATH="$PWD/src:$peers${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit --format=csv > "$OUT/gpu.txt" 2>&1
 cat "$OUT/gpu.txt"
 if [ -n "${TESTS:-}" ]; then
-  eval "timeout ${T_TESTS:-90} python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py $TESTS" \
+  eval "timeout ${T_TESTS:-90} python3 -m pytest -q -p no:cacheprovider tests/kernels $TESTS" \
     > "$OUT/gpu-tests.txt" 2>&1
   tail -n 2 "$OUT/gpu-tests.txt"
 fi

@@ -26,7 +26,7 @@ sys.path.insert(0, str(HERE))
 import scaling  # noqa: E402
 from bench import SHAPES, init_weights  # noqa: E402
 
-from snuggle.config import TrainConfig  # noqa: E402
+from snuggle.config import LoraConfig, TrainConfig  # noqa: E402
 from snuggle.lora import apply_lora  # noqa: E402
 from snuggle.model.args import ModelArgs  # noqa: E402
 from snuggle.model.decoder import Decoder  # noqa: E402
@@ -45,7 +45,12 @@ def build(cfg: scaling.Config, shape: dict, device: torch.device) -> torch.nn.Mo
         from snuggle.quant.nf4 import quantize_model
 
         quantize_model(model)
-    apply_lora(model, cfg.lora_r, cfg.lora_alpha, rslora=cfg.rslora, train_embeddings=cfg.train_embeddings)
+    apply_lora(
+        model,
+        LoraConfig(
+            r=cfg.lora_r, alpha=cfg.lora_alpha, rslora=cfg.rslora, train_embeddings=cfg.train_embeddings
+        ),
+    )
     if device.type == "cuda":
         from snuggle.kernels.swap import apply_fast_path
         from snuggle.train.memory import apply_memory_plan, device_budget_gib, plan_for_model

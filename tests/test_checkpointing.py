@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from snuggle.config import LoraConfig
 from snuggle.lora import apply_lora
 from snuggle.model.args import ModelArgs
 from snuggle.model.checkpointing import BlockActivationOffloader, _Saved, configure_checkpointing
@@ -22,7 +23,7 @@ def _model(dropout: float) -> Decoder:
     )
     torch.manual_seed(0)
     m = Decoder(args)
-    apply_lora(m, 4, 8, dropout=dropout, train_embeddings=True)
+    apply_lora(m, LoraConfig(r=4, alpha=8, dropout=dropout, train_embeddings=True))
     for mod in m.modules():
         if hasattr(mod, "lora_B"):
             torch.nn.init.normal_(mod.lora_B, std=0.1)  # B = 0 would hide wrong gradients of A

@@ -25,7 +25,7 @@ from snuggle.config import load_config
 from snuggle.data import PackedRows, iterate_eval, resolve_files, tokenize_corpus
 from snuggle.generate import generate
 from snuggle.load import load
-from snuggle.run_dir import load_run
+from snuggle.rebuild import load_run
 from snuggle.train.evaluate import evaluate
 from snuggle.train.loop import train
 from snuggle.train.setup import build_data
@@ -329,7 +329,7 @@ def test_eval_base_and_adapter(runs, tmp_path, capfd):
 def test_eval_dtype_applies_to_a_run_adapter(runs, capfd):
     """--dtype is honoured with a run directory as --adapter (it used to be dropped for the run's own
     model.dtype); without --dtype the run's dtype is kept."""
-    from snuggle.run_dir import load_with_adapter
+    from snuggle.rebuild import load_with_adapter
 
     model, _ = load_with_adapter(str(runs["model"]), str(runs["lora"]), dtype="bfloat16", device="cpu")
     assert model.compute_dtype == torch.bfloat16
@@ -667,11 +667,11 @@ class Spy:
     `force_at`-th forward (1 = the prompt), so a test knows exactly where generation must stop."""
 
     def __init__(self, monkeypatch, force: int | None = None, force_at: int = 0):
-        import snuggle.run_dir as run_dir_mod
+        import snuggle.rebuild as rebuild_mod
 
         self.prompts: list[list[int]] = []
         self.forwards = 0
-        real = run_dir_mod.load_with_adapter
+        real = rebuild_mod.load_with_adapter
 
         def load_and_hook(*args, **kwargs):
             model, tok = real(*args, **kwargs)
@@ -680,7 +680,7 @@ class Spy:
             return model, tok
 
         self.force, self.force_at = force, force_at
-        monkeypatch.setattr(run_dir_mod, "load_with_adapter", load_and_hook)
+        monkeypatch.setattr(rebuild_mod, "load_with_adapter", load_and_hook)
 
     def _record(self, module, inputs):
         if self.forwards == 0:  # the prefill: the whole prompt

@@ -6,7 +6,18 @@ import dataclasses
 
 import pytest
 
-from snuggle.config import LoraConfig, RunConfig, config_from_dict, load_config, to_dict
+from snuggle.config import (
+    CURVE,
+    DataConfig,
+    LoraConfig,
+    ModelConfig,
+    RunConfig,
+    TrainConfig,
+    config_from_dict,
+    curve_keys,
+    load_config,
+    to_dict,
+)
 from snuggle.errors import SnuggleError
 
 # the two keys validate() insists on; everything else has a default
@@ -339,3 +350,29 @@ def test_resume_auto_and_a_global_batch_are_accepted():
     )
     assert (cfg.train.resume, cfg.train.max_restarts, cfg.train.global_batch_tokens) == ("auto", 3, 128)
     assert cfg_of("train.resume=true", "train.max_restarts=1").train.resume is True
+
+
+# --- which fields shape the loss curve ---------------------------------------------------------------
+
+SECTIONS = {"model": ModelConfig, "lora": LoraConfig, "data": DataConfig, "train": TrainConfig}
+
+
+@pytest.mark.parametrize("section", SECTIONS)
+def test_every_field_says_whether_it_shapes_the_loss_curve(section):
+    """A new field takes curve_field(...) or run_field(...) (see snuggle.config): the resume fingerprint
+    is built from that mark, so an unmarked field would be silently left out of it."""
+    unmarked = [
+        f.name for f in dataclasses.fields(SECTIONS[section]) if not isinstance(f.metadata.get(CURVE), bool)
+    ]
+    assert unmarked == [], f"{section}: mark these with curve_field or run_field: {unmarked}"
+
+
+def test_the_resume_fingerprint_is_the_curve_fields():
+    from snuggle.train.checkpoint import curve_fingerprint
+
+    fp = curve_fingerprint(cfg_of(), "float32", 8)  # LoRA on, a decaying schedule: every curve field counts
+    marked = {f"{s}.{name}" for s, cls in SECTIONS.items() for name in curve_keys(cls)}
+    assert set(fp) == marked | {"train.global_batch"}
+    assert "train.output_dir" not in marked and "train.lr" in marked
+    off = curve_fingerprint(cfg_of("lora.enabled=false", "train.schedule=constant"), "float32", 8)
+    assert not any(k.startswith("lora.") and k != "lora.enabled" for k in off) and "train.steps" not in off

@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 from conftest import build_tiny_hf_model
 from snuggle.config import load_config
-from snuggle.run_dir import load_run
+from snuggle.rebuild import load_run
 from snuggle.train.checkpoint import latest_checkpoint
 from snuggle.train.loop import train
 

@@ -13,6 +13,7 @@ import shutil
 import pytest
 import torch
 
+from snuggle.config import LoraConfig
 from snuggle.errors import SnuggleError
 from snuggle.lora import apply_lora
 from snuggle.train.checkpoint import latest_checkpoint
@@ -111,7 +112,9 @@ def test_optimizer_state_of_the_embeddings_is_on_the_host_side(tiny_hf_model, tm
     from snuggle.train.optim import build_optimizer
 
     model_dir, _ = tiny_hf_model("llama", False, tmp_path)
-    model = apply_lora(load(model_dir, dtype=torch.float32)[0], 2, 4, train_embeddings=True)
+    model = apply_lora(
+        load(model_dir, dtype=torch.float32)[0], LoraConfig(r=2, alpha=4, train_embeddings=True)
+    )
     opt = build_optimizer(model, TrainConfig(embedding_lr=1e-3), host_embeddings=True)
     assert isinstance(opt, HostOffloadOptimizer)
     emb = model.model.embed_tokens.weight
@@ -135,7 +138,9 @@ def test_plan_counts_host_state_and_moves_it_when_nothing_fits_on_the_device(tin
     from snuggle.load import load
 
     model_dir, _ = tiny_hf_model("llama", False, tmp_path, vocab_size=4001)
-    model = apply_lora(load(model_dir, dtype=torch.float32)[0], 2, 4, train_embeddings=True)
+    model = apply_lora(
+        load(model_dir, dtype=torch.float32)[0], LoraConfig(r=2, alpha=4, train_embeddings=True)
+    )
     emb_ids = frozenset(id(w) for w in (model.model.embed_tokens.weight, model.lm_head.weight))
     on_dev, on_host = static_bytes(model), static_bytes(model, host_state=emb_ids)
     # AdamW's two fp32 moments of both copies leave the device

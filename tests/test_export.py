@@ -31,7 +31,7 @@ def _ids(vocab: int, seed: int = 1) -> torch.Tensor:
 def _trained(path, cfg: LoraConfig, dtype=torch.float32):
     """A LoRA model as if trained: random B everywhere and perturbed embeddings when they train."""
     model, _ = load(path, dtype=dtype, device="cpu", with_tokenizer=False)
-    apply_lora(model, cfg.r, cfg.alpha, cfg.dropout, cfg.rslora, cfg.targets, cfg.train_embeddings)
+    apply_lora(model, cfg)
     g = torch.Generator().manual_seed(11)
     with torch.no_grad():
         for m in model.modules():

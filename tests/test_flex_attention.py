@@ -11,6 +11,7 @@ import warnings
 import pytest
 import torch
 
+from snuggle.config import LoraConfig
 from snuggle.lora import apply_lora
 from snuggle.model.args import ModelArgs
 from snuggle.model.decoder import Decoder
@@ -41,7 +42,7 @@ def _model(window: int | None = None) -> Decoder:
         sliding_window=window,
     )
     m = Decoder(ModelArgs.from_hf(cfg))
-    apply_lora(m, 4, 8)
+    apply_lora(m, LoraConfig(r=4, alpha=8))
     for name, p in m.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.1)

@@ -20,6 +20,7 @@ from gguf import GGUFReader
 
 import snuggle
 from conftest import build_tiny_tokenizer
+from snuggle.config import LoraConfig
 from snuggle.errors import SnuggleError
 from snuggle.io.gguf import load_gguf_tokenizer, read_gguf_config
 from snuggle.io.gguf_export import _skim_kv, write_gguf
@@ -246,7 +247,7 @@ def test_llama_without_rope_scaling(tiny_hf_model, tmp_path: Path) -> None:
 def test_lora_is_merged(tiny_hf_model, tmp_path: Path) -> None:
     src, _ = tiny_hf_model("qwen2", True, tmp_path, **SIZES)
     model, tok = snuggle.load(src)
-    apply_lora(model, r=4, alpha=8.0, train_embeddings=True)
+    apply_lora(model, LoraConfig(r=4, alpha=8.0, train_embeddings=True))
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():
         for m in model.modules():

@@ -652,7 +652,7 @@ def test_hostile_safetensors_are_refused(work, hf_model, case):
     model = _tiny_model(hf_model)
     for fn in (lambda: load_peft_adapter(model, d), lambda: peft_lora_settings(d)):
         assert isinstance(outcome(fn), SnuggleError)
-    from snuggle.train.setup import check_run_shapes
+    from snuggle.run_dir import check_run_shapes
 
     (d / "trainable.safetensors").write_bytes(HOSTILE_SAFETENSORS[case])
     assert isinstance(outcome(lambda: check_run_shapes(d, model, "run x")), SnuggleError)
@@ -917,7 +917,7 @@ def test_dataset_split_and_file_names_cannot_escape(work):
 
 
 def test_latest_pointer_cannot_leave_the_run(work):
-    from snuggle.train.setup import run_checkpoint
+    from snuggle.run_dir import run_checkpoint
 
     run = work / "escape-run"
     run.mkdir(exist_ok=True)

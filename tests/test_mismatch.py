@@ -19,7 +19,7 @@ from snuggle.errors import SnuggleError
 from snuggle.io.peft_format import load_peft_adapter, save_peft_adapter
 from snuggle.load import load
 from snuggle.lora import LoRALinear, apply_lora
-from snuggle.run_dir import load_with_adapter
+from snuggle.rebuild import load_with_adapter
 from snuggle.train.setup import build_data, build_model
 from test_train import learnable_docs, make_cfg, write_jsonl
 
@@ -52,7 +52,7 @@ def peft_adapter(base: Path, out: Path, train_embeddings: bool = False) -> Path:
     """A PEFT adapter of `base` with non-zero factors (so that loading it changes the model)."""
     model, _ = load(base, dtype=torch.float32, device="cpu", with_tokenizer=False)
     cfg = LoraConfig(r=4, alpha=8.0, train_embeddings=train_embeddings)
-    apply_lora(model, cfg.r, cfg.alpha, 0.0, False, cfg.targets, cfg.train_embeddings)
+    apply_lora(model, cfg)
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, LoRALinear):

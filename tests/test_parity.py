@@ -11,6 +11,7 @@ import warnings
 import pytest
 import torch
 
+from snuggle import config as snuggle_config
 from snuggle.errors import SnuggleError
 from snuggle.load import load
 from snuggle.lora import ALL_LINEAR, LoRALinear, apply_lora, merge_lora
@@ -221,7 +222,7 @@ def test_chunked_loss_matches_plain():
 
 def test_chunked_loss_with_tied_trainable_weight(tiny_hf_model, tmp_path):
     path, _ = tiny_hf_model("llama", True, tmp_path)
-    ours = apply_lora(_ours(path), r=2, alpha=4, train_embeddings=True)
+    ours = apply_lora(_ours(path), snuggle_config.LoraConfig(r=2, alpha=4, train_embeddings=True))
     emb = ours.model.embed_tokens.weight
     assert emb is ours.lm_head.weight and emb.requires_grad
     ids = _ids(ours.args.vocab_size, 2, 9)
@@ -244,7 +245,9 @@ def _lora_pair(path, hf, r: int, alpha: float, rslora: bool):
     """Our model and a PEFT model with the same random A and B (B nonzero, so the adapters matter)."""
     from peft import LoraConfig, get_peft_model
 
-    ours = apply_lora(_ours(path), r=r, alpha=alpha, rslora=rslora, targets="all-linear")
+    ours = apply_lora(
+        _ours(path), snuggle_config.LoraConfig(r=r, alpha=alpha, rslora=rslora, targets="all-linear")
+    )
     cfg = LoraConfig(
         r=r, lora_alpha=alpha, use_rslora=rslora, lora_dropout=0.0, target_modules=list(ALL_LINEAR)
     )

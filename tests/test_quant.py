@@ -1,6 +1,6 @@
 """QLoRA and long context on CPU: NF4 weights, bnb checkpoints, the memory plan, tiled MLP, 8-bit AdamW.
 
-The Triton dequantization kernel is tested against `dequantize_nf4_reference` in test_kernels.py; here
+The Triton dequantization kernel is tested against `dequantize_nf4_reference` in kernels/test_nf4.py; here
 the reference itself is held to error bounds, and to bitsandbytes (an independent implementation of the
 same format) where that package is installed.
 """
@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from tests.test_train import learnable_docs, make_cfg, read_metrics, write_jsonl
 
+from snuggle.config import LoraConfig
 from snuggle.errors import SnuggleError
 from snuggle.load import QUANTIZABLE, load
 from snuggle.lora import LoRALinear, apply_lora
@@ -210,7 +211,7 @@ def test_export_of_a_bnb_4bit_base_loads_in_transformers(tiny_hf_model, tmp_path
     src, _ = tiny_hf_model("llama", True, tmp_path, hidden_size=64, intermediate_size=128, head_dim=16)
     _write_bnb_checkpoint(src, tmp_path / "bnb-4bit")
     model, tok = load(tmp_path / "bnb-4bit", quantize="nf4", device="cpu")
-    apply_lora(model, r=4, alpha=8)
+    apply_lora(model, LoraConfig(r=4, alpha=8))
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, LoRALinear):
@@ -260,7 +261,7 @@ def test_qlora_on_nf4_base_tracks_lora(tiny_hf_model, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from snuggle.cli import main
-    from snuggle.run_dir import load_run
+    from snuggle.rebuild import load_run
 
     assert (
         main(["export", str(tmp_path / "run-nf4"), "--format", "hf", "--out", str(tmp_path / "merged")]) == 0
@@ -313,7 +314,7 @@ def _tiny_decoder(dropout: float = 0.0) -> Decoder:
         rms_norm_eps=1e-5,
     )
     m = Decoder(ModelArgs.from_hf(cfg))
-    apply_lora(m, 4, 8, dropout=dropout, train_embeddings=True)
+    apply_lora(m, LoraConfig(r=4, alpha=8, dropout=dropout, train_embeddings=True))
     for mod in m.modules():
         if isinstance(mod, LoRALinear):
             torch.nn.init.normal_(mod.lora_B, std=0.05)
@@ -569,7 +570,7 @@ def _deep_decoder() -> Decoder:
         head_dim=8,
     )
     m = Decoder(args)
-    apply_lora(m, 4, 8)
+    apply_lora(m, LoraConfig(r=4, alpha=8))
     return m
 
 
@@ -849,7 +850,7 @@ def test_trainer_keeps_its_curve_with_blocks_offloaded_to_cpu_on_gpu(tiny_hf_mod
     corpus = write_jsonl(tmp_path / "c.jsonl", learnable_docs(300))
 
     def curve(out: Path, plan: MemoryPlan) -> list[float]:
-        monkeypatch.setattr(loop, "memory_plan_for", lambda cfg, model, device: plan)
+        monkeypatch.setattr(loop, "memory_plan_for", lambda model, device, **settings: plan)
         cfg = make_cfg(
             path, corpus, out, "model.dtype=float32", "data.seq_len=128", "data.val_fraction=0.1",
             "train.steps=12", "train.grad_accum=2", "train.lr=0.003", "train.eval_every=4",

@@ -806,8 +806,7 @@ def test_oom_message_gives_the_figures_and_the_settings_to_change():
         "turn on train.gradient_checkpointing (and train.offload_activations)",
     ):
         assert setting in msg
-    if hasattr(cfg.train, "memory_budget_gib"):
-        assert "train.memory_budget_gib" in msg
+    assert "train.memory_budget_gib" in msg
 
     # without torch's figures in the text, the ones read from the card; checkpointing already on
     cfg = make_cfg(Path("/m"), Path("c.jsonl"), Path("/o"), "train.gradient_checkpointing=true")

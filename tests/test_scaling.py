@@ -58,6 +58,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.environ["BENCH"])
 import scaling
+from snuggle.config import LoraConfig
 from snuggle.lora import apply_lora
 from snuggle.model.args import ModelArgs
 from snuggle.model.decoder import Decoder
@@ -107,7 +108,7 @@ def build(strategy, emb, quantize, tied):
         model.tie_weights()
     if quantize == "nf4":
         quantize_model(model)
-    apply_lora(model, 4, 8, train_embeddings=emb)
+    apply_lora(model, LoraConfig(r=4, alpha=8, train_embeddings=emb))
     for m in model.modules():
         if hasattr(m, "lora_B"):
             torch.nn.init.normal_(m.lora_B, std=0.1)  # gradients of A too, not only B

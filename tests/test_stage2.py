@@ -23,7 +23,7 @@ from snuggle.data.packing import IGNORE_INDEX
 from snuggle.errors import SnuggleError
 from snuggle.io.peft_format import save_peft_adapter
 from snuggle.lora import trainable_state
-from snuggle.run_dir import load_run
+from snuggle.rebuild import load_run
 from snuggle.train.checkpoint import latest_checkpoint
 from snuggle.train.loop import train
 from snuggle.train.setup import build_data, build_model

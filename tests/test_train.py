@@ -24,7 +24,7 @@ from snuggle.errors import SnuggleError
 from snuggle.load import load
 from snuggle.lora import ALL_LINEAR, LoRALinear
 from snuggle.model.decoder import Decoder
-from snuggle.run_dir import load_run
+from snuggle.rebuild import load_run
 from snuggle.train.checkpoint import latest_checkpoint
 from snuggle.train.loop import train
 from snuggle.train.optim import build_optimizer, build_scheduler, lr_factor, param_groups

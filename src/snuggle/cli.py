@@ -118,13 +118,11 @@ def _launch(nproc: int, train_args: list[str], max_restarts: int = 0) -> int:
 def _cmd_eval(a: argparse.Namespace) -> int:
     import numpy as np
 
-    from snuggle.data import PackedRows, iterate_eval, resolve_files, tokenize_corpus
-    from snuggle.data.instruct import SUFFIXES as INSTRUCT_SUFFIXES
-    from snuggle.data.instruct import PackedExamples, tokenize_instruct
-    from snuggle.data.tokenize import check_token_ids, tokenizer_id_limit
-    from snuggle.run_dir import load_with_adapter
+    from snuggle.config import DataConfig
+    from snuggle.data import iterate_eval
+    from snuggle.rebuild import load_with_adapter
     from snuggle.train.evaluate import evaluate
-    from snuggle.train.setup import default_cache_dir
+    from snuggle.train.setup import data_files, pack_rows
 
     if a.max_rows is not None and a.max_rows < 1:
         # zero rows would report loss 0 / perplexity 1 over 0 tokens, a result rather than an error
@@ -134,25 +132,25 @@ def _cmd_eval(a: argparse.Namespace) -> int:
         if value is not None and value < least:
             raise SnuggleError(f"{flag} must be >= {least}, got {value}")
     fmt, template = _eval_format(a.format, a.adapter)
-    # before the model: bad paths fail fast; instruction data passes over a directory's README.txt
-    files = resolve_files(a.data, INSTRUCT_SUFFIXES) if fmt == "instruct" else resolve_files(a.data)
+    # the data as training reads it (its token cache too); seq_len is settled once the model is read
+    dc = DataConfig(
+        train=a.data,
+        format=fmt,
+        text_field=a.text_field,
+        chat_template=template,
+        split=a.split,
+        cache_dir=a.cache_dir,
+    )
+    files = data_files(dc)  # before the model: bad paths fail fast
     model, tok = load_with_adapter(a.model, a.adapter, dtype=a.dtype, device=a.device)
     limit = model.args.max_position_embeddings
     if a.seq_len is None:  # a small model's own limit rather than an error about a flag not typed
         a.seq_len = min(EVAL_SEQ_LEN, limit)
     elif a.seq_len > limit:
         raise SnuggleError(f"--seq-len {a.seq_len} is above the model's limit of {limit} positions")
-    cache = a.cache_dir or default_cache_dir()
-    rows: PackedRows | PackedExamples
-    if fmt == "instruct":
-        stream = tokenize_instruct(files, tok, cache_dir=cache, chat_template=template, split=a.split)
-        rows = PackedExamples(stream, a.seq_len)
-    else:
-        stream = tokenize_corpus(files, tok, text_field=a.text_field, cache_dir=cache, split=a.split)
-        rows = PackedRows(stream, a.seq_len)
+    dc.seq_len = a.seq_len
     # a cache another tokenizer wrote would index past the embedding: refused, naming both sizes
-    check_token_ids(stream, tokenizer_id_limit(tok), "the tokenizer")
-    check_token_ids(stream, model.args.vocab_size, "the model's vocabulary")
+    rows = pack_rows(dc, files, tok, model.args.vocab_size)
     idx = np.arange(len(rows))
     res = evaluate(model, iterate_eval(rows, idx, a.batch_size, a.max_rows), model.lm_head.weight.device)
     print(json.dumps({**res, "format": fmt}))
@@ -184,7 +182,7 @@ def _hf_export_dtype(flag: str | None, source: dict):
 
 def _cmd_export(a: argparse.Namespace) -> int:
     from snuggle.io.hf import check_chat_template_names
-    from snuggle.run_dir import load_run
+    from snuggle.rebuild import load_run
 
     out = Path(a.out)
     if a.dtype is not None and a.format == "peft":
@@ -269,7 +267,7 @@ def _cmd_generate(a: argparse.Namespace) -> int:
 
     from snuggle.data.instruct import end_of_turn_ids, prompt_ids
     from snuggle.generate import generate
-    from snuggle.run_dir import load_with_adapter
+    from snuggle.rebuild import load_with_adapter
 
     if a.max_new_tokens < 1:
         raise SnuggleError(f"--max-new-tokens must be >= 1, got {a.max_new_tokens}")

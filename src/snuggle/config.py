@@ -3,6 +3,14 @@
 Unknown keys and wrong types are errors that name the key; the resolved config is saved with every run
 (`<output_dir>/config.yaml`) so a run can be resumed, exported or reproduced from its directory alone.
 Every key is documented in docs/config.md.
+
+Every field says whether its value shapes the loss curve: `curve_field(default)` for one that does (the
+model, LoRA, data and optimization settings: a resume with another value continues another curve, so it
+is refused unless train.allow_config_change), `run_field(default)` for one that does not (where output
+goes, how it is logged, when checkpoints and evaluations happen, how the work is spread and computed).
+The resume fingerprint (`snuggle.train.checkpoint.curve_fingerprint`) is built from these marks, and a
+test refuses a field without one: a new field takes one of the two, e.g.
+`reduce_dtype: str = curve_field("float32")` or `timeout_s: float = run_field(600.0)`.
 """
 
 from __future__ import annotations
@@ -25,7 +33,11 @@ from snuggle.errors import SnuggleError
 MAX_LR = 10.0  # train.lr / embedding_lr: AdamW moves a weight by about lr a step
 
 __all__ = [
+    "CURVE",
     "REPORTER_NAMES",
+    "curve_field",
+    "curve_keys",
+    "run_field",
     "ModelConfig",
     "LoraConfig",
     "DataConfig",
@@ -38,91 +50,125 @@ __all__ = [
 ]
 
 
+CURVE = "curve"  # the dataclass field metadata key: True if the field's value shapes the loss curve
+
+
+def curve_field(default: Any = dataclasses.MISSING, **kw: Any) -> Any:
+    """A config field whose value shapes the loss curve (part of the resume fingerprint)."""
+    return field(default=default, metadata={CURVE: True}, **kw)
+
+
+def run_field(default: Any = dataclasses.MISSING, **kw: Any) -> Any:
+    """A config field that does not shape the loss curve (output, logging, scheduling, placement, speed)."""
+    return field(default=default, metadata={CURVE: False}, **kw)
+
+
+def curve_keys(section: type) -> list[str]:
+    """The names of a config dataclass's fields that shape the loss curve, in their order. A field without
+    a mark counts as one (a change to it is named on resume, never ignored); a test asks for the mark."""
+    return [f.name for f in dataclasses.fields(section) if f.metadata.get(CURVE, True)]
+
+
 # train.report_to values (snuggle.train.reporters implements them)
 REPORTER_NAMES: tuple[str, ...] = ("tensorboard", "wandb")
 
 
 @dataclass
 class ModelConfig:
-    path: str = ""  # HF model directory or .gguf file (local)
-    dtype: str = "auto"  # auto | bfloat16 | float16 | float32 (auto: bf16 on GPU, fp32 on CPU)
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    path: str = curve_field("")  # HF model directory or .gguf file (local)
+    dtype: str = curve_field("auto")  # auto | bfloat16 | float16 | float32 (auto: bf16 on GPU, fp32 on CPU)
+    device: str = run_field("auto")  # auto | cpu | cuda | cuda:N
     # start from trained LoRA factors: a snuggle run directory (its latest checkpoint) or a PEFT adapter
     # directory; a new stage, so the optimizer and the step counter start afresh
-    adapter: str | None = None
+    adapter: str | None = curve_field(None)
     # none | nf4: QLoRA's 4-bit frozen base (every block projection; LoRA trains on top in `dtype`)
-    quantize: str = "none"
+    quantize: str = curve_field("none")
 
 
 @dataclass
 class LoraConfig:
-    enabled: bool = True
-    r: int = 16
-    alpha: float = 16.0
-    dropout: float = 0.0
-    rslora: bool = False
-    targets: str | list[str] = "all-linear"
-    train_embeddings: bool = False  # embed_tokens and lm_head as full trainable copies at embedding_lr
+    enabled: bool = curve_field(True)
+    r: int = curve_field(16)
+    alpha: float = curve_field(16.0)
+    dropout: float = curve_field(0.0)
+    rslora: bool = curve_field(False)
+    targets: str | list[str] = curve_field("all-linear")
+    # embed_tokens and lm_head as full trainable copies at embedding_lr
+    train_embeddings: bool = curve_field(False)
 
 
 @dataclass
 class DataConfig:
-    train: str | list[str] = ""  # file, directory or glob (.txt .jsonl .json .parquet, HF datasets dirs)
-    format: Literal["text", "instruct"] = "text"  # instruct: Alpaca or chat records, loss on the replies
-    text_field: str = "text"  # field holding the text in .jsonl/.json/.parquet/datasets (format text)
-    chat_template: str | None = None  # instruct: Jinja template overriding the tokenizer's
-    split: str | None = None  # split of a DatasetDict directory (default: train)
-    seq_len: int = 2048
-    val_fraction: float = 0.01  # share of packed rows held out for evaluation
-    cache_dir: str | None = None  # token cache; default $SNUGGLE_CACHE or ~/.cache/snuggle
+    # file, directory or glob (.txt .jsonl .json .parquet, HF datasets dirs)
+    train: str | list[str] = curve_field("")
+    # instruct: Alpaca or chat records, loss on the replies
+    format: Literal["text", "instruct"] = curve_field("text")
+    # field holding the text in .jsonl/.json/.parquet/datasets (format text)
+    text_field: str = curve_field("text")
+    chat_template: str | None = curve_field(None)  # instruct: Jinja template overriding the tokenizer's
+    split: str | None = curve_field(None)  # split of a DatasetDict directory (default: train)
+    seq_len: int = curve_field(2048)
+    val_fraction: float = curve_field(0.01)  # share of packed rows held out for evaluation
+    cache_dir: str | None = run_field(None)  # token cache; default $SNUGGLE_CACHE or ~/.cache/snuggle
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 100  # optimizer steps
-    batch_size: int = 1  # rows per micro-batch per process
-    grad_accum: int = 1  # micro-batches per optimizer step
+    steps: int = curve_field(100)  # optimizer steps (shapes the curve through a decaying schedule)
+    # batch_size and grad_accum shape the curve only through the global batch, their product with the
+    # number of processes, which the resume fingerprint records by itself (train.global_batch)
+    batch_size: int = run_field(1)  # rows per micro-batch per process
+    grad_accum: int = run_field(1)  # micro-batches per optimizer step
     # rows (sequences) an optimizer step over every process; set, it derives grad_accum from the world size
-    global_batch: int | None = None
-    global_batch_tokens: int | None = None  # the same in tokens: global_batch x data.seq_len
-    lr: float = 2e-4
-    embedding_lr: float | None = None  # lr of embed_tokens/lm_head when trained; default lr
-    weight_decay: float = 0.0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    warmup_steps: int = 0
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    min_lr_ratio: float = 0.0  # lr at the end of the schedule, as a fraction of the peak
-    max_grad_norm: float | None = 1.0  # clip the global gradient norm; null disables
+    global_batch: int | None = run_field(None)
+    global_batch_tokens: int | None = run_field(None)  # the same in tokens: global_batch x data.seq_len
+    lr: float = curve_field(2e-4)
+    embedding_lr: float | None = curve_field(None)  # lr of embed_tokens/lm_head when trained; default lr
+    weight_decay: float = curve_field(0.0)
+    betas: list[float] = curve_field(default_factory=lambda: [0.9, 0.999])
+    warmup_steps: int = curve_field(0)
+    schedule: Literal["cosine", "linear", "constant"] = curve_field("cosine")
+    min_lr_ratio: float = curve_field(0.0)  # lr at the end of the schedule, as a fraction of the peak
+    max_grad_norm: float | None = curve_field(1.0)  # clip the global gradient norm; null disables
     # adamw8bit: 8-bit moments (2 bytes a trainable parameter, not 8); for full fine-tuning and embeddings
-    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
-    max_bad_steps: int = 5  # stop (with a checkpoint) after this many non-finite steps in a row; 0: never
-    eval_every: int = 0  # steps between evaluations (0: only at the end)
-    eval_rows: int | None = None  # cap on held-out rows per evaluation (None: all)
-    save_every: int = 0  # steps between checkpoints (0: only at the end)
-    keep_checkpoints: int = 2  # newest checkpoints kept on disk
-    log_every: int = 1  # steps between metrics.jsonl rows
-    output_dir: str = "runs/snuggle"
-    seed: int = 3407
-    resume: bool | Literal["auto"] = False  # auto: continue this run if output_dir holds it, else start
-    allow_config_change: bool = False  # resume even though settings that shape the curve changed
+    optimizer: Literal["adamw", "adamw8bit"] = curve_field("adamw")
+    # stop (with a checkpoint) after this many non-finite steps in a row; 0: never
+    max_bad_steps: int = run_field(5)
+    eval_every: int = run_field(0)  # steps between evaluations (0: only at the end)
+    eval_rows: int | None = run_field(None)  # cap on held-out rows per evaluation (None: all)
+    save_every: int = run_field(0)  # steps between checkpoints (0: only at the end)
+    keep_checkpoints: int = run_field(2)  # newest checkpoints kept on disk
+    log_every: int = run_field(1)  # steps between metrics.jsonl rows
+    output_dir: str = run_field("runs/snuggle")
+    seed: int = curve_field(3407)
+    resume: bool | Literal["auto"] = run_field(
+        False
+    )  # auto: continue this run if output_dir holds it, else start
+    allow_config_change: bool = run_field(False)  # resume even though settings that shape the curve changed
     # recompute blocks in backward (less memory, ~30% slower); null (auto): as the memory plan needs
-    gradient_checkpointing: bool | None = None
+    gradient_checkpointing: bool | None = run_field(None)
     # GiB this process may use on its GPU (null: the whole card); the plan fits checkpointing, offload
     # and MLP tiling into it, and the allocator is held to it
-    memory_budget_gib: float | None = None
-    checkpoint_layers: int | None = None  # with gradient_checkpointing: how many blocks (None: all)
-    offload_activations: bool = False  # checkpointed blocks keep their inputs in pinned CPU memory
+    memory_budget_gib: float | None = run_field(None)
+    # with gradient_checkpointing: how many blocks (None: all)
+    checkpoint_layers: int | None = run_field(None)
+    offload_activations: bool = run_field(False)  # checkpointed blocks keep their inputs in pinned CPU memory
     # trained embeddings' optimizer state and fp32 master: gpu, cpu (updated there), auto (the memory plan)
-    embedding_offload: Literal["auto", "gpu", "cpu"] = "auto"
-    kernels: Literal["auto", "triton", "torch"] = "auto"  # auto: Triton fast path on CUDA, PyTorch elsewhere
-    progress: bool = True  # progress bar on stderr
-    parallel: Literal["auto", "none", "ddp", "fsdp"] = "auto"  # data parallelism across processes
-    # the dtype gradients are reduced in across processes: bfloat16 halves the bytes on the link
-    reduce_dtype: Literal["float32", "bfloat16"] = "float32"
-    dist_timeout_s: float = 600.0  # a collective waiting longer for a dead or hung rank fails the run
-    max_restarts: int = 0  # `snuggle train --nproc N`: restarts of the workers after one fails (resume auto)
-    report_to: str | list[str] = field(default_factory=list)  # tensorboard, wandb (metrics.jsonl always)
-    wandb_project: str = "snuggle"
+    embedding_offload: Literal["auto", "gpu", "cpu"] = run_field("auto")
+    # auto: Triton fast path on CUDA, PyTorch elsewhere
+    kernels: Literal["auto", "triton", "torch"] = run_field("auto")
+    progress: bool = run_field(True)  # progress bar on stderr
+    parallel: Literal["auto", "none", "ddp", "fsdp"] = run_field("auto")  # data parallelism across processes
+    # the dtype gradients are reduced in across processes: bfloat16 halves the bytes on the link (and
+    # rounds each rank's gradient to bf16 before the sum, so it shapes the curve)
+    reduce_dtype: Literal["float32", "bfloat16"] = curve_field("float32")
+    # a collective waiting longer for a dead or hung rank fails the run
+    dist_timeout_s: float = run_field(600.0)
+    max_restarts: int = run_field(
+        0
+    )  # `snuggle train --nproc N`: restarts of the workers after one fails (resume auto)
+    report_to: str | list[str] = run_field(default_factory=list)  # tensorboard, wandb (metrics.jsonl always)
+    wandb_project: str = run_field("snuggle")
 
 
 @dataclass

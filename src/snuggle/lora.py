@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from snuggle.config import LoraConfig
 from snuggle.errors import SnuggleError
 from snuggle.model.decoder import Decoder, Linear
 from snuggle.quant.nf4 import NF4Weight, as_dense
@@ -115,19 +116,11 @@ def _train_embeddings(model: Decoder) -> None:
         model.lm_head.weight = _fp32_trainable(model.lm_head.weight)
 
 
-def apply_lora(
-    model: Decoder,
-    r: int,
-    alpha: float,
-    dropout: float = 0.0,
-    rslora: bool = False,
-    targets: str | list[str] = "all-linear",
-    train_embeddings: bool = False,
-) -> Decoder:
-    """Freeze the model, swap target projections for LoRALinear in place, optionally train embeddings."""
-    if r < 1:
-        raise SnuggleError(f"lora.r must be >= 1, got {r}")
-    names = resolve_targets(targets)
+def apply_lora(model: Decoder, lc: LoraConfig) -> Decoder:
+    """Freeze the model, swap `lc.targets` for LoRALinear in place, train the embeddings if `lc` says so."""
+    if lc.r < 1:
+        raise SnuggleError(f"lora.r must be >= 1, got {lc.r}")
+    names = resolve_targets(lc.targets)
     for p in model.parameters():
         p.requires_grad_(False)
     for block in model.model.layers:
@@ -135,8 +128,8 @@ def apply_lora(
             for name in names:
                 base = getattr(parent, name, None)
                 if isinstance(base, nn.Linear):
-                    setattr(parent, name, LoRALinear(base, r, alpha, dropout, rslora))
-    if train_embeddings:
+                    setattr(parent, name, LoRALinear(base, lc.r, lc.alpha, lc.dropout, lc.rslora))
+    if lc.train_embeddings:
         _train_embeddings(model)
     return model
 

@@ -13,10 +13,9 @@ import torch
 
 from snuggle.data.tokenize import TokenStream
 from snuggle.errors import SnuggleError
+from snuggle.model.loss import IGNORE_INDEX  # the label the loss skips: defined once, beside the loss
 
 __all__ = ["IGNORE_INDEX", "PackedRows", "collate"]
-
-IGNORE_INDEX = -100  # the label value torch.nn.functional.cross_entropy skips by default
 
 
 class PackedRows:

@@ -393,8 +393,7 @@ def load_peft_adapter(model: Decoder, adapter_dir: Path) -> Decoder:
                 "base model ties them; snuggle keeps tied embeddings tied"
             )
 
-    apply_lora(
-        model,
+    lc = LoraConfig(
         r=r,
         alpha=alpha,
         dropout=float(cfg.get("lora_dropout") or 0.0),  # checked by _read_config
@@ -402,6 +401,7 @@ def load_peft_adapter(model: Decoder, adapter_dir: Path) -> Decoder:
         targets=[t for t in ALL_LINEAR if t in targets],
         train_embeddings=bool(emb),
     )
+    apply_lora(model, lc)
     with torch.no_grad():
         for name, m in _lora_modules(model).items():
             if name in lora:

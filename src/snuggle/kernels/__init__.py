@@ -10,26 +10,11 @@ Importing this package never imports triton: the kernel modules are loaded only 
 
 from __future__ import annotations
 
-import functools
-import os
-
-import torch
+# triton_available lives in `capabilities` (with what the fast path can recompute); _triton_importable is
+# its cache, cleared by tests that hide triton
+from snuggle.kernels.capabilities import _triton_importable, triton_available  # noqa: F401
 
 __all__ = ["triton_available", "apply_fast_path"]
-
-
-@functools.lru_cache(maxsize=1)
-def _triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-    except Exception:  # a broken install (missing libs, wrong CUDA) counts as no triton
-        return False
-    return True
-
-
-def triton_available() -> bool:
-    """True when triton imports and kernels can run: on a CUDA device, or under TRITON_INTERPRET=1 (CPU)."""
-    return _triton_importable() and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
 
 
 def apply_fast_path(model) -> list[str]:

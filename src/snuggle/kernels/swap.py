@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from snuggle.kernels import triton_available
+from snuggle.kernels.capabilities import triton_available
 
 __all__ = ["apply_fast_path"]
 
@@ -24,7 +24,8 @@ def apply_fast_path(model: nn.Module) -> list[str]:
     projection's Function (`act_down`, which then keeps gate and up but not their product), the whole
     MLP one Function that keeps only its input where `MLP.recompute_gate_up` asks for it (`gate_up_down`), and
     `model.loss_fn` the fused linear cross-entropy, and, on CUDA, packed documents' attention goes
-    through FlexAttention (`model.attention = "flex"`). Without triton (or without CUDA and
+    through FlexAttention (`model.attention = "flex"`); CUDA NF4 weights dequantize with the Triton
+    kernel (`NF4Weight.cuda_dequantize`). Without triton (or without CUDA and
     TRITON_INTERPRET=1) nothing changes and the list is empty.
     """
     if not triton_available():
@@ -33,13 +34,19 @@ def apply_fast_path(model: nn.Module) -> list[str]:
     from snuggle.kernels.linear_ce import fused_linear_cross_entropy
     from snuggle.kernels.lora import FastLoRALinear, fast_project
     from snuggle.kernels.mlp import fast_gate_up_down
+    from snuggle.kernels.nf4 import dequantize_nf4
     from snuggle.kernels.reference import LoRALinear, RMSNorm, cross_entropy_sum, rope_qk, swiglu
     from snuggle.kernels.rmsnorm import FastRMSNorm
     from snuggle.kernels.rope import fast_rope_qk
     from snuggle.kernels.swiglu import fast_act_down, fast_swiglu
     from snuggle.model.decoder import MLP, Attention, act_down, gate_up_down, project
     from snuggle.model.flex import flex_available
+    from snuggle.quant.nf4 import NF4Weight, dequantize_nf4_reference
 
+    if NF4Weight.cuda_dequantize is dequantize_nf4_reference:
+        # class-wide (see NF4Weight.cuda_dequantize): also the 4-bit weights FSDP's sharded load makes later;
+        # not listed in the result, which names what changed in this model
+        NF4Weight.cuda_dequantize = staticmethod(dequantize_nf4)
     swapped: list[str] = []
     for prefix, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):

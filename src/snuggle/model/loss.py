@@ -17,7 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 __all__ = ["cross_entropy_sum", "IGNORE_INDEX"]
 
-IGNORE_INDEX = -100
+IGNORE_INDEX = -100  # the label value torch.nn.functional.cross_entropy skips by default
 # logits elements (tokens x vocab) above which we go chunked: 2^27 fp32 values = 512 MiB
 _PLAIN_LIMIT = 1 << 27
 

@@ -16,13 +16,16 @@ weight, plus 64 bits per row and group: ~4.13 bits against bf16's 16.
 Quantizing stores the nearest of the 16 code values (QLoRA's normal-float levels, the values
 bitsandbytes uses, so pre-quantized `*-bnb-4bit` checkpoints keep their codes when converted).
 `dequantize_nf4_reference` is the plain-PyTorch path (CPU, tests); on CUDA `NF4Weight.dequantize` runs
-the Triton kernel in `snuggle.kernels.nf4`.
+what its swap point `NF4Weight.cuda_dequantize` holds: the Triton kernel of `snuggle.kernels.nf4` once
+`snuggle.kernels.swap.apply_fast_path` set it there (this package never imports the kernels).
 """
 
 from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -151,6 +154,11 @@ class NF4Weight(nn.Module):
     persists, in forward or backward.
     """
 
+    # the swap point of CUDA weights' dequantization (same signature as the reference), set by the fast
+    # path; class-wide rather than per module, because FSDP's sharded load makes the NF4 weights of its
+    # blocks after the fast path was swapped into the model
+    cuda_dequantize: ClassVar[Callable[..., torch.Tensor]] = staticmethod(dequantize_nf4_reference)
+
     def __init__(
         self,
         qweight: torch.Tensor,
@@ -195,14 +203,8 @@ class NF4Weight(nn.Module):
         """The dense (out, in) weight in `dtype` (default: the dtype it was quantized from)."""
         dtype = dtype or self.dtype
         args = (self.qweight, self.absmax_q, self.absmax_scale, self.absmax_mean, self.in_features)
-        if self.qweight.is_cuda:
-            from snuggle.kernels import triton_available
-
-            if triton_available():
-                from snuggle.kernels.nf4 import dequantize_nf4
-
-                return dequantize_nf4(*args, dtype=dtype, block=self.block, group=self.group)
-        return dequantize_nf4_reference(*args, dtype=dtype, block=self.block, group=self.group)
+        fn = self.cuda_dequantize if self.qweight.is_cuda else dequantize_nf4_reference
+        return fn(*args, dtype=dtype, block=self.block, group=self.group)
 
     def extra_repr(self) -> str:
         return f"shape={tuple(self.shape)}, block={self.block}, group={self.group}, dtype={self.dtype}"

@@ -53,9 +53,10 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from snuggle.config import RunConfig
+from snuggle.config import RunConfig, curve_keys
 from snuggle.errors import SnuggleError
 from snuggle.lora import resolve_targets
+from snuggle.run_dir import CHECKPOINT_PREFIX, TRAINABLE_FILE, latest_checkpoint
 from snuggle.train.dcp_safe import SafeLoadPlanner, SafeReader
 from snuggle.train.parallel import DistContext, RankError, unwrap
 
@@ -70,9 +71,7 @@ __all__ = [
     "TRAINABLE_FILE",
 ]
 
-_PREFIX = "checkpoint-"
-_TMP_PREFIX = f".tmp-{_PREFIX}"
-TRAINABLE_FILE = "trainable.safetensors"
+_TMP_PREFIX = f".tmp-{CHECKPOINT_PREFIX}"
 _OPTIMIZER_DIR = "optimizer"
 
 
@@ -150,7 +149,7 @@ def save_checkpoint(
     points `latest` at it. A failed write removes the temp directory before anyone raises.
     """
     ctx = ctx or DistContext()
-    final = run_dir / f"{_PREFIX}{step:07d}"
+    final = run_dir / f"{CHECKPOINT_PREFIX}{step:07d}"
     tmp = run_dir / f"{_TMP_PREFIX}{step:07d}"
 
     def phase(fn: Callable[[], None], everywhere: bool = False) -> None:
@@ -252,7 +251,7 @@ def _publish(run_dir: Path, tmp: Path, final: Path, keep: int) -> None:
         os.fsync(fh.fileno())
     os.replace(latest_tmp, run_dir / "latest")
     _fsync_dir(run_dir)
-    for old in sorted(run_dir.glob(f"{_PREFIX}*"))[:-keep]:
+    for old in sorted(run_dir.glob(f"{CHECKPOINT_PREFIX}*"))[:-keep]:
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
 
@@ -308,21 +307,6 @@ def _settle_trainable_file(tmp: Path) -> None:
     os.replace(files[0], tmp / TRAINABLE_FILE)
     shutil.rmtree(tmp / "sharded", ignore_errors=True)
     (tmp / "model.safetensors.index.json").unlink(missing_ok=True)
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    pointer = run_dir / "latest"
-    if not pointer.is_file():
-        return None
-    try:
-        name = pointer.read_text().strip()
-    except (OSError, UnicodeDecodeError) as e:
-        raise SnuggleError(f"{pointer}: unreadable checkpoint pointer ({e})") from None
-    # the pointer names a checkpoint directory of this run, nothing else: never a path out of it
-    if not (name.startswith(_PREFIX) and name[len(_PREFIX) :].isdigit()):
-        raise SnuggleError(f"{pointer}: names {name[:80]!r}, not a checkpoint inside the run")
-    ckpt = run_dir / name
-    return ckpt if (ckpt / "meta.json").is_file() else None
 
 
 def read_meta(ckpt: Path) -> dict[str, Any]:
@@ -452,57 +436,52 @@ def _abspath(p: str | None) -> str | None:
     return None if p is None else os.path.abspath(os.path.expanduser(p))
 
 
-def curve_fingerprint(cfg: RunConfig, dtype: str, global_batch: int) -> dict[str, Any]:
-    """The settings whose change would change the loss curve from the checkpoint on, by dotted key.
+def _files(train: str | list[str]) -> list[str | None]:
+    return [_abspath(f) for f in ([train] if isinstance(train, str) else train)]
 
-    Left out, because the curve does not depend on them: where things go and how they are shown
-    (output_dir, progress, log_every, report_to, ...), when evaluation and checkpoints happen, how the
-    work is spread and computed (parallel, kernels, gradient checkpointing, offload, device,
-    dist_timeout_s), and batch_size / grad_accum / world size on their own: only their product, the
-    global batch, changes the curve. `steps` counts only for a decaying schedule (it sets the decay).
-    `dtype` is model.dtype resolved for the device ("auto" means bf16 on a GPU, fp32 on a CPU).
+
+# how a curve field's value is recorded, where not as it is: paths made absolute, numbers as floats, a
+# default spelled out, and 0 and null max_grad_norm both as no clipping
+_RECORDED: dict[str, Callable[[Any, RunConfig], Any]] = {
+    "model.path": lambda v, cfg: _abspath(v),
+    "model.adapter": lambda v, cfg: _abspath(v),
+    "lora.enabled": lambda v, cfg: cfg.use_lora,
+    "lora.alpha": lambda v, cfg: float(v),
+    "lora.dropout": lambda v, cfg: float(v),
+    "lora.targets": lambda v, cfg: sorted(resolve_targets(v)),
+    "data.train": lambda v, cfg: _files(v),
+    "train.embedding_lr": lambda v, cfg: v or cfg.train.lr,
+    "train.betas": lambda v, cfg: [float(b) for b in v],
+    "train.max_grad_norm": lambda v, cfg: v or None,
+}
+
+
+def curve_fingerprint(cfg: RunConfig, dtype: str, global_batch: int) -> dict[str, Any]:
+    """The settings whose change would change the loss curve from the checkpoint on, by dotted key: every
+    config field marked `curve_field` (see snuggle.config), as `_RECORDED` records it.
+
+    Left out, because the curve does not depend on them: the `run_field`s, such as where things go and
+    how they are shown (output_dir, progress, log_every, report_to, ...), when evaluation and checkpoints
+    happen, how the work is spread and computed (parallel, kernels, gradient checkpointing, offload,
+    device, dist_timeout_s), and batch_size / grad_accum / world size on their own: only their product,
+    the global batch, changes the curve. The LoRA settings count only with LoRA on, and `steps` only
+    for a decaying schedule (it sets the decay). `dtype` is model.dtype resolved for the device ("auto"
+    means bf16 on a GPU, fp32 on a CPU).
     """
-    t, d, m = cfg.train, cfg.data, cfg.model
-    fp: dict[str, Any] = {
-        "model.path": _abspath(m.path),
-        "model.dtype": dtype,
-        "model.adapter": _abspath(m.adapter),
-        "model.quantize": getattr(m, "quantize", "none"),
-        "lora.enabled": cfg.use_lora,
-    }
-    if cfg.use_lora:
-        lc = cfg.lora
-        fp |= {
-            "lora.r": lc.r,
-            "lora.alpha": float(lc.alpha),
-            "lora.dropout": float(lc.dropout),
-            "lora.rslora": lc.rslora,
-            "lora.targets": sorted(resolve_targets(lc.targets)),
-            "lora.train_embeddings": lc.train_embeddings,
-        }
-    train_files = [d.train] if isinstance(d.train, str) else list(d.train)
-    fp |= {
-        "data.train": [_abspath(f) for f in train_files],
-        "data.format": d.format,
-        "data.text_field": d.text_field,
-        "data.chat_template": d.chat_template,
-        "data.split": d.split,
-        "data.seq_len": d.seq_len,
-        "data.val_fraction": d.val_fraction,
-        "train.global_batch": global_batch,
-        "train.seed": t.seed,
-        "train.lr": t.lr,
-        "train.embedding_lr": t.embedding_lr or t.lr,
-        "train.weight_decay": t.weight_decay,
-        "train.betas": [float(b) for b in t.betas],
-        "train.warmup_steps": t.warmup_steps,
-        "train.schedule": t.schedule,
-        "train.min_lr_ratio": t.min_lr_ratio,
-        "train.max_grad_norm": t.max_grad_norm or None,  # 0 and null both mean no clipping
-        "train.optimizer": t.optimizer,
-    }
-    if t.schedule != "constant":
-        fp["train.steps"] = t.steps
+    fp: dict[str, Any] = {}
+    for section in ("model", "lora", "data", "train"):
+        values = getattr(cfg, section)
+        if section == "lora" and not cfg.use_lora:
+            fp["lora.enabled"] = False
+            continue
+        if section == "train":
+            fp["train.global_batch"] = global_batch
+        for name in curve_keys(type(values)):
+            key = f"{section}.{name}"
+            if key == "train.steps" and cfg.train.schedule == "constant":
+                continue
+            value = dtype if key == "model.dtype" else getattr(values, name)
+            fp[key] = _RECORDED[key](value, cfg) if key in _RECORDED else value
     return fp
 
 

@@ -148,7 +148,10 @@ def _train(cfg: RunConfig, ctx: DistContext, device: torch.device) -> dict:
         )
 
     try:
-        fits, sizes = auto_strategy_fits(cfg, device) if ctx.enabled and t.parallel == "auto" else (True, "")
+        fits, sizes = (True, "")
+        if ctx.enabled and t.parallel == "auto":
+            m = cfg.model
+            fits, sizes = auto_strategy_fits(m.path, m.dtype, m.quantize, t.memory_budget_gib, device)
         strategy = resolve_strategy(t.parallel, ctx.world_size, cfg.use_lora, fits)
         _check_restartable(t)
         grad_accum = grad_accum_for_config(cfg, ctx.world_size)
@@ -306,7 +309,16 @@ def _run(cfg, ctx: DistContext, device, strategy, model, data, plan, say, report
     mem_plan = None
     try:
         enforce_budget(t.memory_budget_gib, device)
-        mem_plan = memory_plan_for(cfg, model, device)
+        mem_plan = memory_plan_for(
+            model,
+            device,
+            batch_size=t.batch_size,
+            seq_len=cfg.data.seq_len,
+            optimizer=t.optimizer,
+            budget_gib=t.memory_budget_gib,
+            gradient_checkpointing=t.gradient_checkpointing,
+            embedding_offload=t.embedding_offload,
+        )
     except Exception as e:
         error = e
     ctx.agree(error)  # a run that cannot fit stops on every rank, before any step
@@ -806,9 +818,7 @@ def oom_message(
         figures.append(f"peak allocated by this run {_gib(peak_bytes)}")
     t = cfg.train
     if phase.startswith("building") or phase == "setup":
-        fixes = ["model.dtype=bfloat16"]
-        if hasattr(cfg.model, "quantize"):
-            fixes.append("model.quantize=nf4 (LoRA on a 4-bit base)")
+        fixes = ["model.dtype=bfloat16", "model.quantize=nf4 (LoRA on a 4-bit base)"]
         fixes.append("several GPUs with train.parallel=fsdp")
         advice = "the model does not fit: try " + ", ".join(fixes)
     else:
@@ -824,12 +834,13 @@ def oom_message(
         elif t.gradient_checkpointing and not t.offload_activations:
             fixes.append("turn on train.offload_activations")
         trains_embeddings = cfg.lora is None or not cfg.lora.enabled or cfg.lora.train_embeddings
-        if trains_embeddings and getattr(t, "embedding_offload", "cpu") != "cpu":
+        if trains_embeddings and t.embedding_offload != "cpu":
             fixes.append("train.embedding_offload=cpu (the embeddings' optimizer state in CPU memory)")
-        budget = getattr(t, "memory_budget_gib", None)
-        if budget is not None:
-            fixes.append(f"lower train.memory_budget_gib (now {budget:g}) so the memory plan saves more")
-        elif hasattr(t, "memory_budget_gib"):
+        if t.memory_budget_gib is not None:
+            fixes.append(
+                f"lower train.memory_budget_gib (now {t.memory_budget_gib:g}) so the memory plan saves more"
+            )
+        else:
             fixes.append("set train.memory_budget_gib below the free memory so the memory plan saves more")
         advice = "to fit: " + "; ".join(fixes)
     return f"out of GPU memory on {device} ({phase}): {', '.join(figures)}; {advice}"

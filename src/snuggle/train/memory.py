@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from snuggle.errors import SnuggleError
+from snuggle.kernels.capabilities import can_recompute_norm, can_recompute_product
 from snuggle.model.args import ModelArgs
 from snuggle.model.checkpointing import configure_checkpointing
 
@@ -444,7 +445,7 @@ def _plan_for_model(
     host_embeddings: bool = False,
 ) -> MemoryPlan:
     terms = _model_terms(model, optimizer, host_embeddings)
-    rp, rn = _can_recompute_product(model), _can_recompute_norm(model)
+    rp, rn = can_recompute_product(model), can_recompute_norm(model)
     device = model.lm_head.weight.device
     if offload_blocks_max is None:
         offload_blocks_max = 0
@@ -533,69 +534,35 @@ def host_available_bytes() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def _can_recompute_product(model: nn.Module) -> bool:
-    """Whether the blocks' MLPs can run SwiGLU inside the LoRA down projection (the fast path's act_down)."""
-    from snuggle.kernels.lora import fusable
-    from snuggle.model.decoder import act_down
+def memory_plan_for(
+    model: nn.Module,
+    device: torch.device,
+    *,
+    batch_size: int,
+    seq_len: int,
+    optimizer: str,
+    budget_gib: float | None,
+    gradient_checkpointing: bool | None,
+    embedding_offload: str = "auto",
+) -> MemoryPlan | None:
+    """The plan for this run, or None when `gradient_checkpointing` (the config's) settles it.
 
-    mlps = [block.mlp for block in model.model.layers]
-    # the swap point replaced (by the fast path), a down projection it can fuse, and activations the
-    # kernel can take (a model on the CPU of a GPU machine has the fast path swapped in, but runs the
-    # reference beneath it, which keeps the product)
-    return (
-        bool(mlps)
-        and _kernels_run_on(model)
-        and all(m.act_down is not act_down and fusable([m.down_proj]) for m in mlps)
-    )
-
-
-def _kernels_run_on(model: nn.Module) -> bool:
-    """Whether the fast path's kernels take this model's activations (its device), or fall back."""
-    from snuggle.kernels._utils import use_triton
-
-    return use_triton(model.lm_head.weight)
-
-
-def _can_recompute_norm(model: nn.Module) -> bool:
-    """Whether every block's q/k/v and gate/up are LoRA groups that take their norm inside (fast path)."""
-    from snuggle.kernels.lora import fast_project, fusable, norm_fusable
-
-    blocks = list(model.model.layers)
-    return (
-        bool(blocks)
-        and _kernels_run_on(model)
-        and all(
-            b.self_attn.project is fast_project
-            and b.mlp.project is fast_project
-            and norm_fusable(b.input_layernorm)
-            and norm_fusable(b.post_attention_layernorm)
-            and fusable([b.self_attn.q_proj, b.self_attn.k_proj, b.self_attn.v_proj])
-            and fusable([b.mlp.gate_proj, b.mlp.up_proj])
-            for b in blocks
-        )
-    )
-
-
-def memory_plan_for(cfg, model: nn.Module, device: torch.device) -> MemoryPlan | None:
-    """The plan for this run, or None when the config settles checkpointing itself.
-
-    Planned when `train.gradient_checkpointing` is left unset (auto) and there is a budget: on a GPU
-    always (default: what the card has), elsewhere only with an explicit `train.memory_budget_gib`.
+    Planned when `gradient_checkpointing` is left unset (auto) and there is a budget: on a GPU always
+    (default: what the card has), elsewhere only with an explicit `budget_gib`.
     """
-    t = cfg.train
-    if t.gradient_checkpointing is not None:
+    if gradient_checkpointing is not None:
         return None
-    if t.memory_budget_gib is None and device.type != "cuda":
+    if budget_gib is None and device.type != "cuda":
         return None
-    budget = t.memory_budget_gib if t.memory_budget_gib is not None else device_budget_gib(device)
+    budget = budget_gib if budget_gib is not None else device_budget_gib(device)
     return plan_for_model(
         model,
-        t.batch_size,
-        cfg.data.seq_len,
+        batch_size,
+        seq_len,
         budget,
-        t.optimizer,
+        optimizer,
         can_offload=device.type == "cuda",
-        embedding_offload=t.embedding_offload,
+        embedding_offload=embedding_offload,
     )
 
 
@@ -618,18 +585,19 @@ def estimate_weight_bytes(args: ModelArgs, dtype_bytes: int, quantize: str = "no
     return int(L * block * per_weight + (embeddings + (2 * L + 1) * h) * dtype_bytes)
 
 
-def auto_strategy_fits(cfg, device: torch.device) -> tuple[bool, str]:
-    """Whether the base model fits one card with room to train, and the figures, for `parallel: auto`."""
+def auto_strategy_fits(
+    model_path: str, dtype: str, quantize: str, budget_gib: float | None, device: torch.device
+) -> tuple[bool, str]:
+    """Whether the base model at `model_path` (in `dtype`, `quantize`d) fits one card with room to train,
+    and the figures, for `parallel: auto`. `budget_gib` None: what the card has."""
     if device.type != "cuda":
         return True, ""
     from snuggle.load import load_model_args, resolve_dtype
 
-    args = load_model_args(cfg.model.path)
-    dtype_bytes = torch.empty((), dtype=resolve_dtype(cfg.model.dtype, device)).element_size()
-    need = estimate_weight_bytes(args, dtype_bytes, cfg.model.quantize)
-    budget = (
-        cfg.train.memory_budget_gib if cfg.train.memory_budget_gib is not None else device_budget_gib(device)
-    )
+    args = load_model_args(model_path)
+    dtype_bytes = torch.empty((), dtype=resolve_dtype(dtype, device)).element_size()
+    need = estimate_weight_bytes(args, dtype_bytes, quantize)
+    budget = budget_gib if budget_gib is not None else device_budget_gib(device)
     # replicated weights may take at most ~3/4 of the card: the rest is activations and LoRA state
     fits = need <= 0.75 * budget * GIB
     return fits, f"weights {need / GIB:.1f} GiB, {budget:.1f} GiB a card"
