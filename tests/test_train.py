@@ -700,3 +700,35 @@ def test_resume_from_an_empty_state_file_is_one_error(tiny_hf_model, tmp_path):
     (latest_checkpoint(out) / "state.pt").write_bytes(b"")
     with pytest.raises(SnuggleError, match=r"state\.pt: refused or unreadable \(EOFError\)"):
         train(make_cfg(path, corpus, out, const, "train.steps=2", "train.resume=true"))
+
+
+def test_memory_plan_runs_on_a_cpu_without_triton(tiny_hf_model, tmp_path, corpus):
+    """`train.memory_budget_gib` on a machine without triton: the plan is made (the fast path's kernel
+    modules, which import triton, are never reached), not a ModuleNotFoundError. CI installs triton,
+    so a subprocess is started in which `import triton` fails."""
+    import os
+    import subprocess
+    import sys
+
+    model_dir, _ = tiny_hf_model("llama", False, tmp_path)
+    shim = tmp_path / "no-triton"
+    shim.mkdir()
+    # None in sys.modules makes every `import triton` raise ImportError (ModuleNotFoundError's parent)
+    (shim / "sitecustomize.py").write_text("import sys\nsys.modules['triton'] = None\n")
+    script = (
+        "import sys, torch\n"
+        "from snuggle.config import load_config\n"
+        "from snuggle.train.setup import build_model\n"
+        "from snuggle.train.memory import memory_plan_for\n"
+        f"cfg = load_config(None, ['model.path={model_dir}', 'data.train={corpus}', "
+        "'model.device=cpu', 'train.memory_budget_gib=4'])\n"
+        "model, _ = build_model(cfg)\n"
+        "print(memory_plan_for(cfg, model, torch.device('cpu')).describe())\n"
+        "assert 'triton' not in sys.modules or sys.modules['triton'] is None\n"
+    )
+    src = Path(__file__).resolve().parent.parent / "src"
+    env = {**os.environ, "PYTHONPATH": f"{shim}:{src}", "OMP_NUM_THREADS": "1"}
+    env.pop("TRITON_INTERPRET", None)
+    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "memory plan for 4.0 GiB" in r.stdout

@@ -472,36 +472,37 @@ def host_available_bytes() -> int:
 
 def _can_recompute_product(model: nn.Module) -> bool:
     """Whether the blocks' MLPs can run SwiGLU inside the LoRA down projection (the fast path's act_down)."""
-    from snuggle.kernels.lora import fusable
-    from snuggle.model.decoder import act_down
-
-    mlps = [block.mlp for block in model.model.layers]
     # the swap point replaced (by the fast path), a down projection it can fuse, and activations the
     # kernel can take (a model on the CPU of a GPU machine has the fast path swapped in, but runs the
     # reference beneath it, which keeps the product)
-    return (
-        bool(mlps)
-        and _kernels_run_on(model)
-        and all(m.act_down is not act_down and fusable([m.down_proj]) for m in mlps)
-    )
+    mlps = [block.mlp for block in model.model.layers]
+    if not (mlps and _kernels_run_on(model)):
+        return False
+    from snuggle.kernels.lora import fusable  # imports triton: only once it is known to be there
+    from snuggle.model.decoder import act_down
+
+    return all(m.act_down is not act_down and fusable([m.down_proj]) for m in mlps)
 
 
 def _kernels_run_on(model: nn.Module) -> bool:
-    """Whether the fast path's kernels take this model's activations (its device), or fall back."""
+    """Whether the fast path's kernels take this model's activations (its device), or fall back.
+
+    False without triton: the plan runs on a CPU machine that has none (the kernel modules import it)."""
+    from snuggle.kernels import _triton_importable
     from snuggle.kernels._utils import use_triton
 
-    return use_triton(model.lm_head.weight)
+    return _triton_importable() and use_triton(model.lm_head.weight)
 
 
 def _can_recompute_norm(model: nn.Module) -> bool:
     """Whether every block's q/k/v and gate/up are LoRA groups that take their norm inside (fast path)."""
-    from snuggle.kernels.lora import fast_project, fusable, norm_fusable
-
     blocks = list(model.model.layers)
-    return (
-        bool(blocks)
-        and _kernels_run_on(model)
-        and all(
+    if not (blocks and _kernels_run_on(model)):
+        return False
+    from snuggle.kernels.lora import fast_project, fusable, norm_fusable  # imports triton
+
+    return bool(
+        all(
             b.self_attn.project is fast_project
             and b.mlp.project is fast_project
             and norm_fusable(b.input_layernorm)
