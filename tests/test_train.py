@@ -732,3 +732,50 @@ def test_memory_plan_runs_on_a_cpu_without_triton(tiny_hf_model, tmp_path, corpu
     r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "memory plan for 4.0 GiB" in r.stdout
+
+
+def test_a_step_the_host_cannot_hold_is_refused_before_training(tiny_hf_model, tmp_path, corpus, monkeypatch):
+    """On the CPU, out of memory is a kill (exit 137) with nothing said: the step's peak is predicted
+    (the plan's model plus the attention scores the CPU keeps) and a run that would not fit the host's
+    available memory stops before training, with the figures and settings that fit, leaving no run."""
+    import snuggle.train.memory as memory
+
+    model_dir, _ = tiny_hf_model("llama", False, tmp_path)
+    out = tmp_path / "run"
+    cfg = make_cfg(model_dir, corpus, out, "data.seq_len=64", "model.device=cpu")
+    model, _ = build_model(cfg)
+    held = memory._tensor_bytes(model)
+    need = memory.host_peak_bytes(model, 2, 64) - held
+    recomputed = memory.host_peak_bytes(model, 2, 64, checkpoint_layers=2) - held
+    assert recomputed < need
+    # less than the step needs, enough when every block is recomputed
+    monkeypatch.setattr(memory, "host_available_bytes", lambda: (need + recomputed) // 2)
+    with pytest.raises(SnuggleError, match="out of host memory ahead") as e:
+        train(cfg)
+    msg = str(e.value)
+    assert "batch 2 x 64 tokens" in msg and "train.gradient_checkpointing=true" in msg, msg
+    assert "train.batch_size <= 1" in msg and "data.seq_len <= " in msg, msg
+    fits = int(msg.split("data.seq_len <= ")[1].split()[0])
+    assert memory.host_peak_bytes(model, 2, fits) - held <= (need + recomputed) // 2
+    assert not (out / "config.yaml").exists()
+    # the advice holds: recomputing every block, the same run trains
+    train(
+        make_cfg(
+            model_dir, corpus, out, "data.seq_len=64", "model.device=cpu", "train.gradient_checkpointing=true"
+        )
+    )
+    assert (out / "config.yaml").exists()
+
+
+def test_a_run_killed_before_its_first_checkpoint_says_how_to_start_again(tiny_hf_model, tmp_path, corpus):
+    """A run killed before any checkpoint (out of host memory) leaves config.yaml and metrics.jsonl:
+    the refusal says there is nothing to continue and that resume=true starts it afresh."""
+    model_dir, _ = tiny_hf_model("llama", False, tmp_path)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.yaml").write_text("{}\n")
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 5.0}\n')
+    with pytest.raises(SnuggleError, match="saved no checkpoint.*train.resume=true to start it afresh"):
+        train(make_cfg(model_dir, corpus, out))
+    train(make_cfg(model_dir, corpus, out, "train.resume=true"))
+    assert latest_checkpoint(out) is not None

@@ -53,6 +53,7 @@ from snuggle.train.evaluate import evaluate, to_device
 from snuggle.train.memory import (
     apply_memory_plan,
     auto_strategy_fits,
+    check_host_memory,
     enforce_budget,
     memory_plan_for,
     prefer_expandable_segments,
@@ -260,6 +261,11 @@ def _run(cfg, ctx: DistContext, device, strategy, model, data, plan, say, report
         apply_memory_plan(model, mem_plan)
     elif t.gradient_checkpointing:
         configure_checkpointing(model, t.checkpoint_layers, t.offload_activations)
+    try:
+        check_host_memory(cfg, model, device)  # on the CPU: refused now, not killed (exit 137) mid-step
+    except Exception as e:
+        error = e
+    ctx.agree(error)
     trainables = trainable_state(unwrap(engine))
     opt = build_optimizer(unwrap(engine), t)
     sched = build_scheduler(opt, t)

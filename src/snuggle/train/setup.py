@@ -53,6 +53,13 @@ def check_output_dir(out: Path, resume: bool) -> None:
         and out.is_dir()
         and (any((out / m).exists() for m in RUN_MARKERS) or any(out.glob("checkpoint-*")))
     ):
+        if not any(out.glob("checkpoint-*")):
+            # a run killed before its first checkpoint (out of host memory: exit 137) left only its
+            # config and metrics: resume starts it afresh, which a user cannot guess from "continue"
+            raise SnuggleError(
+                f"train.output_dir {out} holds a run that saved no checkpoint (stopped before its first); "
+                "set train.resume=true to start it afresh there, or choose another train.output_dir"
+            )
         raise SnuggleError(
             f"train.output_dir {out} holds another run; set train.resume=true to continue it "
             "or choose another train.output_dir"
