@@ -770,6 +770,31 @@ def test_verb_help(verb, capsys):
     assert out.startswith(f"usage: snuggle {verb}")
 
 
+def test_version(capsys):
+    import snuggle
+
+    with pytest.raises(SystemExit) as ei:
+        main(["--version"])
+    assert ei.value.code == 0
+    assert capsys.readouterr().out.strip() == f"snuggle {snuggle.__version__}"
+
+
+def test_every_argument_is_described():
+    import argparse
+
+    from snuggle.cli import build_parser
+
+    parser = build_parser()
+    verbs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    undescribed = [
+        f"{verb} {a.dest}"
+        for verb, sp in verbs.items()
+        for a in sp._actions
+        if not isinstance(a, argparse._HelpAction) and not (a.help and a.help.strip())
+    ]
+    assert undescribed == []
+
+
 def test_cuda_device_without_gpu_is_one_line(tiny_hf_model, tmp_path, capsys):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")

@@ -322,7 +322,10 @@ def _cmd_generate(a: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from snuggle import __version__
+
     p = argparse.ArgumentParser(prog="snuggle", description="Continued pretraining and LoRA fine-tuning.")
+    p.add_argument("--version", action="version", version=f"snuggle {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train from a YAML config")
@@ -345,7 +348,11 @@ def build_parser() -> argparse.ArgumentParser:
             help="float32, bfloat16, float16 or auto (default: auto; with a run directory as --adapter, "
             "the run's model.dtype)",
         )
-        sp.add_argument("--device", default="auto")
+        sp.add_argument(
+            "--device",
+            default="auto",
+            help="auto (a CUDA GPU when there is one, else cpu), cpu, cuda or cuda:N",
+        )
 
     e = sub.add_parser("eval", help="held-out loss and perplexity of a model on a corpus")
     model_args(e)
@@ -356,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help=f"row length in tokens (default {EVAL_SEQ_LEN}, or the model's limit when that is smaller)",
     )
-    e.add_argument("--batch-size", type=int, default=1)
+    e.add_argument("--batch-size", type=int, default=1, help="rows per forward (default 1)")
     e.add_argument("--max-rows", type=int, default=None, help="evaluate at most this many rows")
     e.add_argument(
         "--format",
@@ -375,8 +382,16 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser(
         "export", help="write a trained run as a merged HF model, a PEFT adapter or a merged GGUF file"
     )
-    x.add_argument("run_dir")
-    x.add_argument("--format", choices=("hf", "peft", "gguf"), default="hf")
+    x.add_argument(
+        "run_dir", help="a snuggle run directory (train.output_dir); its latest checkpoint is exported"
+    )
+    x.add_argument(
+        "--format",
+        choices=("hf", "peft", "gguf"),
+        default="hf",
+        help="hf: the LoRA merged into the base, safetensors and tokenizer (default); peft: the adapter "
+        "alone, for PEFT; gguf: the merged model as one .gguf file (llama.cpp, Ollama)",
+    )
     x.add_argument("--out", required=True, help="directory (hf, peft) or .gguf file (gguf)")
     x.add_argument(
         "--model",
@@ -394,11 +409,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="continue a prompt")
     model_args(g)
-    g.add_argument("--prompt", required=True)
-    g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--prompt", required=True, help="the text to continue (chat mode: the user's message)")
+    g.add_argument("--max-new-tokens", type=int, default=64, help="tokens to add at most (default 64)")
+    g.add_argument(
+        "--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default)"
+    )
+    g.add_argument(
+        "--top-p",
+        type=float,
+        default=1.0,
+        help="sample from the smallest set of tokens of this mass (default 1)",
+    )
+    g.add_argument("--seed", type=int, default=0, help="seed of the sampling (default 0)")
     g.add_argument("--no-echo", action="store_true", help="print only the continuation")
     g.add_argument(
         "--chat",
