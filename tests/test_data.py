@@ -108,7 +108,9 @@ def test_resolve_dirs_globs_dedup(tmp_path, monkeypatch):
     assert resolve_files(["d.json", "c"]) == resolve_files(["c", str(tmp_path / "d.json")])
 
 
-_ROFF = ".TH LS 1\n.SH NAME\nls \\- Verzeichnisinhalte auflisten\n.SH BESCHREIBUNG\n\\fBls\\fR listet Dateien.\n"
+_ROFF = (
+    ".TH LS 1\n.SH NAME\nls \\- Verzeichnisinhalte auflisten\n.SH BESCHREIBUNG\n\\fBls\\fR listet Dateien.\n"
+)
 
 
 def test_a_directory_of_man_pages_counts_them_and_says_how_to_read_them(tmp_path, monkeypatch):
