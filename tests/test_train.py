@@ -10,6 +10,7 @@ import json
 import math
 import random
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -779,3 +780,44 @@ def test_a_run_killed_before_its_first_checkpoint_says_how_to_start_again(tiny_h
         train(make_cfg(model_dir, corpus, out))
     train(make_cfg(model_dir, corpus, out, "train.resume=true"))
     assert latest_checkpoint(out) is not None
+
+
+@pytest.mark.parametrize(
+    ("fmt", "content", "fragment"),
+    [
+        ("text", '{"body": "a document"}\n', "body"),  # the text is in another field
+        ("text", '{"text": "unclosed\n', "malformed JSON"),
+        ("instruct", '{"text": "no instruction or messages"}\n', "c.jsonl"),
+    ],
+)
+def test_data_errors_are_said_before_the_model_loads(
+    tiny_hf_model, tmp_path, monkeypatch, fmt, content, fragment
+):
+    """A corpus in the wrong format is one error before the model loads (10-15 s for a 135M model),
+    not after it."""
+    import snuggle.train.loop as loop
+
+    model_dir, _ = tiny_hf_model("llama", False, tmp_path)
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text(content)
+
+    def never(*a, **k):
+        raise AssertionError("the model was loaded before the data was checked")
+
+    monkeypatch.setattr(loop, "build_model", never)
+    with pytest.raises(SnuggleError, match=fragment):
+        train(make_cfg(model_dir, corpus, tmp_path / "run", f"data.format={fmt}"))
+    with pytest.raises(SnuggleError, match="data path does not exist"):
+        train(make_cfg(model_dir, tmp_path / "missing.jsonl", tmp_path / "run"))
+
+
+def test_float16_on_the_cpu_is_warned_about(tmp_path, corpus):
+    from snuggle.train.setup import check_before_model
+
+    for dtype in ("fp16", "float16"):
+        cfg = make_cfg(tmp_path, corpus, tmp_path / "run", f"model.dtype={dtype}")
+        with pytest.warns(UserWarning, match=f"model.dtype={dtype} on the CPU trains some 20-30x slower"):
+            check_before_model(cfg, torch.device("cpu"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_before_model(make_cfg(tmp_path, corpus, tmp_path / "run"), torch.device("cpu"))

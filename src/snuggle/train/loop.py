@@ -71,7 +71,7 @@ from snuggle.train.parallel import (
     unwrap,
 )
 from snuggle.train.reporters import Reporter, check_reporters, open_reporters
-from snuggle.train.setup import build_data, build_model, check_output_dir
+from snuggle.train.setup import build_data, build_model, check_before_model, check_output_dir
 
 __all__ = ["train", "oom_message"]
 
@@ -134,6 +134,7 @@ def _train(cfg: RunConfig, ctx: DistContext, device: torch.device) -> dict:
         if ctx.is_main:
             check_output_dir(out, t.resume)
             check_reporters(t.report_to)
+            check_before_model(cfg, device)  # data paths and formats: said before the model loads
         torch.manual_seed(t.seed)  # the same LoRA initialisation on every rank
         rank_cfg = _rank_config(cfg, ctx, device, strategy)
         if strategy == "fsdp":

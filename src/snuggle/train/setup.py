@@ -13,15 +13,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from torch import nn
 
 from snuggle.config import DataConfig, LoraConfig, RunConfig
 from snuggle.data import PackedRows, resolve_files, split_indices, tokenize_corpus
 from snuggle.data.instruct import SUFFIXES as INSTRUCT_SUFFIXES
-from snuggle.data.instruct import PackedExamples, tokenize_instruct
+from snuggle.data.instruct import PackedExamples, check_conversations, tokenize_instruct
+from snuggle.data.sources import check_documents
 from snuggle.data.tokenize import check_token_ids, tokenizer_id_limit
 from snuggle.errors import SnuggleError
-from snuggle.load import load, load_deferred
+from snuggle.load import load, load_deferred, resolve_dtype
 from snuggle.lora import LoRALinear, apply_lora, enable_full_finetune, resolve_targets
 from snuggle.model.decoder import Decoder
 from snuggle.train.checkpoint import latest_checkpoint, load_trainables
@@ -31,6 +33,7 @@ __all__ = [
     "build_model",
     "build_data",
     "check_output_dir",
+    "check_before_model",
     "check_tokenizer_fits",
     "default_cache_dir",
     "run_checkpoint",
@@ -77,6 +80,24 @@ def check_output_dir(out: Path, resume: bool) -> None:
         # from step 0 here would overwrite the curve and prune those checkpoints, so ask instead of guessing
         if stray := _stray_checkpoints(out, "train.resume=true, but "):
             raise SnuggleError(stray)
+
+
+def check_before_model(cfg: RunConfig, device: torch.device) -> None:
+    """What can be judged before the model loads (10-15 s even for a 135M model), said at once: every
+    data path, the first record of every file (format, text field), and a dtype that crawls here."""
+    dc = cfg.data
+    if dc.format == "instruct":
+        check_conversations(resolve_files(dc.train, INSTRUCT_SUFFIXES), dc.split)
+    else:
+        check_documents(resolve_files(dc.train), dc.text_field, dc.split)
+    if device.type == "cpu" and resolve_dtype(cfg.model.dtype, device) == torch.float16:
+        # CPUs have no float16 matmul units: torch converts on every product
+        warnings.warn(
+            f"model.dtype={cfg.model.dtype} on the CPU trains some 20-30x slower than float32 (most CPUs "
+            "have no float16 matrix units; measured on SmolLM2-135M); use model.dtype=float32 (auto "
+            "chooses it on the CPU)",
+            stacklevel=2,
+        )
 
 
 def _stray_checkpoints(run: Path, lead: str) -> str | None:
