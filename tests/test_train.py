@@ -10,6 +10,7 @@ import json
 import math
 import random
 import shutil
+import sys
 import warnings
 from pathlib import Path
 
@@ -821,3 +822,64 @@ def test_float16_on_the_cpu_is_warned_about(tmp_path, corpus):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         check_before_model(make_cfg(tmp_path, corpus, tmp_path / "run"), torch.device("cpu"))
+
+
+# --- what a person watching the run sees ---------------------------------------------------------
+
+
+def test_progress_eta_comes_from_steady_steps_and_phases_are_named(capsys, monkeypatch):
+    """The first step (warm-up, after the step-0 evaluation) is left out of the remaining time: a
+    50 s first step and 1 s steps after it leave 6 s for the last 6 steps, not minutes."""
+    from snuggle.train.metrics import ProgressBar, phase_notes
+
+    bar = ProgressBar(10, 0, True)
+    bar.phase("eval at step 0")
+    assert bar.bar.desc.startswith("eval at step 0")
+    bar.phase("train")
+    bar.update(5.0, 1e-3, 100.0, 0.5, step_time_s=50.0)
+    assert bar.eta_s() is None and "eta=?" in str(bar.bar)
+    for _ in range(3):
+        bar.update(5.0, 1e-3, 100.0, 0.5, step_time_s=1.0)
+    assert bar.eta_s() == pytest.approx(6.0)
+    assert "eta=0:06" in str(bar.bar)
+    bar.close()
+    off = ProgressBar(10, 0, False)  # no bar: the estimate is still kept, nothing printed
+    off.update(5.0, 1e-3, 100.0, 0.5, step_time_s=9.0)
+    off.update(5.0, 1e-3, 100.0, 0.5, step_time_s=2.0)
+    assert off.eta_s() == pytest.approx(16.0)
+    capsys.readouterr()
+    # setup phases are named where a person watches (a terminal), and nowhere else
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    phase_notes(True)("loading the model m")
+    phase_notes(False)("tokenizing")
+    assert capsys.readouterr().err == "snuggle: loading the model m ...\n"
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    phase_notes(True)("tokenizing")
+    assert capsys.readouterr().err == ""
+
+
+def test_loss_plot_smooths_marks_evaluations_and_names_the_run(tmp_path, corpus):
+    import matplotlib.pyplot as plt
+
+    from snuggle.train.metrics import loss_figure, plot_title, smoothed
+
+    assert smoothed([2.0, 2.0, 2.0], 5) == pytest.approx([2.0, 2.0, 2.0])  # no pull toward 0
+    wavy = [3.0 + (0.4 if i % 2 else -0.4) for i in range(100)]
+    ema = smoothed(wavy, 10)
+    assert max(ema[20:]) - min(ema[20:]) < 0.2  # the swing of +-0.4 mostly averaged out
+    rows = [{"step": s, "loss": wavy[s - 1]} for s in range(1, 101)]
+    rows += [{"step": s, "eval_loss": 3.0 - s / 100} for s in (0, 50, 100)]
+    cfg = make_cfg(tmp_path / "SmolLM2-135M.gguf", corpus, tmp_path / "man-de", "train.steps=100")
+    title = plot_title(cfg, 4)
+    assert title.startswith("man-de: SmolLM2-135M.gguf, LoRA r=4") and "batch 4 x 16 tokens" in title
+    fig = loss_figure(rows, title)
+    try:
+        ax = fig.axes[0]
+        raw, trend, evals = ax.get_lines()
+        assert raw.get_alpha() < 0.5 and len(raw.get_xdata()) == 100
+        assert "EMA" in trend.get_label() and len(trend.get_xdata()) == 100
+        assert evals.get_linestyle() == "None" and evals.get_marker() == "o"  # points, not a line
+        assert list(evals.get_xdata()) == [0, 50, 100]
+        assert ax.get_title() == title
+    finally:
+        plt.close(fig)

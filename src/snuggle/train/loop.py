@@ -58,7 +58,14 @@ from snuggle.train.memory import (
     memory_plan_for,
     prefer_expandable_segments,
 )
-from snuggle.train.metrics import MetricsLog, ProgressBar, peak_memory_gib, plot_losses
+from snuggle.train.metrics import (
+    MetricsLog,
+    ProgressBar,
+    peak_memory_gib,
+    phase_notes,
+    plot_losses,
+    plot_title,
+)
 from snuggle.train.optim import build_optimizer, build_scheduler
 from snuggle.train.parallel import (
     DistContext,
@@ -113,6 +120,7 @@ def _train(cfg: RunConfig, ctx: DistContext, device: torch.device) -> dict:
     t = cfg.train
     out = Path(t.output_dir)
     say = print_on_main(ctx)
+    note = phase_notes(t.progress and ctx.is_main)
 
     # Setup, validated on every rank before any collective can block: a rank failing alone (bad
     # path, unreadable data) makes every rank stop with its message instead of waiting for it.
@@ -137,12 +145,14 @@ def _train(cfg: RunConfig, ctx: DistContext, device: torch.device) -> dict:
             check_before_model(cfg, device)  # data paths and formats: said before the model loads
         torch.manual_seed(t.seed)  # the same LoRA initialisation on every rank
         rank_cfg = _rank_config(cfg, ctx, device, strategy)
+        note(f"loading the model {cfg.model.path}")
         if strategy == "fsdp":
             # sharded load: only the root is read now; apply_parallel reads each block and shards it
             model, tokenizer = build_model(rank_cfg, defer_blocks=True)
         else:
             model, tokenizer = build_model(rank_cfg)
         if ctx.is_main:
+            note("reading and tokenizing the corpus (the tokens are cached for later runs)")
             data = rank_data(model, tokenizer)
     except Exception as e:
         error = _oom_to_user_error(e, cfg, device, "building the model")
@@ -337,7 +347,9 @@ def _run(cfg, ctx: DistContext, device, strategy, model, data, plan, say, report
         if len(data.val_idx) == 0:
             return None
         ctx.heartbeat(f"evaluation at step {step}")
+        bar.phase(f"eval at step {step}")
         res = evaluate(engine, _eval_batches(data, t, ctx), device)
+        bar.phase("train")
         if ctx.enabled:
             # each rank's mean back to its sum, then the mean over every rank's tokens
             part = torch.tensor([res["loss"] * res["tokens"], res["tokens"]], dtype=torch.float64)
@@ -370,10 +382,12 @@ def _run(cfg, ctx: DistContext, device, strategy, model, data, plan, say, report
             "global_batch": plan.global_batch,
             "curve_config": fingerprint,
         }
+        bar.phase(f"saving step {step}")
         save_checkpoint(out, step, engine, opt, sched, meta, keep=t.keep_checkpoints, ctx=ctx)
+        bar.phase("train")
         saved_at = step
         if ctx.is_main:
-            plot_losses(out / "metrics.jsonl", out / "loss.png")
+            plot_losses(out / "metrics.jsonl", out / "loss.png", plot_title(cfg, plan.global_batch))
 
     tokens_per_step = plan.global_batch * cfg.data.seq_len
     stop = _StopRequest(watchdog=ctx.enabled)
@@ -444,7 +458,7 @@ def _run(cfg, ctx: DistContext, device, strategy, model, data, plan, say, report
                     _skipped_step_message(done, loss_val, grad_norm, rows, len(bad_steps), t.max_bad_steps),
                     stacklevel=1,
                 )
-            bar.update(loss_val, lr, tokens_per_step / dt, mem)
+            bar.update(loss_val, lr, tokens_per_step / dt, mem, step_time_s=dt)
             if t.eval_every and done % t.eval_every == 0 and done != t.steps:
                 run_eval(done)
             if t.save_every and done % t.save_every == 0 and done != t.steps:
