@@ -883,3 +883,22 @@ def test_loss_plot_smooths_marks_evaluations_and_names_the_run(tmp_path, corpus)
         assert ax.get_title() == title
     finally:
         plt.close(fig)
+
+
+def test_the_end_of_a_run_says_what_its_directory_holds(tiny_hf_model, tmp_path, corpus, capsys):
+    """A 135M LoRA run took 877 MB: the last line says what takes the room (the optimizer state, twice
+    the trainables, read only to resume) and how to keep less."""
+    from snuggle.train.checkpoint import run_room
+
+    model_dir, _ = tiny_hf_model("llama", False, tmp_path)
+    out = tmp_path / "run"
+    train(make_cfg(model_dir, corpus, out, "train.save_every=1", "train.progress=true"))
+    err = capsys.readouterr().err
+    line = next(ln for ln in err.splitlines() if ln.startswith(f"snuggle: {out}: "))
+    assert "of it 2 checkpoints (train.keep_checkpoints)" in line and "train.keep_checkpoints=1" in line
+    text = run_room(out)
+    trainable = sum((c / "trainable.safetensors").stat().st_size for c in out.glob("checkpoint-*"))
+    moments = sum(p.stat().st_size for p in out.glob("checkpoint-*/optimizer/*") if p.is_file())
+    assert moments > 1.5 * trainable  # AdamW: two fp32 moments a trainable value
+    assert f"trainable tensors {trainable / 1024:.1f} KiB" in text, text
+    assert f"optimizer state {moments / 1024:.1f} KiB" in text, text

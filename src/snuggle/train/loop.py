@@ -47,6 +47,7 @@ from snuggle.train.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     read_meta,
+    run_room,
     save_checkpoint,
 )
 from snuggle.train.evaluate import evaluate, to_device
@@ -481,6 +482,8 @@ def _run(cfg, ctx: DistContext, device, strategy, model, data, plan, say, report
         if start < t.steps or ckpt is None:
             last_eval = run_eval(t.steps)
             checkpoint(t.steps)
+            if t.progress:
+                say(f"snuggle: {run_room(out)}")  # what the run keeps on disk, and how to keep less
         elif ctx.is_main:
             # resumed at (or past) the last step: nothing trains; report the loss the run ended with
             say(f"snuggle: {out} is complete at step {start} of {t.steps}; nothing to train")
