@@ -171,6 +171,8 @@ def _cmd_export(a: argparse.Namespace) -> int:
     from snuggle.run_dir import load_run
 
     out = Path(a.out)
+    if a.with_base and a.format != "peft":
+        raise SnuggleError("--with-base applies to --format peft (hf and gguf exports hold the whole model)")
     if a.dtype is not None and a.format == "peft":
         raise SnuggleError("--dtype applies to --format hf and gguf (a PEFT adapter keeps its fp32 factors)")
     if a.format == "hf" and a.dtype not in (None, *HF_DTYPES):
@@ -222,13 +224,45 @@ def _write_export(a: argparse.Namespace, model, tok, cfg, out: Path) -> None:
                 raise SnuggleError(
                     "--format peft needs a LoRA run; this run was full fine-tuning (use --format hf)"
                 )
-            save_peft_adapter(model, cfg.lora, str(Path(cfg.model.path).resolve()), tmp)
+            base_path = str(Path(cfg.model.path).resolve())
+            if a.with_base:
+                base_path = _write_base(cfg, tok, tmp / "base", final=out.resolve() / "base")
+            elif Path(base_path).suffix.lower() == ".gguf":
+                warnings.warn(_gguf_base_note(base_path), stacklevel=1)
+            save_peft_adapter(model, cfg.lora, base_path, tmp)
             tok.save_pretrained(str(tmp))
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_base(cfg, tok, where: Path, final: Path) -> str:
+    """The run's base as an HF checkpoint in `where` (a GGUF base dequantized, in the dtype it loads in
+    on the CPU), for `export --format peft --with-base`; returns `final`, the absolute path it will have
+    once the export is renamed into place: PEFT loads the base from `base_model_name_or_path` as is,
+    relative to the working directory, not to the adapter."""
+    from snuggle.io.hf import copy_generation_config, save_hf_checkpoint
+    from snuggle.io.peft_format import merged_state_dict
+    from snuggle.load import load
+
+    # no LoRA: the frozen weights as the run loaded them
+    base, _ = load(cfg.model.path, dtype=cfg.model.dtype, device="cpu", with_tokenizer=False)
+    save_hf_checkpoint(merged_state_dict(base), base.args.hf_config, where, tokenizer=tok)
+    copy_generation_config(Path(cfg.model.path), where)
+    return str(final)
+
+
+def _gguf_base_note(base: str) -> str:
+    # PEFT (AutoPeftModelForCausalLM) reads base_model_name_or_path with AutoModelForCausalLM, which
+    # takes no .gguf path; transformers' own GGUF reader (gguf_file=) is not snuggle's, and its weights
+    # can differ from the ones the adapter was trained on
+    return (
+        f"the base is a GGUF file ({Path(base).name}), which AutoPeftModelForCausalLM cannot load from "
+        "base_model_name_or_path: export with --with-base to write the base beside the adapter as an HF "
+        "model (dequantized, as snuggle trained on it) and record that instead"
+    )
 
 
 def _chat_template(tok, adapter: str | None, explicit: bool) -> str | None:
@@ -404,6 +438,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=GGUF_DTYPES,
         default=None,
         help="gguf: type of the matrices (default f16); hf: f16, bf16 or f32 (default: the base's own)",
+    )
+    x.add_argument(
+        "--with-base",
+        action="store_true",
+        help="peft: also write the base model as an HF checkpoint in OUT/base (a GGUF base dequantized) and "
+        "record it as base_model_name_or_path, so AutoPeftModelForCausalLM.from_pretrained(OUT) loads",
     )
     x.set_defaults(fn=_cmd_export)
 
