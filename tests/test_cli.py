@@ -471,6 +471,41 @@ def test_export_peft_loads_in_peft(runs, tmp_path, capfd):
     assert via_adapter["loss"] == pytest.approx(via_run["loss"], abs=1e-6)
 
 
+def test_export_peft_of_a_run_on_a_gguf_base_loads_the_usual_way(runs, tmp_path, capfd, monkeypatch):
+    """PEFT loads the base from base_model_name_or_path, which cannot be a .gguf file: --with-base writes
+    it beside the adapter as an HF model, so AutoPeftModelForCausalLM.from_pretrained(OUT) loads the run;
+    without it, the export says so."""
+    from peft import AutoPeftModelForCausalLM
+
+    gguf = tmp_path / "base.gguf"
+    assert main(["export", str(runs["full"]), "--format", "gguf", "--out", str(gguf), "--dtype", "f32"]) == 0
+    run = tmp_path / "run"
+    common = [f"model.path={gguf}", f"data.train={runs['corpus']}", f"data.seq_len={SEQ_LEN}"]
+    cfg = load_config(None, [*common, "data.val_fraction=0", "lora.r=4", "train.steps=2", "train.lr=0.01"])
+    cfg.train.output_dir, cfg.train.progress = str(run), False
+    cfg.data.cache_dir = str(runs["root"] / "cache")
+    train(cfg)
+    capfd.readouterr()
+    out = tmp_path / "adapter"
+    assert main(["export", str(run), "--format", "peft", "--out", str(out), "--with-base"]) == 0
+    capfd.readouterr()
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
+        out.resolve() / "base"
+    )
+    monkeypatch.chdir(tmp_path)  # the recorded path does not depend on the working directory
+    peft_model = AutoPeftModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    ours, _, _ = load_run(run)
+    torch.testing.assert_close(logits_of(peft_model, IDS), logits_of(ours, IDS), rtol=0, atol=ATOL)
+
+    bare = tmp_path / "bare"
+    with pytest.warns(UserWarning, match=r"the base is a GGUF file \(base.gguf\).*--with-base"):
+        assert main(["export", str(run), "--format", "peft", "--out", str(bare)]) == 0
+    assert not (bare / "base").exists()
+    capfd.readouterr()
+    rc = main(["export", str(run), "--format", "hf", "--out", str(tmp_path / "hf"), "--with-base"])
+    assert_one_error_line(rc, *capfd.readouterr(), "--with-base applies to --format peft")
+
+
 def test_export_refusals(runs, tmp_path, capfd):
     taken = tmp_path / "taken"
     taken.mkdir()
@@ -768,6 +803,31 @@ def test_verb_help(verb, capsys):
     assert ei.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith(f"usage: snuggle {verb}")
+
+
+def test_version(capsys):
+    import snuggle
+
+    with pytest.raises(SystemExit) as ei:
+        main(["--version"])
+    assert ei.value.code == 0
+    assert capsys.readouterr().out.strip() == f"snuggle {snuggle.__version__}"
+
+
+def test_every_argument_is_described():
+    import argparse
+
+    from snuggle.cli import build_parser
+
+    parser = build_parser()
+    verbs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    undescribed = [
+        f"{verb} {a.dest}"
+        for verb, sp in verbs.items()
+        for a in sp._actions
+        if not isinstance(a, argparse._HelpAction) and not (a.help and a.help.strip())
+    ]
+    assert undescribed == []
 
 
 def test_cuda_device_without_gpu_is_one_line(tiny_hf_model, tmp_path, capsys):

@@ -113,8 +113,26 @@ def test_string_override_that_is_not_yaml_is_kept_verbatim():
 )
 def test_unknown_key_is_named(override, key, known):
     msg = error_of(override)
-    assert msg.startswith(f"unknown config key '{key}'; known: ")
+    assert msg.startswith(f"unknown config key '{key}';")
     assert known in msg.partition("known: ")[2]  # the keys that section does have, for the typo
+
+
+@pytest.mark.parametrize(
+    ("override", "hint"),
+    [
+        ("train.stpes=3", "train.steps"),
+        ("data.seqlen=3", "data.seq_len"),
+        ("trian.steps=3", "train"),
+        ("lora.alpah=8", "lora.alpha"),
+        ("train.Lr=0.1", "train.lr"),
+    ],
+)
+def test_a_mistyped_key_gets_a_did_you_mean(override, hint):
+    assert f"did you mean '{hint}'? known: " in error_of(override)
+
+
+def test_a_key_close_to_nothing_gets_no_guess():
+    assert "did you mean" not in error_of("train.zzzzzz=1")
 
 
 def test_unknown_key_in_yaml_file_is_named(tmp_path):

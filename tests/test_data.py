@@ -108,6 +108,43 @@ def test_resolve_dirs_globs_dedup(tmp_path, monkeypatch):
     assert resolve_files(["d.json", "c"]) == resolve_files(["c", str(tmp_path / "d.json")])
 
 
+_ROFF = (
+    ".TH LS 1\n.SH NAME\nls \\- Verzeichnisinhalte auflisten\n.SH BESCHREIBUNG\n\\fBls\\fR listet Dateien.\n"
+)
+
+
+def test_a_directory_of_man_pages_counts_them_and_says_how_to_read_them(tmp_path, monkeypatch):
+    """/usr/share/man/de holds man pages only: the refusal counts what it skipped, as the warning does,
+    and gives a command that renders them to text; where man-db is installed, that command works."""
+    import gzip
+    import shutil
+    import subprocess
+
+    man = tmp_path / "man" / "de"
+    for name in ("man1/ls.1.gz", "man1/cp.1.gz", "man8/mount.8.gz"):
+        (man / name).parent.mkdir(parents=True, exist_ok=True)
+        (man / name).write_bytes(gzip.compress(_ROFF.encode()))
+    write(man / "index.html", "")
+    with pytest.raises(SnuggleError) as e:
+        resolve_files(str(man))
+    msg = str(e.value)
+    assert "4 files skipped (2 .1.gz, 1 " in msg and "1 .8.gz" in msg and "1 .html" in msg, msg
+    assert "man pages are roff source" in msg and "mandoc -T utf8" in msg, msg
+    with pytest.raises(SnuggleError, match=r"3 files match.*man pages are roff source"):
+        resolve_files(str(man / "**" / "*.gz"))
+    # other files than man pages get the count, and no advice about man pages
+    write(tmp_path / "web" / "a.html", "")
+    with pytest.raises(SnuggleError, match=r"1 files skipped \(1 \.html\)$"):
+        resolve_files(str(tmp_path / "web"))
+    if not (shutil.which("man") and shutil.which("col")):
+        return
+    monkeypatch.chdir(tmp_path)
+    command = msg.split("e.g. ", 1)[1].split(" (or mandoc", 1)[0]
+    subprocess.run(["bash", "-c", command], check=True, timeout=60)
+    texts = sorted(iter_documents(resolve_files("man-txt")))
+    assert len(texts) == 3 and all("Verzeichnisinhalte auflisten" in t and ".TH" not in t for t in texts)
+
+
 def test_resolve_errors(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     write(tmp_path / "notes.md", "x")

@@ -10,6 +10,8 @@ import json
 import math
 import random
 import shutil
+import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -700,3 +702,207 @@ def test_resume_from_an_empty_state_file_is_one_error(tiny_hf_model, tmp_path):
     (latest_checkpoint(out) / "state.pt").write_bytes(b"")
     with pytest.raises(SnuggleError, match=r"state\.pt: refused or unreadable \(EOFError\)"):
         train(make_cfg(path, corpus, out, const, "train.steps=2", "train.resume=true"))
+
+
+def test_memory_plan_runs_on_a_cpu_without_triton(tiny_hf_model, tmp_path, corpus):
+    """`train.memory_budget_gib` on a machine without triton: the plan is made (the fast path's kernel
+    modules, which import triton, are never reached), not a ModuleNotFoundError. CI installs triton,
+    so a subprocess is started in which `import triton` fails."""
+    import os
+    import subprocess
+    import sys
+
+    model_dir, _ = tiny_hf_model("llama", False, tmp_path)
+    shim = tmp_path / "no-triton"
+    shim.mkdir()
+    # None in sys.modules makes every `import triton` raise ImportError (ModuleNotFoundError's parent)
+    (shim / "sitecustomize.py").write_text("import sys\nsys.modules['triton'] = None\n")
+    script = (
+        "import sys, torch\n"
+        "from snuggle.config import load_config\n"
+        "from snuggle.train.setup import build_model\n"
+        "from snuggle.train.memory import memory_plan_for\n"
+        f"cfg = load_config(None, ['model.path={model_dir}', 'data.train={corpus}', "
+        "'model.device=cpu', 'train.memory_budget_gib=4'])\n"
+        "model, _ = build_model(cfg)\n"
+        "t = cfg.train\n"
+        "plan = memory_plan_for(model, torch.device('cpu'), batch_size=t.batch_size, "
+        "seq_len=cfg.data.seq_len, optimizer=t.optimizer, budget_gib=t.memory_budget_gib, "
+        "gradient_checkpointing=t.gradient_checkpointing)\n"
+        "print(plan.describe())\n"
+        "assert 'triton' not in sys.modules or sys.modules['triton'] is None\n"
+    )
+    src = Path(__file__).resolve().parent.parent / "src"
+    env = {**os.environ, "PYTHONPATH": f"{shim}:{src}", "OMP_NUM_THREADS": "1"}
+    env.pop("TRITON_INTERPRET", None)
+    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "memory plan for 4.0 GiB" in r.stdout
+
+
+def test_a_step_the_host_cannot_hold_is_refused_before_training(tiny_hf_model, tmp_path, corpus, monkeypatch):
+    """On the CPU, out of memory is a kill (exit 137) with nothing said: the step's peak is predicted
+    (the plan's model plus the attention scores the CPU keeps) and a run that would not fit the host's
+    available memory stops before training, with the figures and settings that fit, leaving no run."""
+    import snuggle.train.memory as memory
+
+    model_dir, _ = tiny_hf_model("llama", False, tmp_path)
+    out = tmp_path / "run"
+    cfg = make_cfg(model_dir, corpus, out, "data.seq_len=64", "model.device=cpu")
+    model, _ = build_model(cfg)
+    held = memory._tensor_bytes(model)
+    need = memory.host_peak_bytes(model, 2, 64) - held
+    recomputed = memory.host_peak_bytes(model, 2, 64, checkpoint_layers=2) - held
+    assert recomputed < need
+    # less than the step needs, enough when every block is recomputed
+    monkeypatch.setattr(memory, "host_available_bytes", lambda: (need + recomputed) // 2)
+    with pytest.raises(SnuggleError, match="out of host memory ahead") as e:
+        train(cfg)
+    msg = str(e.value)
+    assert "batch 2 x 64 tokens" in msg and "train.gradient_checkpointing=true" in msg, msg
+    assert "train.batch_size <= 1" in msg and "data.seq_len <= " in msg, msg
+    fits = int(msg.split("data.seq_len <= ")[1].split()[0])
+    assert memory.host_peak_bytes(model, 2, fits) - held <= (need + recomputed) // 2
+    assert not (out / "config.yaml").exists()
+    # the advice holds: recomputing every block, the same run trains
+    train(
+        make_cfg(
+            model_dir, corpus, out, "data.seq_len=64", "model.device=cpu", "train.gradient_checkpointing=true"
+        )
+    )
+    assert (out / "config.yaml").exists()
+
+
+def test_a_run_killed_before_its_first_checkpoint_says_how_to_start_again(tiny_hf_model, tmp_path, corpus):
+    """A run killed before any checkpoint (out of host memory) leaves config.yaml and metrics.jsonl:
+    the refusal says there is nothing to continue and that resume=true starts it afresh."""
+    model_dir, _ = tiny_hf_model("llama", False, tmp_path)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.yaml").write_text("{}\n")
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 5.0}\n')
+    with pytest.raises(SnuggleError, match="saved no checkpoint.*train.resume=true to start it afresh"):
+        train(make_cfg(model_dir, corpus, out))
+    train(make_cfg(model_dir, corpus, out, "train.resume=true"))
+    assert latest_checkpoint(out) is not None
+
+
+@pytest.mark.parametrize(
+    ("fmt", "content", "fragment"),
+    [
+        ("text", '{"body": "a document"}\n', "body"),  # the text is in another field
+        ("text", '{"text": "unclosed\n', "malformed JSON"),
+        ("instruct", '{"text": "no instruction or messages"}\n', "c.jsonl"),
+    ],
+)
+def test_data_errors_are_said_before_the_model_loads(
+    tiny_hf_model, tmp_path, monkeypatch, fmt, content, fragment
+):
+    """A corpus in the wrong format is one error before the model loads (10-15 s for a 135M model),
+    not after it."""
+    import snuggle.train.loop as loop
+
+    model_dir, _ = tiny_hf_model("llama", False, tmp_path)
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text(content)
+
+    def never(*a, **k):
+        raise AssertionError("the model was loaded before the data was checked")
+
+    monkeypatch.setattr(loop, "build_model", never)
+    with pytest.raises(SnuggleError, match=fragment):
+        train(make_cfg(model_dir, corpus, tmp_path / "run", f"data.format={fmt}"))
+    with pytest.raises(SnuggleError, match="data path does not exist"):
+        train(make_cfg(model_dir, tmp_path / "missing.jsonl", tmp_path / "run"))
+
+
+def test_float16_on_the_cpu_is_warned_about(tmp_path, corpus):
+    from snuggle.train.setup import check_before_model
+
+    for dtype in ("fp16", "float16"):
+        cfg = make_cfg(tmp_path, corpus, tmp_path / "run", f"model.dtype={dtype}")
+        with pytest.warns(UserWarning, match=f"model.dtype={dtype} on the CPU trains some 20-30x slower"):
+            check_before_model(cfg, torch.device("cpu"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_before_model(make_cfg(tmp_path, corpus, tmp_path / "run"), torch.device("cpu"))
+
+
+# --- what a person watching the run sees ---------------------------------------------------------
+
+
+def test_progress_eta_comes_from_steady_steps_and_phases_are_named(capsys, monkeypatch):
+    """The first step (warm-up, after the step-0 evaluation) is left out of the remaining time: a
+    50 s first step and 1 s steps after it leave 6 s for the last 6 steps, not minutes."""
+    from snuggle.train.metrics import ProgressBar, phase_notes
+
+    bar = ProgressBar(10, 0, True)
+    bar.phase("eval at step 0")
+    assert bar.bar.desc.startswith("eval at step 0")
+    bar.phase("train")
+    bar.update(5.0, 1e-3, 100.0, 0.5, step_time_s=50.0)
+    assert bar.eta_s() is None and "eta=?" in str(bar.bar)
+    for _ in range(3):
+        bar.update(5.0, 1e-3, 100.0, 0.5, step_time_s=1.0)
+    assert bar.eta_s() == pytest.approx(6.0)
+    assert "eta=0:06" in str(bar.bar)
+    bar.close()
+    off = ProgressBar(10, 0, False)  # no bar: the estimate is still kept, nothing printed
+    off.update(5.0, 1e-3, 100.0, 0.5, step_time_s=9.0)
+    off.update(5.0, 1e-3, 100.0, 0.5, step_time_s=2.0)
+    assert off.eta_s() == pytest.approx(16.0)
+    capsys.readouterr()
+    # setup phases are named where a person watches (a terminal), and nowhere else
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    phase_notes(True)("loading the model m")
+    phase_notes(False)("tokenizing")
+    assert capsys.readouterr().err == "snuggle: loading the model m ...\n"
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    phase_notes(True)("tokenizing")
+    assert capsys.readouterr().err == ""
+
+
+def test_loss_plot_smooths_marks_evaluations_and_names_the_run(tmp_path, corpus):
+    import matplotlib.pyplot as plt
+
+    from snuggle.train.metrics import loss_figure, plot_title, smoothed
+
+    assert smoothed([2.0, 2.0, 2.0], 5) == pytest.approx([2.0, 2.0, 2.0])  # no pull toward 0
+    wavy = [3.0 + (0.4 if i % 2 else -0.4) for i in range(100)]
+    ema = smoothed(wavy, 10)
+    assert max(ema[20:]) - min(ema[20:]) < 0.2  # the swing of +-0.4 mostly averaged out
+    rows = [{"step": s, "loss": wavy[s - 1]} for s in range(1, 101)]
+    rows += [{"step": s, "eval_loss": 3.0 - s / 100} for s in (0, 50, 100)]
+    cfg = make_cfg(tmp_path / "SmolLM2-135M.gguf", corpus, tmp_path / "man-de", "train.steps=100")
+    title = plot_title(cfg, 4)
+    assert title.startswith("man-de: SmolLM2-135M.gguf, LoRA r=4") and "batch 4 x 16 tokens" in title
+    fig = loss_figure(rows, title)
+    try:
+        ax = fig.axes[0]
+        raw, trend, evals = ax.get_lines()
+        assert raw.get_alpha() < 0.5 and len(raw.get_xdata()) == 100
+        assert "EMA" in trend.get_label() and len(trend.get_xdata()) == 100
+        assert evals.get_linestyle() == "None" and evals.get_marker() == "o"  # points, not a line
+        assert list(evals.get_xdata()) == [0, 50, 100]
+        assert ax.get_title() == title
+    finally:
+        plt.close(fig)
+
+
+def test_the_end_of_a_run_says_what_its_directory_holds(tiny_hf_model, tmp_path, corpus, capsys):
+    """A 135M LoRA run took 877 MB: the last line says what takes the room (the optimizer state, twice
+    the trainables, read only to resume) and how to keep less."""
+    from snuggle.train.checkpoint import run_room
+
+    model_dir, _ = tiny_hf_model("llama", False, tmp_path)
+    out = tmp_path / "run"
+    train(make_cfg(model_dir, corpus, out, "train.save_every=1", "train.progress=true"))
+    err = capsys.readouterr().err
+    line = next(ln for ln in err.splitlines() if ln.startswith(f"snuggle: {out}: "))
+    assert "of it 2 checkpoints (train.keep_checkpoints)" in line and "train.keep_checkpoints=1" in line
+    text = run_room(out)
+    trainable = sum((c / "trainable.safetensors").stat().st_size for c in out.glob("checkpoint-*"))
+    moments = sum(p.stat().st_size for p in out.glob("checkpoint-*/optimizer/*") if p.is_file())
+    assert moments > 1.5 * trainable  # AdamW: two fp32 moments a trainable value
+    assert f"trainable tensors {trainable / 1024:.1f} KiB" in text, text
+    assert f"optimizer state {moments / 1024:.1f} KiB" in text, text

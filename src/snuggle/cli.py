@@ -185,6 +185,8 @@ def _cmd_export(a: argparse.Namespace) -> int:
     from snuggle.rebuild import load_run
 
     out = Path(a.out)
+    if a.with_base and a.format != "peft":
+        raise SnuggleError("--with-base applies to --format peft (hf and gguf exports hold the whole model)")
     if a.dtype is not None and a.format == "peft":
         raise SnuggleError("--dtype applies to --format hf and gguf (a PEFT adapter keeps its fp32 factors)")
     if a.format == "hf" and a.dtype not in (None, *HF_DTYPES):
@@ -236,13 +238,45 @@ def _write_export(a: argparse.Namespace, model, tok, cfg, out: Path) -> None:
                 raise SnuggleError(
                     "--format peft needs a LoRA run; this run was full fine-tuning (use --format hf)"
                 )
-            save_peft_adapter(model, cfg.lora, str(Path(cfg.model.path).resolve()), tmp)
+            base_path = str(Path(cfg.model.path).resolve())
+            if a.with_base:
+                base_path = _write_base(cfg, tok, tmp / "base", final=out.resolve() / "base")
+            elif Path(base_path).suffix.lower() == ".gguf":
+                warnings.warn(_gguf_base_note(base_path), stacklevel=1)
+            save_peft_adapter(model, cfg.lora, base_path, tmp)
             tok.save_pretrained(str(tmp))
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_base(cfg, tok, where: Path, final: Path) -> str:
+    """The run's base as an HF checkpoint in `where` (a GGUF base dequantized, in the dtype it loads in
+    on the CPU), for `export --format peft --with-base`; returns `final`, the absolute path it will have
+    once the export is renamed into place: PEFT loads the base from `base_model_name_or_path` as is,
+    relative to the working directory, not to the adapter."""
+    from snuggle.io.hf import copy_generation_config, save_hf_checkpoint
+    from snuggle.io.peft_format import merged_state_dict
+    from snuggle.load import load
+
+    # no LoRA: the frozen weights as the run loaded them
+    base, _ = load(cfg.model.path, dtype=cfg.model.dtype, device="cpu", with_tokenizer=False)
+    save_hf_checkpoint(merged_state_dict(base), base.args.hf_config, where, tokenizer=tok)
+    copy_generation_config(Path(cfg.model.path), where)
+    return str(final)
+
+
+def _gguf_base_note(base: str) -> str:
+    # PEFT (AutoPeftModelForCausalLM) reads base_model_name_or_path with AutoModelForCausalLM, which
+    # takes no .gguf path; transformers' own GGUF reader (gguf_file=) is not snuggle's, and its weights
+    # can differ from the ones the adapter was trained on
+    return (
+        f"the base is a GGUF file ({Path(base).name}), which AutoPeftModelForCausalLM cannot load from "
+        "base_model_name_or_path: export with --with-base to write the base beside the adapter as an HF "
+        "model (dequantized, as snuggle trained on it) and record that instead"
+    )
 
 
 def _chat_template(tok, adapter: str | None, explicit: bool) -> str | None:
@@ -336,7 +370,10 @@ def _cmd_generate(a: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from snuggle import __version__
+
     p = argparse.ArgumentParser(prog="snuggle", description="Continued pretraining and LoRA fine-tuning.")
+    p.add_argument("--version", action="version", version=f"snuggle {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train from a YAML config")
@@ -366,7 +403,11 @@ def build_parser() -> argparse.ArgumentParser:
             help="float32, bfloat16, float16 or auto (default: auto; with a run directory as --adapter, "
             "the run's model.dtype)",
         )
-        sp.add_argument("--device", default="auto")
+        sp.add_argument(
+            "--device",
+            default="auto",
+            help="auto (a CUDA GPU when there is one, else cpu), cpu, cuda or cuda:N",
+        )
 
     e = sub.add_parser("eval", help="held-out loss and perplexity of a model on a corpus")
     model_args(e)
@@ -377,7 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help=f"row length in tokens (default {EVAL_SEQ_LEN}, or the model's limit when that is smaller)",
     )
-    e.add_argument("--batch-size", type=int, default=1)
+    e.add_argument("--batch-size", type=int, default=1, help="rows per forward (default 1)")
     e.add_argument("--max-rows", type=int, default=None, help="evaluate at most this many rows")
     e.add_argument(
         "--format",
@@ -396,8 +437,16 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser(
         "export", help="write a trained run as a merged HF model, a PEFT adapter or a merged GGUF file"
     )
-    x.add_argument("run_dir")
-    x.add_argument("--format", choices=("hf", "peft", "gguf"), default="hf")
+    x.add_argument(
+        "run_dir", help="a snuggle run directory (train.output_dir); its latest checkpoint is exported"
+    )
+    x.add_argument(
+        "--format",
+        choices=("hf", "peft", "gguf"),
+        default="hf",
+        help="hf: the LoRA merged into the base, safetensors and tokenizer (default); peft: the adapter "
+        "alone, for PEFT; gguf: the merged model as one .gguf file (llama.cpp, Ollama)",
+    )
     x.add_argument("--out", required=True, help="directory (hf, peft) or .gguf file (gguf)")
     x.add_argument(
         "--model",
@@ -411,15 +460,28 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="gguf: type of the matrices (default f16); hf: f16, bf16 or f32 (default: the base's own)",
     )
+    x.add_argument(
+        "--with-base",
+        action="store_true",
+        help="peft: also write the base model as an HF checkpoint in OUT/base (a GGUF base dequantized) and "
+        "record it as base_model_name_or_path, so AutoPeftModelForCausalLM.from_pretrained(OUT) loads",
+    )
     x.set_defaults(fn=_cmd_export)
 
     g = sub.add_parser("generate", help="continue a prompt")
     model_args(g)
-    g.add_argument("--prompt", required=True)
-    g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--prompt", required=True, help="the text to continue (chat mode: the user's message)")
+    g.add_argument("--max-new-tokens", type=int, default=64, help="tokens to add at most (default 64)")
+    g.add_argument(
+        "--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default)"
+    )
+    g.add_argument(
+        "--top-p",
+        type=float,
+        default=1.0,
+        help="sample from the smallest set of tokens of this mass (default 1)",
+    )
+    g.add_argument("--seed", type=int, default=0, help="seed of the sampling (default 0)")
     g.add_argument("--no-echo", action="store_true", help="print only the continuation")
     g.add_argument(
         "--chat",

@@ -16,6 +16,7 @@ test refuses a field without one: a new field takes one of the two, e.g.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import os
 import re
@@ -406,7 +407,10 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     for key, value in data.items():
         if key not in fields:
             name = _quote(key)[1:-1] if isinstance(key, str) else _quote(key)
-            raise SnuggleError(f"unknown config key '{prefix}{name}'; known: {', '.join(fields)}")
+            raise SnuggleError(
+                f"unknown config key '{prefix}{name}';{_did_you_mean(key, fields, prefix)} known: "
+                f"{', '.join(fields)}"
+            )
         tp = hints[key]
         sub = _dataclass_arm(tp)
         if sub is not None and isinstance(value, dict):
@@ -419,6 +423,14 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
             )
         kwargs[key] = v
     return cls(**kwargs)
+
+
+def _did_you_mean(key: Any, fields: dict, prefix: str) -> str:
+    """' did you mean 'train.steps'?' for a mistyped key (stpes, seqlen), or nothing when none is close."""
+    if not isinstance(key, str):
+        return ""
+    close = difflib.get_close_matches(key.lower(), list(fields), n=1, cutoff=0.6)
+    return f" did you mean '{prefix}{close[0]}'?" if close else ""
 
 
 def _dataclass_arm(tp: Any) -> type | None:

@@ -73,6 +73,7 @@ from snuggle.data.tokenize import (
 from snuggle.errors import SnuggleError
 
 __all__ = [
+    "check_conversations",
     "FALLBACK_TEMPLATE",
     "InstructStream",
     "PackedExamples",
@@ -378,6 +379,14 @@ def _iter_conversations(files: Sequence[Path], split: str | None) -> Iterator[tu
             )
         for obj, where in records:
             yield _messages(obj, where), where
+
+
+def check_conversations(files: Sequence[Path], split: str | None = None) -> None:
+    """Read the first record of every file as tokenizing will: a wrong format or a record that is neither
+    Alpaca nor chat is one error before a model is loaded (later records are checked as they are read)."""
+    for path in files:
+        with contextlib.closing(_iter_conversations([Path(path)], split)) as records:
+            next(records, None)
 
 
 # --- rendering --------------------------------------------------------------------------------------------

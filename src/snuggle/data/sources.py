@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import bz2
 import codecs
+import contextlib
 import glob
 import gzip
 import hashlib
@@ -22,6 +23,7 @@ import json
 import lzma
 import os
 import re
+import shlex
 import warnings
 import zlib
 from collections import Counter
@@ -34,6 +36,7 @@ from snuggle.errors import SnuggleError
 __all__ = [
     "COMPRESSIONS",
     "SUFFIXES",
+    "check_documents",
     "file_kind",
     "file_stamps",
     "hf_dataset_fingerprint",
@@ -277,7 +280,9 @@ def file_stamps(files: Sequence[Path], split: str | None) -> list[list[Any]]:
 # --- finding files ------------------------------------------------------------------------------------------
 
 
-def _walk_dir(root: Path, kinds: Sequence[str] = SUFFIXES) -> list[Path]:
+def _walk_dir(
+    root: Path, kinds: Sequence[str] = SUFFIXES, skipped_out: Counter[str] | None = None
+) -> list[Path]:
     # Hidden files and folders (.git, .cache, a tokenization cache placed beside the corpus) are never
     # training data, so they are skipped rather than reported.
     # Links are followed (a corpus assembled from links is common), but each real directory is walked
@@ -307,20 +312,48 @@ def _walk_dir(root: Path, kinds: Sequence[str] = SUFFIXES) -> list[Path]:
             if _supported(path, kinds):
                 found.append(path)
             else:
-                # a man page is ls.1.gz: name it by both suffixes, not as a .gz we would read
-                kind = "".join(path.suffixes[-2:]) if path.suffix in COMPRESSIONS else path.suffix
-                skipped[kind or "(no suffix)"] += 1
+                skipped[_skip_kind(path)] += 1
+    if skipped_out is not None:
+        skipped_out.update(skipped)
     if found and skipped and tuple(kinds) == SUFFIXES:
         # a Debian doc tree holds .html and man pages (.1.gz) beside .txt: say what was left out, or
         # a user believes the model trained on all of it (instruction data passes over README.txt etc.
         # by design, so only a text corpus is told)
-        kinds_seen = ", ".join(f"{n} {suffix}" for suffix, n in skipped.most_common())
         warnings.warn(
             f"{root}: {skipped.total()} files are not training data and were skipped "
-            f"({kinds_seen}); read are {_EXPECTED}",
+            f"({_kinds_seen(skipped)}); read are {_EXPECTED}{_man_page_hint(skipped, root)}",
             stacklevel=2,
         )
     return found
+
+
+def _skip_kind(path: Path) -> str:
+    # a man page is ls.1.gz: name it by both suffixes, not as a .gz we would read
+    return ("".join(path.suffixes[-2:]) if path.suffix in COMPRESSIONS else path.suffix) or "(no suffix)"
+
+
+def _kinds_seen(skipped: Counter[str]) -> str:
+    return ", ".join(f"{n} {suffix}" for suffix, n in skipped.most_common(6)) + (
+        ", ..." if len(skipped) > 6 else ""
+    )
+
+
+# a man page's suffixes: ls.1.gz, perlfunc.1perl.gz, CA.pl.1ssl.gz, sh.1
+_MAN_PAGE = re.compile(r"\.[1-9][a-z]*(\.(gz|bz2|xz))?")
+
+
+def _man_page_hint(skipped: Counter[str], root: Path | str) -> str:
+    """How to read the man pages among the skipped files: they are roff source, which the man reader
+    renders (a model trained on the raw `.TH`/`\\fB` markup would learn the markup); rendered to plain
+    text they are a corpus like any other."""
+    if not any(_MAN_PAGE.fullmatch(kind) for kind in skipped):
+        return ""
+    return (
+        "; man pages are roff source, not text: render them to .txt first, e.g. mkdir -p man-txt && "
+        f"find {shlex.quote(str(root))} -type f -name '*.[1-9]*' | while read -r f; do man -l \"$f\" "
+        '2>/dev/null | col -bx > "man-txt/$(basename "$f" .gz).txt"; done (or mandoc -T utf8 FILE | col -bx '
+        "in place of man -l), then set data.train=man-txt"
+    )
 
 
 def _resolve_entry(entry: str, kinds: Sequence[str]) -> list[Path]:
@@ -335,10 +368,13 @@ def _resolve_entry(entry: str, kinds: Sequence[str]) -> list[Path]:
             )
         return [path]
     if path.is_dir():
-        found = _walk_dir(path, kinds)
+        skipped: Counter[str] = Counter()
+        found = _walk_dir(path, kinds, skipped)
         if not found:
+            counted = f"; {skipped.total()} files skipped ({_kinds_seen(skipped)})" if skipped else ""
             raise SnuggleError(
                 f"no training files ({expected}) or datasets directories under directory '{entry}'"
+                f"{counted}{_man_page_hint(skipped, entry)}"
             )
         return found
     if not _GLOB_CHARS.intersection(expanded):
@@ -353,7 +389,8 @@ def _resolve_entry(entry: str, kinds: Sequence[str]) -> list[Path]:
     if not found:
         # say why when the pattern did match files: none of a type snuggle reads
         why = f" ({len(other)} files match, none of them {expected}: e.g. {other[0].name})" if other else ""
-        raise SnuggleError(f"no training files match '{entry}'{why}")
+        hint = _man_page_hint(Counter(map(_skip_kind, other)), os.path.commonpath(other)) if other else ""
+        raise SnuggleError(f"no training files match '{entry}'{why}{hint}")
     return found
 
 
@@ -554,25 +591,47 @@ def iter_document_pieces(
     files = [Path(f) for f in files]
     any_doc = False
     for path in files:
-        suffix = file_kind(path)
-        if path.is_dir():
-            texts = _hf_docs(path, text_field, split)
-        elif suffix == ".txt":
-            for start, piece in _txt_pieces(path, piece_bytes):
-                any_doc = True
-                yield start, piece
-            continue
-        elif (reader := _READERS.get(suffix)) is not None:
-            texts = reader(path, text_field)
-        else:
-            raise SnuggleError(f"unsupported training file type '{path.suffix}': {path}")
-        for text in texts:
-            if text.strip():
-                any_doc = True
-                yield True, text
+        for start, piece in _file_pieces(path, text_field, piece_bytes, split):
+            any_doc = True
+            yield start, piece
     if not any_doc:
-        names = ", ".join(str(p) for p in files[:3]) + (" ..." if len(files) > 3 else "")
-        raise SnuggleError(f"corpus is empty: no non-empty document in {len(files)} file(s) ({names})")
+        raise _empty_corpus(files)
+
+
+def _file_pieces(
+    path: Path, text_field: str, piece_bytes: int, split: str | None
+) -> Iterator[tuple[bool, str]]:
+    """One file's (or datasets directory's) non-empty documents, as `iter_document_pieces` yields them."""
+    suffix = file_kind(path)
+    if path.is_dir():
+        texts = _hf_docs(path, text_field, split)
+    elif suffix == ".txt":
+        yield from _txt_pieces(path, piece_bytes)
+        return
+    elif (reader := _READERS.get(suffix)) is not None:
+        texts = reader(path, text_field)
+    else:
+        raise SnuggleError(f"unsupported training file type '{path.suffix}': {path}")
+    for text in texts:
+        if text.strip():
+            yield True, text
+
+
+def _empty_corpus(files: Sequence[Path]) -> SnuggleError:
+    names = ", ".join(str(p) for p in files[:3]) + (" ..." if len(files) > 3 else "")
+    return SnuggleError(f"corpus is empty: no non-empty document in {len(files)} file(s) ({names})")
+
+
+def check_documents(files: Sequence[Path], text_field: str = "text", split: str | None = None) -> None:
+    """Read the first document of every file, the way tokenizing will read all of them: a wrong format, a
+    missing text field, a malformed first record or a corpus with no document at all is one error now,
+    before a model is loaded, instead of after it (later records are checked as they are tokenized)."""
+    found = False
+    for path in files:
+        with contextlib.closing(_file_pieces(Path(path), text_field, 1 << 16, split)) as pieces:
+            found = next(pieces, None) is not None or found
+    if not found:
+        raise _empty_corpus([Path(f) for f in files])
 
 
 def iter_documents(

@@ -69,6 +69,7 @@ __all__ = [
     "curve_fingerprint",
     "fingerprint_changes",
     "TRAINABLE_FILE",
+    "run_room",
 ]
 
 _TMP_PREFIX = f".tmp-{CHECKPOINT_PREFIX}"
@@ -265,6 +266,30 @@ def _discard(run_dir: Path, tmp: Path, final: Path) -> None:
         # renamed into place, but `latest` could not be pointed at it: nothing reads it, and on a full
         # disk its space is what the user needs back
         shutil.rmtree(final, ignore_errors=True)
+
+
+def _tree_bytes(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def run_room(run_dir: Path) -> str:
+    """What a run directory's disk space holds, in one line: its checkpoints, split into the trainable
+    tensors (what export, eval and a next stage read) and the optimizer state (AdamW keeps two moments a
+    trainable value, twice the trainables' room, only for resuming), and how to keep less."""
+    ckpts = sorted(p for p in run_dir.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir())
+    total = _tree_bytes(run_dir)
+    if not ckpts:
+        return f"{run_dir}: {_human_bytes(total)}"
+    trainable = sum(_tree_bytes(c / TRAINABLE_FILE) for c in ckpts if (c / TRAINABLE_FILE).exists())
+    moments = sum(_tree_bytes(c / _OPTIMIZER_DIR) for c in ckpts if (c / _OPTIMIZER_DIR).exists())
+    n = len(ckpts)
+    return (
+        f"{run_dir}: {_human_bytes(total)}, of it {n} checkpoint{'s' if n > 1 else ''} "
+        f"(train.keep_checkpoints): trainable tensors {_human_bytes(trainable)}, optimizer state "
+        f"{_human_bytes(moments)} (read only to resume); train.keep_checkpoints=1 keeps the newest alone"
+    )
 
 
 def _human_bytes(n: float) -> str:

@@ -51,17 +51,26 @@ from snuggle.train.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     read_meta,
+    run_room,
     save_checkpoint,
 )
 from snuggle.train.evaluate import evaluate, to_device
 from snuggle.train.memory import (
     apply_memory_plan,
     auto_strategy_fits,
+    check_host_memory,
     enforce_budget,
     memory_plan_for,
     prefer_expandable_segments,
 )
-from snuggle.train.metrics import MetricsLog, ProgressBar, peak_memory_gib, plot_losses
+from snuggle.train.metrics import (
+    MetricsLog,
+    ProgressBar,
+    peak_memory_gib,
+    phase_notes,
+    plot_losses,
+    plot_title,
+)
 from snuggle.train.optim import build_optimizer, build_scheduler
 from snuggle.train.parallel import (
     DistContext,
@@ -74,7 +83,7 @@ from snuggle.train.parallel import (
     unwrap,
 )
 from snuggle.train.reporters import Reporter, check_reporters, open_reporters
-from snuggle.train.setup import build_data, build_model, check_output_dir
+from snuggle.train.setup import build_data, build_model, check_before_model, check_output_dir
 
 __all__ = ["grad_accum_for_config", "oom_message", "restart_count", "train"]
 
@@ -131,6 +140,7 @@ def _train(cfg: RunConfig, ctx: DistContext, device: torch.device) -> dict:
     t = cfg.train
     out = Path(t.output_dir)
     say = print_on_main(ctx)
+    note = phase_notes(t.progress and ctx.is_main)
 
     # Setup, validated on every rank before any collective can block: a rank failing alone (bad
     # path, unreadable data) makes every rank stop with its message instead of waiting for it.
@@ -158,14 +168,17 @@ def _train(cfg: RunConfig, ctx: DistContext, device: torch.device) -> dict:
         if ctx.is_main:
             check_output_dir(out, t.resume)
             check_reporters(t.report_to)
+            check_before_model(cfg, device)  # data paths and formats: said before the model loads
         torch.manual_seed(t.seed)  # the same LoRA initialisation on every rank
         rank_cfg = _rank_config(cfg, ctx, device, strategy)
+        note(f"loading the model {cfg.model.path}")
         if strategy == "fsdp":
             # sharded load: only the root is read now; apply_parallel reads each block and shards it
             model, tokenizer = build_model(rank_cfg, defer_blocks=True)
         else:
             model, tokenizer = build_model(rank_cfg)
         if ctx.is_main:
+            note("reading and tokenizing the corpus (the tokens are cached for later runs)")
             data = rank_data(model, tokenizer)
     except Exception as e:
         error = _oom_to_user_error(e, cfg, device, "building the model")
@@ -329,6 +342,11 @@ def _run(cfg, ctx: DistContext, device, strategy, model, data, plan, say, report
         apply_memory_plan(model, mem_plan)
     elif t.gradient_checkpointing:
         configure_checkpointing(model, t.checkpoint_layers, t.offload_activations)
+    try:
+        check_host_memory(cfg, model, device)  # on the CPU: refused now, not killed (exit 137) mid-step
+    except Exception as e:
+        error = e
+    ctx.agree(error)
     trainables = trainable_state(unwrap(engine))
     host_embeddings = _host_embeddings(t.embedding_offload, mem_plan, strategy)
     if host_embeddings and mem_plan is None:
@@ -407,7 +425,9 @@ def _run(cfg, ctx: DistContext, device, strategy, model, data, plan, say, report
         if len(data.val_idx) == 0:
             return None
         ctx.heartbeat(f"evaluation at step {step}")
+        bar.phase(f"eval at step {step}")
         res = evaluate(engine, _eval_batches(data, t, ctx), device)
+        bar.phase("train")
         if ctx.enabled:
             # each rank's mean back to its sum, then the mean over every rank's tokens
             part = torch.tensor([res["loss"] * res["tokens"], res["tokens"]], dtype=torch.float64)
@@ -440,10 +460,12 @@ def _run(cfg, ctx: DistContext, device, strategy, model, data, plan, say, report
             "global_batch": plan.global_batch,
             "curve_config": fingerprint,
         }
+        bar.phase(f"saving step {step}")
         save_checkpoint(out, step, engine, opt, sched, meta, keep=t.keep_checkpoints, ctx=ctx)
+        bar.phase("train")
         saved_at = step
         if ctx.is_main:
-            plot_losses(out / "metrics.jsonl", out / "loss.png")
+            plot_losses(out / "metrics.jsonl", out / "loss.png", plot_title(cfg, plan.global_batch))
 
     tokens_per_step = plan.global_batch * cfg.data.seq_len
     stop = _StopRequest(watchdog=ctx.enabled)
@@ -514,7 +536,7 @@ def _run(cfg, ctx: DistContext, device, strategy, model, data, plan, say, report
                     _skipped_step_message(done, loss_val, grad_norm, rows, len(bad_steps), t.max_bad_steps),
                     stacklevel=1,
                 )
-            bar.update(loss_val, lr, tokens_per_step / dt, mem)
+            bar.update(loss_val, lr, tokens_per_step / dt, mem, step_time_s=dt)
             if t.eval_every and done % t.eval_every == 0 and done != t.steps:
                 run_eval(done)
             if t.save_every and done % t.save_every == 0 and done != t.steps:
@@ -537,6 +559,8 @@ def _run(cfg, ctx: DistContext, device, strategy, model, data, plan, say, report
         if start < t.steps or ckpt is None:
             last_eval = run_eval(t.steps)
             checkpoint(t.steps)
+            if t.progress:
+                say(f"snuggle: {run_room(out)}")  # what the run keeps on disk, and how to keep less
         elif ctx.is_main:
             # resumed at (or past) the last step: nothing trains; report the loss the run ended with
             say(f"snuggle: {out} is complete at step {start} of {t.steps}; nothing to train")

@@ -55,6 +55,8 @@ __all__ = [
     "static_bytes",
     "device_budget_gib",
     "prefer_expandable_segments",
+    "host_peak_bytes",
+    "check_host_memory",
 ]
 
 GIB = 2**30
@@ -371,18 +373,25 @@ def _embedding_ids(model: nn.Module) -> frozenset[int]:
 
 
 def predict_for_model(
-    model: nn.Module, tokens: int, optimizer: str = "adamw", host_embeddings: bool = False
+    model: nn.Module,
+    tokens: int,
+    optimizer: str = "adamw",
+    host_embeddings: bool = False,
+    checkpoint_layers: int | None = None,
 ) -> int:
     """Predicted peak bytes of a step of `tokens` tokens with the savings the model is set to now
     (checkpointed and offloaded blocks, MLP tiles, recomputed product and norms): what a plan with
     these settings would have predicted, so that any configuration's measured peak can be held
-    against the model the plans are chosen by."""
+    against the model the plans are chosen by. `checkpoint_layers`: that many recomputed blocks
+    instead of the model's."""
     block = model.model.layers[0]
     saved = getattr(model, "saved_offloader", None)
+    if checkpoint_layers is None:
+        checkpoint_layers = len(getattr(model, "checkpoint_layers", ()))
     return predict_bytes(
         model.args,
         tokens,
-        checkpoint_layers=len(getattr(model, "checkpoint_layers", ())),
+        checkpoint_layers=checkpoint_layers,
         offload=getattr(model, "offloader", None) is not None,
         tile_tokens=block.mlp.tile_tokens,
         fused_mlp=bool(block.mlp.recompute_product),
@@ -601,3 +610,75 @@ def auto_strategy_fits(
     # replicated weights may take at most ~3/4 of the card: the rest is activations and LoRA state
     fits = need <= 0.75 * budget * GIB
     return fits, f"weights {need / GIB:.1f} GiB, {budget:.1f} GiB a card"
+
+
+# --- the same prediction for a step on the CPU ---------------------------------------------------------
+
+
+def _scores_bytes(args: ModelArgs, batch_size: int, seq_len: int, act_bytes: int, stored_blocks: int) -> int:
+    """The attention scores a step on the CPU keeps: there SDPA runs its math path, which saves the
+    (B, heads, T, T) weights (and their softmax) of every stored block for backward and makes their
+    gradients in backward, quadratic in the row length (4.5 GiB a block of SmolLM2-135M at 8192 tokens,
+    fp32). Measured on SmolLM2-135M: ~7 bytes per score in fp32 for a stored block; 2 x act_bytes here,
+    so that with the linear terms the whole prediction errs high, by up to a third at 512-1024 tokens."""
+    per_block = 2 * act_bytes * batch_size * args.num_heads * seq_len * seq_len
+    return per_block * (stored_blocks + 1)  # + the gradients of one block's scores in backward
+
+
+def host_peak_bytes(
+    model: nn.Module,
+    batch_size: int,
+    seq_len: int,
+    optimizer: str = "adamw",
+    checkpoint_layers: int | None = None,
+) -> int:
+    """Predicted peak bytes of a training step on the CPU with the savings the model is set to now
+    (`checkpoint_layers`: that many recomputed blocks instead): the GPU plan's model
+    (`predict_for_model`) plus the attention scores the CPU path keeps."""
+    L = model.args.num_layers
+    k = len(getattr(model, "checkpoint_layers", ())) if checkpoint_layers is None else checkpoint_layers
+    stored = L - k + (1 if k else 0)  # a recomputed block stores its scores again during its backward
+    act_bytes = torch.empty((), dtype=model.compute_dtype).element_size()
+    return predict_for_model(model, batch_size * seq_len, optimizer, k) + _scores_bytes(
+        model.args, batch_size, seq_len, act_bytes, stored
+    )
+
+
+def _tensor_bytes(model: nn.Module) -> int:
+    return sum(_local_bytes(t) for t in {id(t): t for t in [*model.parameters(), *model.buffers()]}.values())
+
+
+def check_host_memory(cfg, model: nn.Module, device: torch.device) -> None:
+    """On the CPU, refuse a step that the host's memory cannot hold, before training, with the figures
+    and the settings that fit: out of host memory the kernel kills the process (exit 137), with no
+    message and no checkpoint. The model's weights are already held; the rest must be available
+    (MemAvailable, shared by the processes of this host)."""
+    if device.type != "cpu":
+        return
+    t, T = cfg.train, cfg.data.seq_len
+    held = _tensor_bytes(model)
+    available = host_available_bytes() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+    def fits(b: int, s: int) -> bool:
+        return host_peak_bytes(model, b, s, t.optimizer) - held <= available
+
+    need = host_peak_bytes(model, t.batch_size, T, t.optimizer)
+    if need - held <= available:
+        return
+    lo, hi = 0, T
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(t.batch_size, mid) else (lo, mid - 1)
+    fit_len = lo // 64 * 64 if lo >= 64 else lo  # a multiple of 64 where there is room for one
+    fixes = [f"data.seq_len <= {fit_len}" if fit_len >= 2 else "a much shorter data.seq_len"]
+    if best_b := max((b for b in range(1, t.batch_size) if fits(b, T)), default=0):
+        fixes.append(f"train.batch_size <= {best_b} (raise train.grad_accum to keep the global batch)")
+    L = model.args.num_layers
+    every = host_peak_bytes(model, t.batch_size, T, t.optimizer, checkpoint_layers=L) - held <= available
+    if len(getattr(model, "checkpoint_layers", ())) < L and every:
+        fixes.append("train.gradient_checkpointing=true (slower: every block is computed twice)")
+    raise SnuggleError(
+        f"out of host memory ahead: a step of batch {t.batch_size} x {T} tokens on the CPU is predicted to "
+        f"peak at {need / GIB:.1f} GiB ({held / GIB:.1f} of it the model, loaded), and the host has "
+        f"{available / GIB:.1f} GiB more available; to fit: {' or '.join(fixes)}"
+    )

@@ -13,14 +13,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from snuggle.config import DataConfig, RunConfig
 from snuggle.data import PackedRows, resolve_files, split_indices, tokenize_corpus
 from snuggle.data.instruct import SUFFIXES as INSTRUCT_SUFFIXES
-from snuggle.data.instruct import PackedExamples, tokenize_instruct
+from snuggle.data.instruct import PackedExamples, check_conversations, tokenize_instruct
+from snuggle.data.sources import check_documents
 from snuggle.data.tokenize import check_token_ids, tokenizer_id_limit
 from snuggle.errors import SnuggleError
-from snuggle.load import load, load_deferred
+from snuggle.load import load, load_deferred, resolve_dtype
 from snuggle.lora import apply_lora, enable_full_finetune
 from snuggle.model.decoder import Decoder
 from snuggle.run_dir import CHECKPOINT_PREFIX, RUN_MARKERS, latest_checkpoint, stray_checkpoints
@@ -33,6 +35,7 @@ __all__ = [
     "data_files",
     "pack_rows",
     "check_output_dir",
+    "check_before_model",
     "check_tokenizer_fits",
     "default_cache_dir",
 ]
@@ -50,6 +53,13 @@ def check_output_dir(out: Path, resume: bool) -> None:
         and out.is_dir()
         and (any((out / m).exists() for m in RUN_MARKERS) or any(out.glob(f"{CHECKPOINT_PREFIX}*")))
     ):
+        if not any(out.glob("checkpoint-*")):
+            # a run killed before its first checkpoint (out of host memory: exit 137) left only its
+            # config and metrics: resume starts it afresh, which a user cannot guess from "continue"
+            raise SnuggleError(
+                f"train.output_dir {out} holds a run that saved no checkpoint (stopped before its first); "
+                "set train.resume=true to start it afresh there, or choose another train.output_dir"
+            )
         raise SnuggleError(
             f"train.output_dir {out} holds another run; set train.resume=true to continue it "
             "or choose another train.output_dir"
@@ -67,6 +77,24 @@ def check_output_dir(out: Path, resume: bool) -> None:
         # from step 0 here would overwrite the curve and prune those checkpoints, so ask instead of guessing
         if stray := stray_checkpoints(out, "train.resume=true, but "):
             raise SnuggleError(stray)
+
+
+def check_before_model(cfg: RunConfig, device: torch.device) -> None:
+    """What can be judged before the model loads (10-15 s even for a 135M model), said at once: every
+    data path, the first record of every file (format, text field), and a dtype that crawls here."""
+    dc = cfg.data
+    if dc.format == "instruct":
+        check_conversations(resolve_files(dc.train, INSTRUCT_SUFFIXES), dc.split)
+    else:
+        check_documents(resolve_files(dc.train), dc.text_field, dc.split)
+    if device.type == "cpu" and resolve_dtype(cfg.model.dtype, device) == torch.float16:
+        # CPUs have no float16 matmul units: torch converts on every product
+        warnings.warn(
+            f"model.dtype={cfg.model.dtype} on the CPU trains some 20-30x slower than float32 (most CPUs "
+            "have no float16 matrix units; measured on SmolLM2-135M); use model.dtype=float32 (auto "
+            "chooses it on the CPU)",
+            stacklevel=2,
+        )
 
 
 def check_tokenizer_fits(tokenizer, model: Decoder, where: str) -> None:
