@@ -76,10 +76,13 @@ def _finite(v: Any) -> bool:
 
 
 class ProgressBar:
+    """tqdm on stderr in a terminal. In Jupyter, tqdm.auto draws a notebook widget instead (with ipywidgets
+    installed; without, it falls back to the text bar and says so)."""
+
     def __init__(self, total: int, initial: int, enabled: bool):
         self.bar = None
         if enabled:
-            from tqdm import tqdm
+            from tqdm.auto import tqdm
 
             self.bar = tqdm(
                 total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr, desc="train"
