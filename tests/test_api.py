@@ -128,3 +128,16 @@ def test_api_refusals_are_one_line(base, tmp_path):
         with pytest.raises(SnuggleError) as e:
             call()
         assert fragment in str(e.value) and "\n" not in str(e.value)
+
+
+def test_the_progress_bar_is_tqdm_auto_so_a_notebook_gets_its_widget(capsys):
+    # tqdm.auto is tqdm.notebook's widget under a Jupyter kernel with ipywidgets, the text bar elsewhere
+    from tqdm.auto import tqdm as auto_tqdm
+
+    from snuggle.train.metrics import ProgressBar
+
+    bar = ProgressBar(total=2, initial=0, enabled=True)
+    assert isinstance(bar.bar, auto_tqdm)
+    bar.update(loss=1.0, lr=1e-3, tokens_per_s=10.0, mem_gib=0.1)
+    bar.close()
+    assert "loss=1.0000" in capsys.readouterr().err
