@@ -43,7 +43,7 @@ def train(config: ConfigSource, overrides: Mapping[str, Any] | Iterable[str] = (
 
     `config`: a RunConfig, a nested dict (the YAML's shape) or a YAML path. `overrides`: dotted keys,
     `{"train.steps": 50, "lora.r": 64}`, or the command line's `["train.steps=50"]`. Under torchrun every
-    process calls it; the summary is the same on each."""
+    process calls it; rank 0 writes the run's files."""
     from snuggle.train.loop import train as run_training
 
     _offline()
