@@ -28,7 +28,9 @@ def test_recipe_configs_carry_the_cpt_recipe(name):
     assert cfg.lora.targets == "all-linear" and cfg.lora.train_embeddings
     t = cfg.train
     assert (t.lr, t.embedding_lr, t.weight_decay) == (5e-5, 1e-5, 0.01)
-    assert (t.optimizer, t.schedule, t.warmup_steps) == ("adamw8bit", "linear", 10)
+    assert (t.schedule, t.warmup_steps) == ("linear", 10)
+    # 8-bit AdamW on the GPU configs; the CPU one keeps fp32 AdamW (the 8-bit coding is slow on a CPU)
+    assert t.optimizer == ("adamw" if name == "cpt_recipe_cpu.yaml" else "adamw8bit")
 
 
 def test_the_7b_configs_are_the_notebooks_shape_on_one_card_and_two():
