@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 import pytest
@@ -46,3 +47,33 @@ def test_the_7b_configs_are_the_notebooks_shape_on_one_card_and_two():
         return dataclasses.replace(cfg, train=t)
 
     assert rest(one) == rest(two)
+
+
+@pytest.mark.usefixtures("single_thread")
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw8bit"])
+def test_the_cpu_recipe_trains_on_a_tiny_model(tmp_path, optimizer):
+    # the recipe's own settings (4-bit base, rsLoRA r=128, trained embeddings at their own lr, linear
+    # schedule); only the model, the data and the sizes are swapped for a tiny model's
+    import json
+
+    from conftest import build_tiny_hf_model
+    from snuggle import api
+
+    build_tiny_hf_model("llama", False, tmp_path / "base")
+    words = "the a cat dog bird fish sees eats red big small old".split()
+    docs = [" ".join(words[(i + j) % len(words)] for j in range(3 + i % 9)) + "." for i in range(40)]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    overrides = {
+        "model.path": str(tmp_path / "base"),
+        "data.train": str(tmp_path / "c.jsonl"),
+        "data.cache_dir": str(tmp_path / "cache"),
+        "data.seq_len": 16,
+        "data.val_fraction": 0.2,
+        "train.steps": 3,
+        "train.warmup_steps": 1,
+        "train.optimizer": optimizer,
+        "train.output_dir": str(tmp_path / "run"),
+        "train.progress": False,
+    }
+    summary = api.train(EXAMPLES / "cpt_recipe_cpu.yaml", overrides)
+    assert summary["steps"] == 3 and all(math.isfinite(summary[k]) for k in ("final_loss", "eval_loss"))
