@@ -16,7 +16,7 @@ this times the whole forward and backward sequence of GEMMs (no autograd, no ele
 
 A Triton GEMM with the low-rank update in its epilogue was tried too (Triton 3.6, pointer loads,
 autotuned): without the update it ran 25-35% slower than cuBLAS on these shapes, so it lost overall
-(benchmarks/results/lora-gemm-H200-wip.jsonl has those rows).
+(the rows are in benchmarks/results/lora-gemm-H200-wip.jsonl as of commit 9b97eec).
 
 - `augmented` (and `augmented+copy`): the low-rank factors folded into the base GEMM's K dimension.
   One buffer per group holds [W_cat | B_blocks] over [A_cat | 0], shape (sum out + R, in + R):

@@ -13,15 +13,16 @@ with the GPU idle before it, so these figures include its launch latency: inside
 (results/where-the-time-goes-H200-adb5593.md). Triton kernels tiled
 for bandwidth (one per product shape, commit "Experiment: Triton kernels for the LoRA products ...")
 ran 1.5-4x slower than these cuBLAS calls in the same run (8B: 3.04 ms a block against 1.30), and the
-8B step at 0.915x (results/lora-ops-H200-rank-kernels-wip.jsonl, ab-H200-42e9286-vs-rank-kernels.jsonl),
+8B step at 0.915x (results/lora-ops-H200-rank-kernels-wip.jsonl and ab-H200-42e9286-vs-rank-kernels.jsonl
+as of commit b1e6ae9),
 so they were taken out again.
 
 The `(...)^T` rows time the same rank-sized products as the transpose of the transposed problem (cuBLAS
 then picks among other kernels). On an H200 they were no faster (8B: 0.78 ms against 0.70 for the four
 products a block; 1B 1.00 against 0.98), and with them in the LoRA Functions the step ran at 1.005x
-(8B) and 0.996x (1B), within noise (results/lora-ops-H200-919f1f6-transposed.jsonl,
-ab-H200-919f1f6-vs-transposed-rank-products.jsonl); not taken. The same calls timed 20-40% apart
-between two lent machines of one session, so compare rows of one run only.
+(8B) and 0.996x (1B), within noise (results/lora-ops-H200-919f1f6-transposed.jsonl and
+ab-H200-919f1f6-vs-transposed-rank-products.jsonl as of commit 294d5d4); not taken. The same calls timed
+20-40% apart on two machines of the same kind, so compare rows of one run only.
 
 usage: python benchmarks/lora_ops.py [--shape 1b|8b|all] [--out DIR]
 """

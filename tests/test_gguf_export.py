@@ -507,4 +507,4 @@ def test_the_cli_offers_every_export_dtype() -> None:
 
     assert sorted(GGUF_DTYPES) == sorted(
         EXPORT_DTYPES
-    )  # spelled out in cli.py so that parsing does not import gguf
+    )  # spelled out in api.py so that parsing does not import gguf

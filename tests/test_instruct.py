@@ -522,7 +522,7 @@ def test_eval_scores_the_replies_as_training_does(tiny_hf_model, tok, tmp_path: 
 
 
 def test_eval_takes_the_format_and_template_of_an_instruct_run(tmp_path: Path) -> None:
-    from snuggle.cli import _eval_format
+    from snuggle.api import _eval_format
 
     run = tmp_path / "run"
     run.mkdir()

@@ -7,21 +7,17 @@ import json
 import logging
 import math
 import os
-import shutil
 import sys
 import traceback
 import warnings
 from pathlib import Path
 
+from snuggle.api import EVAL_SEQ_LEN, GGUF_DTYPES
 from snuggle.errors import SnuggleError
 
 __all__ = ["main"]
 
-# snuggle.io.gguf_export.EXPORT_DTYPES, spelled out so that parsing arguments does not import gguf
-GGUF_DTYPES = ("f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "f32")
-HF_DTYPES = {"f16": "float16", "bf16": "bfloat16", "f32": "float32"}  # export --format hf --dtype
 _TORCHRUN_WORKER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-EVAL_SEQ_LEN = 2048  # eval's default row length, capped at the model's positions
 
 
 def _cmd_train(a: argparse.Namespace) -> int:
@@ -116,254 +112,58 @@ def _launch(nproc: int, train_args: list[str], max_restarts: int = 0) -> int:
 
 
 def _cmd_eval(a: argparse.Namespace) -> int:
-    import numpy as np
+    from snuggle.api import evaluate
 
-    from snuggle.config import DataConfig
-    from snuggle.data import iterate_eval
-    from snuggle.rebuild import load_with_adapter
-    from snuggle.train.evaluate import evaluate
-    from snuggle.train.setup import data_files, pack_rows
-
-    if a.max_rows is not None and a.max_rows < 1:
-        # zero rows would report loss 0 / perplexity 1 over 0 tokens, a result rather than an error
-        raise SnuggleError(f"--max-rows must be >= 1, got {a.max_rows}")
-    # named as the user typed it, before any model is read; a row of 1 token has nothing to predict
-    for flag, value, least in (("--seq-len", a.seq_len, 2), ("--batch-size", a.batch_size, 1)):
-        if value is not None and value < least:
-            raise SnuggleError(f"{flag} must be >= {least}, got {value}")
-    fmt, template = _eval_format(a.format, a.adapter)
-    # the data as training reads it (its token cache too); seq_len is settled once the model is read
-    dc = DataConfig(
-        train=a.data,
-        format=fmt,
+    res = evaluate(
+        a.model,
+        a.data,
+        adapter=a.adapter,
+        seq_len=a.seq_len,
+        batch_size=a.batch_size,
+        max_rows=a.max_rows,
+        format=a.format,
         text_field=a.text_field,
-        chat_template=template,
         split=a.split,
         cache_dir=a.cache_dir,
+        dtype=a.dtype,
+        device=a.device,
     )
-    files = data_files(dc)  # before the model: bad paths fail fast
-    model, tok = load_with_adapter(a.model, a.adapter, dtype=a.dtype, device=a.device)
-    limit = model.args.max_position_embeddings
-    if a.seq_len is None:  # a small model's own limit rather than an error about a flag not typed
-        a.seq_len = min(EVAL_SEQ_LEN, limit)
-    elif a.seq_len > limit:
-        raise SnuggleError(f"--seq-len {a.seq_len} is above the model's limit of {limit} positions")
-    dc.seq_len = a.seq_len
-    # a cache another tokenizer wrote would index past the embedding: refused, naming both sizes
-    rows = pack_rows(dc, files, tok, model.args.vocab_size)
-    idx = np.arange(len(rows))
-    res = evaluate(model, iterate_eval(rows, idx, a.batch_size, a.max_rows), model.lm_head.weight.device)
-    print(json.dumps({**res, "format": fmt}))
+    print(json.dumps(res))
     return 0
-
-
-def _eval_format(flag: str | None, adapter: str | None) -> tuple[str, str | None]:
-    """eval's data format and chat template: --format, else the adapter run's data.format (an instruct
-    run's held-out records score its replies as training did), else text. The template is the run's
-    data.chat_template; None lets tokenize_instruct take the tokenizer's, then the fallback, as training
-    does."""
-    from snuggle.run_dir import is_run_dir, run_config
-
-    run = run_config(adapter).data if adapter is not None and is_run_dir(Path(adapter)) else None
-    fmt = flag or (run.format if run is not None else "text")
-    template = run.chat_template if run is not None and run.format == "instruct" else None
-    return fmt, template
-
-
-def _hf_export_dtype(flag: str | None, source: dict):
-    """The dtype a merged HF export is written in: --dtype, else the source checkpoint's own (its
-    config.json's torch_dtype / dtype), else None (as loaded). The run is read on the CPU, where
-    `dtype: auto` means fp32: a bf16 base would otherwise come back twice its size."""
-    import torch
-
-    name = HF_DTYPES[flag] if flag is not None else source.get("torch_dtype") or source.get("dtype")
-    return getattr(torch, name) if name in HF_DTYPES.values() else None
 
 
 def _cmd_export(a: argparse.Namespace) -> int:
-    from snuggle.io.hf import check_chat_template_names
-    from snuggle.rebuild import load_run
+    from snuggle.api import export
 
-    out = Path(a.out)
-    if a.with_base and a.format != "peft":
-        raise SnuggleError("--with-base applies to --format peft (hf and gguf exports hold the whole model)")
-    if a.dtype is not None and a.format == "peft":
-        raise SnuggleError("--dtype applies to --format hf and gguf (a PEFT adapter keeps its fp32 factors)")
-    if a.format == "hf" and a.dtype not in (None, *HF_DTYPES):
-        raise SnuggleError(f"--format hf writes {', '.join(HF_DTYPES)} (got --dtype {a.dtype})")
-    if a.format == "gguf":
-        if out.exists():
-            raise SnuggleError(f"--out {out} exists; give a new .gguf file name")
-        if not out.parent.is_dir():
-            raise SnuggleError(f"--out {out}: directory {out.parent} does not exist")
-    elif out.exists() and not out.is_dir():
-        raise SnuggleError(f"--out {out} is a file; give a new directory name")
-    elif out.exists() and any(out.iterdir()):
-        raise SnuggleError(f"--out {out} exists and is not empty")
-    model, tok, cfg = load_run(a.run_dir, device="cpu", model_path=a.model)
-    check_chat_template_names(tok, a.run_dir)  # named templates become files in the export: before writing
-    try:
-        _write_export(a, model, tok, cfg, out)
-    except OSError as e:  # a read-only or full destination: the run is untouched, nothing half-written
-        raise SnuggleError(f"--out {out}: cannot write there ({e.strerror or e})") from None
-    written = {"format": a.format, "out": str(out)}
-    print(json.dumps({**written, "dtype": a.dtype or "f16"} if a.format == "gguf" else written))
+    print(
+        json.dumps(
+            export(a.run_dir, a.out, format=a.format, model=a.model, dtype=a.dtype, with_base=a.with_base)
+        )
+    )
     return 0
 
 
-def _write_export(a: argparse.Namespace, model, tok, cfg, out: Path) -> None:
-    from snuggle.io.hf import copy_generation_config, save_hf_checkpoint
-    from snuggle.io.peft_format import merged_state_dict, save_peft_adapter
-
-    if a.format == "gguf":
-        from snuggle.io.gguf_export import write_gguf
-
-        # LoRA merged in; written to a temp file and renamed, so no half-written .gguf is ever left
-        write_gguf(model, tok, out, dtype=a.dtype or "f16")
-        return
-    # write beside the target, then rename: an interrupted export leaves no half-written model, and a
-    # failed one (a full or read-only disk) leaves nothing
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        if a.format == "hf":
-            state = merged_state_dict(model)
-            dtype = _hf_export_dtype(a.dtype, model.args.hf_config)
-            if dtype is not None:
-                state = {k: t.to(dtype) if t.is_floating_point() else t for k, t in state.items()}
-            save_hf_checkpoint(state, model.args.hf_config, tmp, tokenizer=tok)
-            copy_generation_config(Path(cfg.model.path), tmp)  # load_run put --model there
-        else:
-            if not cfg.use_lora:
-                raise SnuggleError(
-                    "--format peft needs a LoRA run; this run was full fine-tuning (use --format hf)"
-                )
-            base_path = str(Path(cfg.model.path).resolve())
-            if a.with_base:
-                base_path = _write_base(cfg, tok, tmp / "base", final=out.resolve() / "base")
-            elif Path(base_path).suffix.lower() == ".gguf":
-                warnings.warn(_gguf_base_note(base_path), stacklevel=1)
-            save_peft_adapter(model, cfg.lora, base_path, tmp)
-            tok.save_pretrained(str(tmp))
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _write_base(cfg, tok, where: Path, final: Path) -> str:
-    """The run's base as an HF checkpoint in `where` (a GGUF base dequantized, in the dtype it loads in
-    on the CPU), for `export --format peft --with-base`; returns `final`, the absolute path it will have
-    once the export is renamed into place: PEFT loads the base from `base_model_name_or_path` as is,
-    relative to the working directory, not to the adapter."""
-    from snuggle.io.hf import copy_generation_config, save_hf_checkpoint
-    from snuggle.io.peft_format import merged_state_dict
-    from snuggle.load import load
-
-    # no LoRA: the frozen weights as the run loaded them
-    base, _ = load(cfg.model.path, dtype=cfg.model.dtype, device="cpu", with_tokenizer=False)
-    save_hf_checkpoint(merged_state_dict(base), base.args.hf_config, where, tokenizer=tok)
-    copy_generation_config(Path(cfg.model.path), where)
-    return str(final)
-
-
-def _gguf_base_note(base: str) -> str:
-    # PEFT (AutoPeftModelForCausalLM) reads base_model_name_or_path with AutoModelForCausalLM, which
-    # takes no .gguf path; transformers' own GGUF reader (gguf_file=) is not snuggle's, and its weights
-    # can differ from the ones the adapter was trained on
-    return (
-        f"the base is a GGUF file ({Path(base).name}), which AutoPeftModelForCausalLM cannot load from "
-        "base_model_name_or_path: export with --with-base to write the base beside the adapter as an HF "
-        "model (dequantized, as snuggle trained on it) and record that instead"
-    )
-
-
-def _chat_template(tok, adapter: str | None, explicit: bool) -> str | None:
-    """The template `generate --chat` renders with, chosen as training chose it: the adapter run's
-    data.chat_template, else the tokenizer's, else (an instruct run, or --chat asked for) the fallback."""
-    from snuggle.data.instruct import FALLBACK_TEMPLATE, has_chat_template, resolve_template
-    from snuggle.run_dir import is_run_dir, run_config
-
-    instruct_run = False
-    if adapter is not None and is_run_dir(Path(adapter)):
-        data = run_config(adapter).data
-        instruct_run = data.format == "instruct"
-        if instruct_run and data.chat_template is not None:
-            return data.chat_template
-    if has_chat_template(tok):
-        return resolve_template(tok)
-    return FALLBACK_TEMPLATE if instruct_run or explicit else None
-
-
 def _cmd_generate(a: argparse.Namespace) -> int:
-    import torch
+    from snuggle.api import generate
 
-    from snuggle.data.instruct import end_of_turn_ids, prompt_ids
-    from snuggle.generate import generate
-    from snuggle.rebuild import load_with_adapter
+    def show(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
 
-    if a.max_new_tokens < 1:
-        raise SnuggleError(f"--max-new-tokens must be >= 1, got {a.max_new_tokens}")
-    if not 0.0 <= a.temperature < math.inf:
-        # NaN made every probability NaN (a traceback from multinomial), a negative one meant greedy
-        # unannounced, inf uniform sampling
-        raise SnuggleError(f"--temperature must be a finite number >= 0 (0: greedy), got {a.temperature}")
-    if not 0.0 < a.top_p <= 1.0:
-        # top-p 0 keeps no token at all, and multinomial would fail on the all-zero distribution
-        raise SnuggleError(f"--top-p must be in (0, 1], got {a.top_p}")
-    if a.system is not None and a.chat is False:
-        raise SnuggleError("--system needs chat mode (drop --no-chat)")
-    model, tok = load_with_adapter(a.model, a.adapter, dtype=a.dtype, device=a.device)
-    device = model.lm_head.weight.device
-    template = _chat_template(tok, a.adapter, explicit=a.chat is True) if a.chat is not False else None
-    chat = template is not None
-    if a.system is not None and not chat:
-        raise SnuggleError("--system needs chat mode, and the tokenizer has no chat template (add --chat)")
-    stop = {tok.eos_token_id} if tok.eos_token_id is not None else set()
-    if chat:
-        # the prompt is one user turn; the reply ends at the template's end-of-turn token
-        messages = [{"role": "system", "content": a.system}] if a.system is not None else []
-        messages.append({"role": "user", "content": a.prompt})
-        ids = torch.tensor([prompt_ids(tok, messages, template)], device=device)
-        stop |= end_of_turn_ids(tok, template)
-    else:
-        ids = tok(a.prompt, return_tensors="pt")["input_ids"].to(device)
-    if ids.shape[1] == 0:
-        # an empty prompt (or one the tokenizer drops entirely) gives no position to continue from:
-        # start from BOS as HF generate does, or say so instead of failing inside the model
-        if tok.bos_token_id is None:
-            raise SnuggleError("--prompt encodes to no tokens and the tokenizer has no BOS token either")
-        ids = torch.tensor([[tok.bos_token_id]], device=device)
-    limit = model.args.max_position_embeddings
-    if ids.shape[1] >= limit:
-        raise SnuggleError(
-            f"--prompt is {ids.shape[1]} tokens; the model has {limit} positions, so no token is left to add"
-        )
-    if ids.shape[1] + a.max_new_tokens > limit:
-        warnings.warn(
-            f"the prompt ({ids.shape[1]} tokens) and --max-new-tokens {a.max_new_tokens} exceed the model's "
-            f"{limit} positions: generation stops after {limit - ids.shape[1]} tokens",
-            stacklevel=1,
-        )
-    gen = torch.Generator(device=device).manual_seed(a.seed)
-    out: list[int] = []
-    printed = ""
-
-    def stream(token: int) -> None:
-        # decode the whole continuation each time: byte-level BPE pieces only form text in groups
-        nonlocal printed
-        out.append(token)
-        text = tok.decode(out, skip_special_tokens=True)
-        if not text.endswith("\ufffd"):
-            sys.stdout.write(text[len(printed) :])
-            sys.stdout.flush()
-            printed = text
-
-    if not a.no_echo and not chat:  # a chat reply is printed alone: the prompt is a question, not its start
-        sys.stdout.write(a.prompt)
     generate(
-        model, ids, a.max_new_tokens, a.temperature, a.top_p, stop or None, on_token=stream, generator=gen
+        a.model,
+        a.prompt,
+        adapter=a.adapter,
+        max_new_tokens=a.max_new_tokens,
+        temperature=a.temperature,
+        top_p=a.top_p,
+        seed=a.seed,
+        chat=a.chat,
+        system=a.system,
+        dtype=a.dtype,
+        device=a.device,
+        on_text=show,
+        echo=not a.no_echo,
     )
     sys.stdout.write("\n")
     return 0

@@ -15,6 +15,7 @@ test refuses a field without one: a new field takes one of the two, e.g.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import math
@@ -23,6 +24,7 @@ import re
 import reprlib
 import types
 import typing
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -45,6 +47,7 @@ __all__ = [
     "TrainConfig",
     "RunConfig",
     "load_config",
+    "make_config",
     "config_from_dict",
     "to_dict",
     "with_absolute_paths",
@@ -526,26 +529,57 @@ def _refuse_duplicate_keys(text: str, where: str) -> None:
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
     """YAML file (may be None) + `a.b=value` overrides (values parsed as YAML) -> validated RunConfig."""
-    tree: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
+    return make_config(path, overrides)
+
+
+def make_config(
+    source: RunConfig | Mapping[str, Any] | str | Path | None,
+    overrides: Mapping[str, Any] | Iterable[str] = (),
+) -> RunConfig:
+    """A validated RunConfig from a RunConfig, a nested mapping or a YAML path (None: all defaults), with
+    overrides applied: `{"train.steps": 50}` (values as given) or `["train.steps=50"]` (values read as
+    YAML, as the command line gives them). The source is never modified."""
+    if isinstance(source, RunConfig):
+        tree = to_dict(source)
+    elif isinstance(source, Mapping):
+        tree = copy.deepcopy(dict(source))
+    elif source is None:
+        tree = {}
+    elif isinstance(source, (str, Path)):
+        p = Path(source)
         tree = _parse_yaml(_read_config(p), str(p)) or {}
         if not isinstance(tree, dict):
             raise SnuggleError(f"{p}: the config must be a YAML mapping")
-    for ov in overrides:
-        key, sep, raw = ov.partition("=")
-        if not sep or not key.strip():
-            raise SnuggleError(f"override {_quote(ov)} must look like section.key=value")
-        if "\x00" in ov:
-            raise SnuggleError(f"override {_quote(ov)} contains a NUL character")
-        try:
-            value = yaml.safe_load(raw) if raw else ""
-        except (yaml.YAMLError, ValueError, OverflowError):
-            value = raw  # not YAML: the text itself (a path with a ': ' in it, ...)
-        except RecursionError:
-            raise SnuggleError(f"override {_quote(ov)}: value nested too deeply") from None
-        _set_dotted(tree, key.strip(), value)
+    else:
+        raise SnuggleError(f"a config is a RunConfig, a mapping or a YAML path, got {type(source).__name__}")
+    if isinstance(overrides, Mapping):
+        for key, value in overrides.items():
+            if not isinstance(key, str) or not key.strip():
+                raise SnuggleError(f"override key {_quote(key)} must look like section.key")
+            _set_dotted(tree, key.strip(), copy.deepcopy(value))
+    else:
+        if isinstance(overrides, str):
+            overrides = [overrides]  # one `k=v` string, not its characters
+        for ov in overrides:
+            key, value = _parse_override(ov)
+            _set_dotted(tree, key, value)
     return config_from_dict(tree)
+
+
+def _parse_override(ov: str) -> tuple[str, Any]:
+    """`section.key=value` -> (dotted key, value read as YAML, or the text itself where it is not YAML)."""
+    key, sep, raw = ov.partition("=")
+    if not sep or not key.strip():
+        raise SnuggleError(f"override {_quote(ov)} must look like section.key=value")
+    if "\x00" in ov:
+        raise SnuggleError(f"override {_quote(ov)} contains a NUL character")
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except (yaml.YAMLError, ValueError, OverflowError):
+        value = raw  # not YAML: the text itself (a path with a ': ' in it, ...)
+    except RecursionError:
+        raise SnuggleError(f"override {_quote(ov)}: value nested too deeply") from None
+    return key.strip(), value
 
 
 def config_from_dict(tree: dict[str, Any]) -> RunConfig:

@@ -333,7 +333,7 @@ def prefer_expandable_segments() -> None:
     and the memory plan's prediction bounds the reservation, which is what a card's size or the
     budget's cap limits. Set before CUDA starts (the setting is read then); no effect afterwards.
     Measured on one H200: speed within noise on five 1B/8B cases; reserved memory over the peak of
-    live tensors from 0.2-1.0 GiB to 0.0-0.2 (benchmarks/results/memory-and-allocator-H200-session9.md)."""
+    live tensors from 0.2-1.0 GiB to 0.0-0.2 (docs/performance.md, "Memory")."""
     if any(k in os.environ for k in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")):
         return
     if torch.cuda.is_initialized():

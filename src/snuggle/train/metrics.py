@@ -91,7 +91,8 @@ def phase_notes(enabled: bool):
 class ProgressBar:
     """The step bar on stderr: the phase it is in (training, evaluating, checkpointing), and a remaining
     time from the steady steps alone. tqdm's own estimate counts the first step (warm-up, the step-0
-    evaluation before it) as a typical one: 1:50:43 at step 1 of a 10-minute run."""
+    evaluation before it) as a typical one: 1:50:43 at step 1 of a 10-minute run. In Jupyter, tqdm.auto
+    draws a notebook widget instead (with ipywidgets installed; without, the text bar)."""
 
     WINDOW = 20  # steps the remaining time is averaged over
 
@@ -102,7 +103,7 @@ class ProgressBar:
         self._first = True
         self._postfix = ""
         if enabled:
-            from tqdm import tqdm
+            from tqdm.auto import tqdm
 
             self.bar = tqdm(
                 total=total,
