@@ -1,6 +1,6 @@
 """One benchmark variant in this process: LoRA training steps on a random-init Llama-3 shape.
 
-The setup of shared/ANCHORS.md: bf16 weights, LoRA r=16 alpha=16 dropout 0 on q,k,v,o,gate,up,down,
+The peers' comparison setup: bf16 weights, LoRA r=16 alpha=16 dropout 0 on q,k,v,o,gate,up,down,
 fused AdamW on the trainables, input = labels = random token ids, W warm-up steps then the median of
 N timed steps, peak = torch.cuda.max_memory_allocated() since the first step. Every variant builds
 the same weights and LoRA factors from the parameter names (ours are HF's), so loss curves compare.
@@ -26,7 +26,7 @@ import zlib
 import torch
 
 SHAPES = {
-    # Llama-3 shapes of ANCHORS.md (random init, no checkpoint needed)
+    # Llama-3 shapes of the peers' comparison (random init, no checkpoint needed)
     "1b": dict(
         hidden_size=2048,
         num_hidden_layers=16,

@@ -58,7 +58,7 @@ SUITES: dict[str, list[tuple]] = {
     ],
 }
 NF4 = ("--quantize", "nf4")
-# QLoRA (shared/ANCHORS.md: 8B, batch 2 x 2048; and batch 1 x long sequences capped at 24 GiB)
+# QLoRA (8B, batch 2 x 2048; and batch 1 x long sequences capped at 24 GiB)
 SUITES["qlora"] = [
     ("unsloth", "8b", 2, 2048, "none", 24, NF4),
     ("unsloth", "8b", 2, 2048, "all", 0, NF4),
@@ -73,7 +73,7 @@ SUITES["qlora-long"] = [
     ("snuggle", "8b", 1, 65536, "plan", 24, (*NF4, "--warmup", "1", "--steps", "2")),
     ("snuggle", "8b", 1, 131072, "plan", 24, (*NF4, "--warmup", "1", "--steps", "1")),
 ]
-# snuggle alone on the headline cases, for checking a change (peers' figures come from ANCHORS.md)
+# snuggle alone on the headline cases, for checking a change (peers' figures: an earlier peers run, below)
 SUITES["quick"] = [
     ("snuggle", "1b", 8, 2048, "none", 0, ()),
     ("snuggle", "8b", 2, 2048, "none", 0, ()),
@@ -179,14 +179,14 @@ CPT_SUITES["cpt-parity"] = [
     for name, flags in CPT_PARITY.items()
     for stack in ("hf", "snuggle")
 ]
-# peers' figures measured on one H100 with this setup (shared/ANCHORS.md), for rows we cannot run here
+# peers' figures measured on one H100 with this setup (bench.py, 2026-11-25), for rows not run here
 ANCHORS = {
     ("unsloth", "1b", "all"): (53759, 4.8),
     ("unsloth", "1b", "none"): (71616, 19.3),
     ("unsloth", "8b", "all"): (10569, 16.7),
     ("unsloth", "8b", "none"): (14665, 30.6),
 }
-# Unsloth QLoRA on one H100 (shared/ANCHORS.md), by (batch, seq, checkpointing): "none" is its fastest
+# Unsloth QLoRA on one H100 (bench.py, 2026-11-25), by (batch, seq, checkpointing): "none" is its fastest
 # configuration under a 24 GiB cap, "all" its smallest footprint; 65,536 tokens runs out of memory
 QLORA_ANCHORS = {
     (2, 2048, "none"): (14104, 21.0),
@@ -196,7 +196,7 @@ QLORA_ANCHORS = {
 
 
 def anchor_rows() -> list[dict]:
-    """ANCHORS.md's Unsloth figures as rows shaped like measured ones (they hold for an H100 only)."""
+    """The earlier peers run's Unsloth figures as rows shaped like measured ones (an H100's only)."""
 
     def row(model, batch, seq, ckpt, quantize, figures):
         tokens_per_s, peak_gib = figures
@@ -551,8 +551,8 @@ def add_rates(r: dict, peak: float) -> dict:
 
 def write_tables(suite: str, env: dict, peak: float, rows: list[dict], out: Path) -> None:
     """The ratios to the best peer, then the table as markdown (printed too), CSV and JSON lines."""
-    # ratio to the best peer that ran here; ANCHORS.md's figures stand in only on the card they were
-    # measured on (an H100), and only for cases no peer ran for in this run
+    # ratio to the best peer that ran here; the earlier peers run's figures stand in only on its card
+    # (an H100), and only for cases no peer ran for in this run
     peers = [p for p in rows if p["variant"] != "snuggle"]
     if "H100" in env["gpu"]:
         peers += anchor_rows()
@@ -590,13 +590,14 @@ def write_tables(suite: str, env: dict, peak: float, rows: list[dict], out: Path
         )
     lines += [
         "",
-        "vs best peer: against the peers run above; on an H100, ANCHORS.md's figures below stand in for the "
-        "peers not run. Peers' figures from shared/ANCHORS.md (same setup, one H100): "
+        "vs best peer: against the peers run above; on an H100, the earlier figures below stand in for the "
+        "peers not run. Peers' figures from an earlier run of benchmarks/bench.py (same setup, one H100, "
+        "2026-11-25): "
         + "; ".join(
             f"{k[0]} {k[1]} ckpt {k[2]}: {v[0]:,} tokens/s at {v[1]} GiB" for k, v in ANCHORS.items()
         ),
         "",
-        "Unsloth QLoRA 8B (shared/ANCHORS.md): "
+        "Unsloth QLoRA 8B (earlier run of benchmarks/bench.py, one H100): "
         + "; ".join(
             f"{b} x {s} ckpt {c}: {v[0]:,} tokens/s at {v[1]} GiB" for (b, s, c), v in QLORA_ANCHORS.items()
         )
