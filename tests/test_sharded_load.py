@@ -207,8 +207,8 @@ def build(*args, **kwargs):
     base["kib"] = kib("VmRSS")
     return real_build(*args, **kwargs)
 
-def apply(model, strategy, ctx, device):
-    engine = real_apply(model, strategy, ctx, device)
+def apply(model, strategy, ctx, device, *rest):
+    engine = real_apply(model, strategy, ctx, device, *rest)
     print(f"HOST_PEAK rank={ctx.rank} kib={kib('VmHWM') - base['kib']}", file=sys.stderr, flush=True)
     return engine
 
