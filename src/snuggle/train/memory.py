@@ -270,7 +270,7 @@ def plan_memory(
         raise SnuggleError(
             f"the model alone needs {(static * _FRAGMENTATION + _FIXED_SLACK) / GIB:.2f} GiB (weights, "
             f"gradients, optimizer state, allocator reserve), above train.memory_budget_gib={budget_gib:g}: "
-            "use model.quantize=nf4, "
+            "use model.quantize=nf4 (or fp8), "
             "train.optimizer=adamw8bit, fewer trainable parameters, or a larger budget"
         )
 
@@ -333,17 +333,21 @@ def apply_memory_plan(model: nn.Module, plan: MemoryPlan) -> None:
 
 
 def _model_terms(model: nn.Module, optimizer: str = "adamw") -> dict:
-    """predict_bytes' arguments that a built `Decoder` fixes: its real bytes, activation dtype, head
-    and 4-bit weights."""
+    """predict_bytes' arguments that a built `Decoder` fixes: its real bytes (an FP8 or NF4 weight
+    counts its own: 1 byte a weight plus 4 a row, ~4.13 bits a weight), activation dtype, head and the
+    transient copies its quantized weights make."""
+    from snuggle.quant.fp8 import FP8Weight
     from snuggle.quant.nf4 import NF4Weight
 
-    dense = [m.shape.numel() for m in model.modules() if isinstance(m, NF4Weight)]
     act_bytes = torch.empty((), dtype=model.compute_dtype).element_size()
+    # NF4: one dequantized weight in forward, one in backward; FP8: backward's transposed 1-byte copy
+    nf4 = [2 * act_bytes * m.shape.numel() for m in model.modules() if isinstance(m, NF4Weight)]
+    fp8 = [m.shape.numel() for m in model.modules() if isinstance(m, FP8Weight)]
     return dict(
         static=static_bytes(model, optimizer),
         act_bytes=act_bytes,
         trainable_head=bool(model.lm_head.weight.requires_grad),
-        transient=2 * act_bytes * max(dense, default=0),  # one dequantized weight in forward, one in backward
+        transient=max(nf4 + fp8, default=0),
     )
 
 
@@ -544,9 +548,12 @@ def estimate_weight_bytes(args: ModelArgs, dtype_bytes: int, quantize: str = "no
     h, f, L = args.hidden_size, args.intermediate_size, args.num_layers
     q, kv = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
     block = h * (q + 2 * kv) + q * h + 3 * h * f
-    per_weight = 4.13 / 8 if quantize == "nf4" else dtype_bytes  # NF4: ~4.13 bits a weight
+    # NF4: ~4.13 bits a weight; FP8: a byte a weight plus an fp32 scale a row (output channel)
+    per_weight = {"nf4": 4.13 / 8, "fp8": 1}.get(quantize, dtype_bytes)
+    rows = (q + 2 * kv) + h + 2 * f + h  # output channels of q/k/v, o, gate/up, down
+    scales = 4 * L * rows if quantize == "fp8" else 0
     embeddings = args.vocab_size * h * (1 if args.tie_word_embeddings else 2)
-    return int(L * block * per_weight + (embeddings + (2 * L + 1) * h) * dtype_bytes)
+    return int(L * block * per_weight + scales + (embeddings + (2 * L + 1) * h) * dtype_bytes)
 
 
 def auto_strategy_fits(cfg, device: torch.device) -> tuple[bool, str]:
