@@ -116,7 +116,9 @@ def _pad_to(t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
 def fp8_mm_cuda(a8, sa, b8, sb, out_dtype: torch.dtype) -> torch.Tensor:
     """`fp8_mm_reference` by `torch._scaled_mm` with rowwise scales (CUDA, compute capability 8.9+).
 
-    Shapes that are not multiples of 16 (never a real model's) are zero-padded: zeros add nothing."""
+    Shapes that are not multiples of 16 (never a real model's) are zero-padded: zeros add nothing. The
+    GEMM writes bf16, the one output type rowwise scaling takes on every torch build we target; another
+    activation dtype gets it cast (an fp32 run on a GPU rounds the frozen products to bf16)."""
     n, k = a8.shape
     m = b8.shape[0]
     kp, mp = -(-k // _ALIGN) * _ALIGN, -(-m // _ALIGN) * _ALIGN
@@ -125,9 +127,10 @@ def fp8_mm_cuda(a8, sa, b8, sb, out_dtype: torch.dtype) -> torch.Tensor:
         sb = F.pad(sb, (0, 0, 0, mp - m), value=1.0)
     # b8 (m, k) row-major is b8^T (k, m) column-major, the layout _scaled_mm takes as its second operand
     y = torch._scaled_mm(
-        a8, b8.t(), scale_a=sa.contiguous(), scale_b=sb.t().contiguous(), out_dtype=out_dtype
+        a8, b8.t(), scale_a=sa.contiguous(), scale_b=sb.t().contiguous(), out_dtype=torch.bfloat16
     )  # (n, mp)
-    return y if mp == m else y[:, :m].contiguous()
+    y = y if mp == m else y[:, :m]
+    return y.to(out_dtype) if out_dtype != torch.bfloat16 else y.contiguous()
 
 
 @functools.cache
@@ -135,23 +138,44 @@ def _capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
+@functools.cache
+def _rowwise_runs(index: int) -> bool:
+    """Whether this torch build has a rowwise-scaled FP8 GEMM for GPU `index`: one tiny call, once."""
+    dev = torch.device("cuda", index)
+    a8, sa = quantize_rows(torch.ones(16, 16, device=dev))
+    try:
+        fp8_mm_cuda(a8, sa, a8, sa, torch.bfloat16)
+    except RuntimeError:
+        return False
+    return True
+
+
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def fp8_gemm_available(device: torch.device) -> bool:
-    """Whether `device` runs FP8 GEMMs: a CUDA GPU of compute capability 8.9 or newer."""
+    """Whether `device` runs FP8 GEMMs: a CUDA GPU of compute capability 8.9 or newer whose torch build
+    has the rowwise-scaled GEMM."""
     if device.type != "cuda":
         return False
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return _capability(index) >= (8, 9)
+    return _capability(_index(device)) >= (8, 9) and _rowwise_runs(_index(device))
 
 
 def check_fp8_device(device: torch.device) -> None:
     """One line for a CUDA GPU without FP8 GEMMs (the CPU runs the reference path)."""
-    if device.type == "cuda" and not fp8_gemm_available(device):
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        major, minor = _capability(index)
+    if device.type != "cuda" or fp8_gemm_available(device):
+        return
+    major, minor = _capability(_index(device))
+    if (major, minor) < (8, 9):
         raise SnuggleError(
             f"model.quantize=fp8 needs a GPU with FP8 tensor cores (compute capability 8.9+: Ada, Hopper, "
             f"Blackwell); this one is {major}.{minor}: use model.quantize=nf4 or none"
         )
+    raise SnuggleError(
+        f"model.quantize=fp8: torch {torch.__version__} has no rowwise-scaled FP8 GEMM (torch._scaled_mm) "
+        f"for this GPU ({major}.{minor}): upgrade torch, or use model.quantize=nf4 or none"
+    )
 
 
 def fp8_mm(a8, sa, b8, sb, out_dtype: torch.dtype) -> torch.Tensor:
