@@ -26,7 +26,7 @@ from snuggle.quant.fp8 import (
 )
 from snuggle.quant.nf4 import quantize_model
 from snuggle.train.loop import train
-from snuggle.train.memory import estimate_weight_bytes, static_bytes
+from snuggle.train.memory import _model_terms, estimate_weight_bytes, static_bytes
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -238,6 +238,11 @@ def test_load_quantizes_every_block_projection_and_counts_its_bytes(tiny_hf_mode
     # the memory plan's estimate before the model is built is the built model's bytes
     assert static_bytes(q) == estimate_weight_bytes(q.args, 4, "fp8")
     assert static_bytes(dense) == estimate_weight_bytes(dense.args, 4, "none")
+    # the plan's short-lived bytes: backward's transposed copy of the largest weight, and per token the
+    # scaled copy (fp32: this model's dtype) and e4m3 bytes of the widest GEMM input
+    terms = _model_terms(q)
+    f, h = q.args.intermediate_size, q.args.hidden_size
+    assert terms["transient"] == f * h and terms["transient_per_token"] == (4 + 1) * f
 
 
 def test_quantize_model_from_bf16_weights(tiny_hf_model, tmp_path):

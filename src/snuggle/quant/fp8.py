@@ -85,12 +85,14 @@ def quantize_rows(
     With `col_scale` (1, k), powers of two, the rows of t * col_scale are quantized (the input gradient's
     fold of the weight's scales)."""
     wd = _work_dtype(t)
-    u = t.to(wd)
+    u = t.to(wd)  # t itself when already in wd
     if col_scale is not None:
         u = u * col_scale.to(wd)  # exact: powers of two
     amax = torch.linalg.vector_norm(u, float("inf"), dim=1, keepdim=True).float()  # (n, 1)
     scale = _pow2_scale(amax)
-    q = u * (1.0 / scale).to(wd)  # exact; a new tensor, so the clamp below never writes into t
+    inv = (1.0 / scale).to(wd)  # exact
+    # one 16-bit copy of t at most: scaled in place when u is already a copy, never writing into t
+    q = u.mul_(inv) if u is not t else u * inv
     return q.clamp_(-F8_MAX, F8_MAX).to(F8), scale
 
 

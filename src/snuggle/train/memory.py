@@ -162,10 +162,12 @@ def predict_bytes(
     fused_mlp: bool = False,
     fused_norm: bool = False,
     offload_blocks: int = 0,
+    transient_per_token: int = 0,
 ) -> int:
     """Predicted peak bytes of one training step with `tokens` tokens per micro-batch.
 
-    `transient`: bytes of short-lived buffers beside the activations (a dequantized 4-bit weight).
+    `transient`: bytes of short-lived buffers beside the activations (a dequantized 4-bit weight);
+    `transient_per_token`: those that grow with the tokens (FP8's quantized copy of a GEMM's input).
     `fused_mlp`: the MLP keeps gate and up but not their product (see `_block_bytes`); a plan's
     `recompute_product`. `fused_norm`: the norms' outputs are not kept; a plan's `recompute_norm`.
     `offload_blocks`: blocks whose saved activations wait in CPU memory (see checkpointing).
@@ -190,6 +192,7 @@ def predict_bytes(
         loss += 4 * args.vocab_size * args.hidden_size
     # the embedding output and the residual stream entering the first block
     acts += 2 * act_bytes * args.hidden_size * tokens
+    transient += transient_per_token * tokens
     return int((static + acts + work + loss + transient) * _FRAGMENTATION + _FIXED_SLACK)
 
 
@@ -240,6 +243,7 @@ def plan_memory(
     can_recompute_product: bool = False,
     can_recompute_norm: bool = False,
     offload_blocks_max: int = 0,
+    transient_per_token: int = 0,
 ) -> MemoryPlan:
     """The fastest plan whose predicted peak fits the budget, or a SnuggleError saying what would fit.
 
@@ -254,8 +258,9 @@ def plan_memory(
         tokens: int, k: int, offload: bool, tile: int, rp=can_recompute_product, rn=can_recompute_norm, m=0
     ) -> int:
         return predict_bytes(
-            args, tokens, static, act_bytes, k, offload, tile, trainable_head, transient, rp, rn, m
-        )
+            args, tokens, static, act_bytes, k, offload, tile, trainable_head, transient, rp, rn, m,
+            transient_per_token,
+        )  # fmt: skip
 
     tokens = batch_size * seq_len
     candidates = _candidates(
@@ -340,14 +345,16 @@ def _model_terms(model: nn.Module, optimizer: str = "adamw") -> dict:
     from snuggle.quant.nf4 import NF4Weight
 
     act_bytes = torch.empty((), dtype=model.compute_dtype).element_size()
-    # NF4: one dequantized weight in forward, one in backward; FP8: backward's transposed 1-byte copy
+    # NF4: one dequantized weight in forward, one in backward; FP8: backward's transposed 1-byte copy,
+    # and per token the quantized copy of the widest GEMM input (its scaled rows, then e4m3 bytes)
     nf4 = [2 * act_bytes * m.shape.numel() for m in model.modules() if isinstance(m, NF4Weight)]
-    fp8 = [m.shape.numel() for m in model.modules() if isinstance(m, FP8Weight)]
+    fp8 = [m for m in model.modules() if isinstance(m, FP8Weight)]
     return dict(
         static=static_bytes(model, optimizer),
         act_bytes=act_bytes,
         trainable_head=bool(model.lm_head.weight.requires_grad),
-        transient=max(nf4 + fp8, default=0),
+        transient=max(nf4 + [m.shape.numel() for m in fp8], default=0),
+        transient_per_token=max((act_bytes + 1) * max(m.shape) for m in fp8) if fp8 else 0,
     )
 
 
@@ -403,6 +410,7 @@ def plan_for_model(
         trainable_head=terms["trainable_head"],
         can_offload=can_offload,
         transient=terms["transient"],
+        transient_per_token=terms["transient_per_token"],
         can_recompute_product=rp,
         can_recompute_norm=rn,
         offload_blocks_max=offload_blocks_max,
