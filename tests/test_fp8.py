@@ -245,6 +245,25 @@ def test_load_quantizes_every_block_projection_and_counts_its_bytes(tiny_hf_mode
     assert terms["transient"] == f * h and terms["transient_per_token"] == (4 + 1) * f
 
 
+def test_gguf_base_loads_in_fp8_and_predicts_as_the_dense_one(smollm):
+    """The real SmolLM2-135M GGUF, quantized to FP8 as it is read: every projection in FP8 and the
+    next-token distributions near the dense model's (measured: KL 0.029 nats a token, 18 of 19 top-1
+    predictions the same; NF4 on the same text: KL 0.36, 14 of 19)."""
+    dense, tok = load(smollm, device="cpu", dtype="float32")
+    text = "The capital of France is Paris. The capital of Germany is Berlin. The capital of Italy is"
+    ids = torch.tensor([tok.encode(text)])
+    with torch.no_grad():
+        want = dense(ids).log_softmax(-1)
+    del dense
+    q, _ = load(smollm, with_tokenizer=False, device="cpu", dtype="float32", quantize="fp8")
+    assert sum(isinstance(m, FP8Weight) for m in q.modules()) == 7 * q.args.num_layers
+    with torch.no_grad():
+        got = q(ids).log_softmax(-1)
+    kl = torch.nn.functional.kl_div(got, want, log_target=True, reduction="none").sum(-1).mean()
+    assert kl < 0.1, kl
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.85
+
+
 def test_quantize_model_from_bf16_weights(tiny_hf_model, tmp_path):
     path, _ = tiny_hf_model("llama", False, tmp_path)
     model, _ = load(path, with_tokenizer=False, device="cpu", dtype="bfloat16")

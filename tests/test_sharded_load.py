@@ -145,9 +145,10 @@ def _built(cfg, defer: bool) -> torch.nn.Module:
     [
         ("lora.r=4", "lora.train_embeddings=true"),
         ("lora.r=4", "lora.targets=[v_proj,q_proj,down_proj]", "model.quantize=nf4"),
+        ("lora.r=4", "lora.train_embeddings=true", "model.quantize=fp8"),
         ("lora=null",),
     ],
-    ids=["lora-embeddings", "qlora-target-order", "full"],
+    ids=["lora-embeddings", "qlora-target-order", "fp8-embeddings", "full"],
 )
 @pytest.mark.parametrize("family,tie", [("qwen2", True), ("llama", False)])
 def test_build_model_with_deferred_blocks_is_the_single_process_model(tmp_path, family, tie, extra):
