@@ -69,6 +69,11 @@ def test_zero_rows_and_bf16_inputs_quantize_exactly():
     w[1] = 0
     d = FP8Weight.from_dense(w).dequantize(torch.float32)
     assert torch.equal(d[1], torch.zeros(40)) and torch.isfinite(d).all()
+    # a row whose amax / 448 is a power of two uses e4m3's whole range; rows near fp32's least normal
+    # get a finite inverse scale
+    edge = torch.tensor([[3.0, -448.0 * 4], [1e-38, 2e-38], [1e-40, 0.0]])
+    q, s = quantize_rows(edge)
+    assert q.float()[0, 1] == -F8_MAX and s[0] == 4 and torch.isfinite(q.float()).all()
     # power-of-two scales make the scaling exact in bf16: quantizing a bf16 tensor in bf16 gives the
     # codes the fp32 computation of the same values gives
     x = torch.randn(9, 50).to(torch.bfloat16) * 3

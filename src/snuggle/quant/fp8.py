@@ -65,8 +65,13 @@ _ALIGN = 16  # _scaled_mm wants the reduction and output dims in multiples of 16
 
 
 def _pow2_scale(amax: torch.Tensor) -> torch.Tensor:
-    """The least power of two 2^e with amax / 2^e <= F8_MAX (any amax >= 0, fp32); 1 for a zero row."""
-    _, e = torch.frexp(amax / F8_MAX)  # amax / 448 = m 2^e, m in [0.5, 1): 2^e is above it
+    """The least power of two 2^e with amax / 2^e <= F8_MAX (any amax >= 0, fp32); 1 for a zero row.
+
+    At least 2^-126 (fp32's least normal), so that its inverse is finite: a row below ~1e-35 then
+    quantizes to zeros."""
+    m, e = torch.frexp(amax / F8_MAX)  # amax / 448 = m 2^e, m in [0.5, 1): 2^e is above it ...
+    e = e - (m == 0.5).to(e.dtype)  # ... or 2^(e-1) is amax / 448 itself
+    e = torch.where(amax > 0, e, torch.zeros_like(e)).clamp_(min=-126)
     return torch.ldexp(torch.ones_like(amax), e)
 
 
