@@ -20,8 +20,8 @@ from snuggle.quant.fp8 import (
     FP8Weight,
     check_fp8_device,
     fp8_gemm_available,
-    fp8_mm_cuda,
     fp8_mm_reference,
+    fp8_mm_scaled,
     quantize_rows,
 )
 from snuggle.quant.nf4 import quantize_model
@@ -125,22 +125,51 @@ def test_reference_matches_dense_within_e4m3_rounding_at_model_shapes():
     assert _rel(q.mm_t(g), g @ w) < 0.05
 
 
-@pytest.mark.skipif(
-    not (torch.cuda.is_available() and fp8_gemm_available(torch.device("cuda"))),
-    reason="needs a CUDA GPU with FP8 GEMMs (compute capability 8.9+)",
-)
+def _scaled_mm_runs(device: str) -> bool:
+    """Whether `device` runs torch._scaled_mm with rowwise scales: an FP8 GPU, or a torch build whose CPU
+    kernel has them."""
+    if device == "cuda":
+        return torch.cuda.is_available() and fp8_gemm_available(torch.device("cuda"))
+    a8, sa = quantize_rows(torch.ones(16, 16))
+    try:
+        fp8_mm_scaled(a8, sa, a8, sa, torch.bfloat16)
+    except (RuntimeError, NotImplementedError):
+        return False
+    return True
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
 @pytest.mark.parametrize(("n", "m", "k"), [(1, 16, 16), (5, 33, 70), (13, 17, 129), (64, 256, 512)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_scaled_mm_matches_the_reference_on_odd_shapes(n, m, k, dtype):
+def test_scaled_mm_matches_the_reference_on_odd_shapes(device, n, m, k, dtype):
+    """The scaled GEMM call (layout, rowwise scales, padding to 16) against the fp32 reference: on an
+    FP8 GPU, and on the CPU where torch has the kernel (which checks the call's conventions)."""
+    if not _scaled_mm_runs(device):
+        pytest.skip(f"no rowwise-scaled FP8 GEMM on {device}")
     torch.manual_seed(0)
-    dev = torch.device("cuda")
-    a8, sa = quantize_rows(torch.randn(n, k, device=dev).to(dtype))
-    b8, sb = quantize_rows(torch.randn(m, k, device=dev) * 0.05)
-    got = fp8_mm_cuda(a8, sa, b8, sb, dtype)
+    a8, sa = quantize_rows(torch.randn(n, k, device=device).to(dtype))
+    b8, sb = quantize_rows(torch.randn(m, k, device=device) * 0.05)
+    got = fp8_mm_scaled(a8, sa, b8, sb, dtype)
     ref = fp8_mm_reference(a8, sa, b8, sb, torch.float32)
     # same products, fp32 accumulation in another order; the GEMM writes bf16 (2^-9) for either dtype
-    assert got.dtype == dtype
+    assert got.dtype == dtype and got.shape == (n, m)
     torch.testing.assert_close(got.float(), ref, atol=1e-2 * ref.abs().max().item(), rtol=1e-2)
+
+
+@pytest.mark.skipif(not _scaled_mm_runs("cuda"), reason="needs a CUDA GPU with FP8 GEMMs")
+@pytest.mark.parametrize(("n", "out", "inp"), [(5, 33, 70), (64, 256, 512)])
+def test_cuda_linear_matches_the_cpu_reference(n, out, inp):
+    """The whole FP8Weight path on the GPU (bf16 activations) against the same weight on the CPU."""
+    w, q = _fp8_linear(out, inp)
+    x = torch.randn(n, inp).to(torch.bfloat16)
+    g = torch.randn(n, out).to(torch.bfloat16)
+    xc = x.cuda().requires_grad_()
+    y = FP8Weight.from_dense(w.cuda(), dtype=torch.bfloat16).linear(xc, None)
+    y.backward(g.cuda())
+    assert y.dtype == torch.bfloat16 and xc.grad.dtype == torch.bfloat16
+    tol = dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(y.float().cpu(), q.mm(x.float()), **tol)
+    torch.testing.assert_close(xc.grad.float().cpu(), q.mm_t(g.float()), **tol)
 
 
 def test_cpu_passes_the_device_check_and_old_gpus_get_one_line(monkeypatch):

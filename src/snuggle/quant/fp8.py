@@ -54,7 +54,7 @@ __all__ = [
     "quantize_rows",
     "fp8_mm",
     "fp8_mm_reference",
-    "fp8_mm_cuda",
+    "fp8_mm_scaled",
     "fp8_gemm_available",
     "check_fp8_device",
 ]
@@ -120,8 +120,9 @@ def _pad_to(t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     return F.pad(t.view(torch.uint8), (0, cols - c, 0, rows - r)).view(F8)
 
 
-def fp8_mm_cuda(a8, sa, b8, sb, out_dtype: torch.dtype) -> torch.Tensor:
-    """`fp8_mm_reference` by `torch._scaled_mm` with rowwise scales (CUDA, compute capability 8.9+).
+def fp8_mm_scaled(a8, sa, b8, sb, out_dtype: torch.dtype) -> torch.Tensor:
+    """`fp8_mm_reference` by `torch._scaled_mm` with rowwise scales (CUDA, compute capability 8.9+; torch
+    has a CPU kernel too, which the tests use to check this call's conventions without a GPU).
 
     Shapes that are not multiples of 16 (never a real model's) are zero-padded: zeros add nothing. The
     GEMM writes bf16, the one output type rowwise scaling takes on every torch build we target; another
@@ -151,7 +152,7 @@ def _rowwise_runs(index: int) -> bool:
     dev = torch.device("cuda", index)
     a8, sa = quantize_rows(torch.ones(16, 16, device=dev))
     try:
-        fp8_mm_cuda(a8, sa, a8, sa, torch.bfloat16)
+        fp8_mm_scaled(a8, sa, a8, sa, torch.bfloat16)
     except RuntimeError:
         return False
     return True
@@ -189,7 +190,7 @@ def fp8_mm(a8, sa, b8, sb, out_dtype: torch.dtype) -> torch.Tensor:
     """(a8 sa)(b8 sb)^T, (n, m): the scaled GEMM on CUDA, the reference elsewhere."""
     if a8.is_cuda:
         check_fp8_device(a8.device)
-        return fp8_mm_cuda(a8, sa, b8, sb, out_dtype)
+        return fp8_mm_scaled(a8, sa, b8, sb, out_dtype)
     return fp8_mm_reference(a8, sa, b8, sb, out_dtype)
 
 
