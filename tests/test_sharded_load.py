@@ -77,7 +77,7 @@ def sharded_copy(src: Path, dst: Path, shard: str, dtype: torch.dtype = torch.fl
 # --- one process: the same model as load / build_model ------------------------------------------
 
 
-@pytest.mark.parametrize("quantize", ["none", "nf4"])
+@pytest.mark.parametrize("quantize", ["none", "nf4", "fp8"])
 @pytest.mark.parametrize("family,tie", [("qwen2", True), ("llama", False)])
 def test_deferred_load_builds_what_load_builds(tmp_path, family, tie, quantize):
     path = tmp_path / "m"
