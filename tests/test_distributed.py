@@ -343,6 +343,19 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+def test_ddp_with_an_fp8_base_and_trained_embeddings_matches_single_process(setup):
+    """FP8's activations are scaled per token, so a rank's half batch quantizes as it does in one
+    process: the DDP curve is the single-process FP8 curve."""
+    extra = ("model.quantize=fp8", "lora.train_embeddings=true")
+    ref = setup["root"] / "fp8-emb-ref"
+    run_local(setup["untied"], setup["corpus"], ref, *extra)
+    out = setup["root"] / "fp8-emb-ddp"
+    args = overrides(setup["untied"], setup["corpus"], out, *extra, "train.batch_size=2")
+    ok(torchrun(setup["config"], *args, "train.parallel=ddp"))
+    assert_same_curve(out, ref)
+    assert_same_trainables(out, ref)
+
+
 @pytest.mark.parametrize("quantize", ["nf4", "fp8"])
 def test_quantized_base_under_fsdp_is_sharded_and_matches_single_process(setup, tmp_path, quantize):
     """4-bit (NF4) and 8-bit (FP8) base weights are sharded like any parameter (each rank holds half)
