@@ -9,19 +9,21 @@ An (out, in) weight W is stored as
 
 1 byte a weight plus 4 a row: an 8B base takes ~8 GB instead of 16.
 
-Every scale here, the weight's per row and the activations' per token, is a power of two at least
-amax / 448 (e4m3's largest value). Multiplying by a power of two is exact in bf16, so quantizing a 16-bit
-tensor needs no fp32 copy of it and rounds once, to e4m3; and the input gradient can fold the weight's
-per-channel scales into the gradient exactly (below). Against the plain amax / 448 scale it leaves at
-most one binade of e4m3's range unused: its relative precision (3 mantissa bits) is the same in every
-binade, so only values below 2^-15 of their row's maximum lose bits to subnormals.
+Every scale here, the weight's per row and the activations' per token, is the least power of two at
+least amax / 448 (e4m3's largest value; torchao's rowwise recipe rounds its scales so too). Multiplying
+by a power of two is exact in bf16, so quantizing a 16-bit tensor needs no fp32 copy of it and rounds
+once, to e4m3; and the input gradient can fold the weight's per-channel scales into the gradient
+exactly (below). Against the plain amax / 448 scale it leaves at most one binade of e4m3's range unused:
+its relative precision (3 mantissa bits) is the same in every binade, so only values below about 2^-14
+of their row's maximum (one binade sooner) lose bits to subnormals.
 
 The frozen products, with x (n, in) and the output gradient g (n, out):
 
     forward    y  = x W^T   x quantized per token (e4m3), one scaled GEMM with rowwise scales
     dgrad      dx = g W = (g diag(s_W)) W8: g's columns scaled by the weight's scales (exact: powers of
                     two), then quantized per token, against W8 transposed (the GEMM wants its second
-                    operand column-major: a 1-byte-a-weight copy made in backward and freed)
+                    operand column-major: a 1-byte-a-weight copy made in backward and freed, rather
+                    than a second stored copy, which would cost what FP8 saves)
 
 The gradient is quantized to e4m3, not e5m2: with a scale per token the range a row needs is covered by
 its scale, and e4m3's extra mantissa bit halves the rounding error (torchtitan's rowwise recipe makes the
@@ -32,7 +34,9 @@ On a CUDA GPU with FP8 tensor cores (compute capability 8.9+: Ada, Hopper, Black
 `torch._scaled_mm` (fp32 accumulation, the scales applied in its epilogue). On the CPU the reference
 path computes the same function in fp32 (the same e4m3 values and scales, dequantized, multiplied):
 it trains and is the tests' oracle, and is no faster than fp32. A CUDA GPU without FP8 GEMMs is refused
-with one line (`check_fp8_device`): there the reference would only be a slower bf16.
+with one line (`check_fp8_device`): there the reference would only be a slower bf16. The per-token
+quantization runs as a few eager kernels (amax, scale, multiply, cast); fusing them is left to a kernel
+once a GPU profile says it matters.
 """
 
 from __future__ import annotations
