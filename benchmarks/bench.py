@@ -6,7 +6,9 @@ N timed steps, peak = torch.cuda.max_memory_allocated() since the first step. Ev
 the same weights and LoRA factors from the parameter names (ours are HF's), so loss curves compare.
 
 usage: python benchmarks/bench.py --variant snuggle|hf|liger|unsloth --model 1b --batch 8 --seq 2048
-       [--ckpt offload|plan] [--quantize nf4] [--tile TOKENS] [--cap-gib 24]
+       [--ckpt offload|plan] [--quantize nf4|fp8] [--tile TOKENS] [--cap-gib 24]
+--quantize fp8 (snuggle only): the block projections in float8 e4m3, frozen GEMMs in FP8 (sm_89+), e.g.
+  python benchmarks/bench.py --variant snuggle --model 8b --batch 2 --seq 2048 --quantize fp8
 prints one JSON line (also when the run fails: {"error": ...}).
 """
 
@@ -133,10 +135,14 @@ def build_snuggle(args, device):
     model.tie_weights()
     init_weights(model.named_parameters())
     model.compute_dtype = torch.bfloat16
-    if args.quantize == "nf4":
-        from snuggle.quant.nf4 import quantize_model
+    if args.quantize in ("nf4", "fp8"):
+        from snuggle.quant.fp8 import FP8Weight, check_fp8_device
+        from snuggle.quant.nf4 import NF4Weight, quantize_model
 
-        quantize_model(model)  # QLoRA: the same bf16 weights, then each block projection in NF4
+        if args.quantize == "fp8":
+            check_fp8_device(device)
+        # the same bf16 weights, then each block projection in NF4 (QLoRA) or FP8
+        quantize_model(model, cls=NF4Weight if args.quantize == "nf4" else FP8Weight)
         torch.cuda.empty_cache()
     if args.no_lora:
         no_lora_bound(model)
@@ -455,6 +461,8 @@ def run(args) -> dict:
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gib * 2**30 / total), device)
     torch.manual_seed(0)
+    if args.quantize == "fp8" and args.variant != "snuggle":  # a row saying so, not a silent bf16 run
+        raise ValueError("--quantize fp8 is measured for the snuggle variant only")
     if args.no_loss_sync or args.graph:  # a captured step cannot hold the loss's host sync
         import snuggle.kernels.linear_ce as linear_ce
 
@@ -601,7 +609,10 @@ def main() -> None:
     p.add_argument("--graph", action="store_true", help="replay the whole step as one CUDA graph")
     p.add_argument("--no-loss-sync", action="store_true", help="every row through the loss's matmuls")
     p.add_argument(
-        "--quantize", default="none", choices=["none", "nf4"], help="nf4: QLoRA (snuggle, unsloth)"
+        "--quantize",
+        default="none",
+        choices=["none", "nf4", "fp8"],
+        help="nf4: QLoRA (snuggle, unsloth); fp8: FP8 frozen base (snuggle)",
     )
     p.add_argument("--tile", type=int, default=0, help="MLP sequence tile in tokens (0: untiled)")
     p.add_argument(

@@ -11,6 +11,10 @@ answered by figures and not by guess:
   column-major); x and g quantized per token on every call (one compiled amax + scale + cast each),
   then `torch._scaled_mm` with bf16 output. The quantization of x is shared by the projections that
   read it (q/k/v, gate/up), as a trainer would share it.
+- `snuggle fp8`: the trainer's own path (`snuggle.quant.fp8.FP8Weight`, `model.quantize: fp8`): one
+  stored copy of the weight (per output row), power-of-two scales, eager per-token quantization of x
+  and g (g with the weight's scales folded in) and, for the input gradient, a transposed 1-byte copy of
+  the weight made on every call: the figure the trainer gets, against `fp8`'s ideal.
 - error: ||y - y_fp32|| / ||y_fp32|| for the forward output and the input gradient, against fp32
   matmuls of the same bf16 inputs (bf16's own rounding of the output is ~2^-9).
 
@@ -66,6 +70,15 @@ def time_group(shape: str, group: str, n: int, fan_in: int, outs: list[int]) -> 
             gq, gs = quantize_rows(gi)
             torch._scaled_mm(gq, wtq.t(), gs, wts.t(), out_dtype=dt)
 
+    from snuggle.quant.fp8 import FP8Weight
+
+    ours = [FP8Weight.from_dense(W) for W in Ws]
+
+    def snuggle_fp8():
+        for q, gi in zip(ours, g, strict=True):
+            q.mm(x)
+            q.mm_t(gi)
+
     def fp8_gemm_only():
         for (wq, ws), (wtq, wts), (q, s) in zip(Wq, WTq, gq0, strict=True):
             torch._scaled_mm(xq0[0], wq.t(), xq0[1], ws.t(), out_dtype=dt)
@@ -79,9 +92,12 @@ def time_group(shape: str, group: str, n: int, fan_in: int, outs: list[int]) -> 
         "bf16_dgrad_err": rel_err(g[0] @ W0, d_ref),
         "fp8_fwd_err": rel_err(torch._scaled_mm(xq0[0], wq.t(), xq0[1], ws.t(), out_dtype=dt), y_ref),
         "fp8_dgrad_err": rel_err(torch._scaled_mm(gq, wtq.t(), gs, wts.t(), out_dtype=dt), d_ref),
+        "snuggle_fwd_err": rel_err(ours[0].mm(x), y_ref),
+        "snuggle_dgrad_err": rel_err(ours[0].mm_t(g[0]), d_ref),
     }
     rows = []
-    for name, fn in (("bf16", bf16), ("fp8", fp8), ("fp8 GEMMs only", fp8_gemm_only)):
+    variants = (("bf16", bf16), ("fp8", fp8), ("fp8 GEMMs only", fp8_gemm_only), ("snuggle fp8", snuggle_fp8))
+    for name, fn in variants:
         ms = timed(fn)
         row = {"shape": shape, "group": group, "variant": name, "ms": round(ms, 4)}
         row |= {"tflops": round(flop / ms / 1e9, 1), **{k: round(v, 5) for k, v in err.items()}}
@@ -98,24 +114,26 @@ def main() -> None:
         for group, (fan_in, outs) in groups.items():
             rows += time_group(shape, group, n, fan_in, outs)
     print(
-        "\n| shape | group | bf16 ms | fp8 ms (with quantization) | fp8 GEMMs only ms "
-        "| fwd error bf16 / fp8 | dgrad error bf16 / fp8 |"
+        "\n| shape | group | bf16 ms | fp8 ms (with quantization) | fp8 GEMMs only ms | snuggle fp8 ms "
+        "| fwd error bf16 / fp8 / snuggle | dgrad error bf16 / fp8 / snuggle |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     by = {(r["shape"], r["group"], r["variant"]): r for r in rows}
     for shape, group in dict.fromkeys((r["shape"], r["group"]) for r in rows):
-        b, f, o = (by[shape, group, v] for v in ("bf16", "fp8", "fp8 GEMMs only"))
+        b, f, o, s = (by[shape, group, v] for v in ("bf16", "fp8", "fp8 GEMMs only", "snuggle fp8"))
         print(
-            f"| {shape} | {group} | {b['ms']:.3f} | {f['ms']:.3f} | {o['ms']:.3f} "
-            f"| {b['bf16_fwd_err']:.4f} / {b['fp8_fwd_err']:.4f} "
-            f"| {b['bf16_dgrad_err']:.4f} / {b['fp8_dgrad_err']:.4f} |"
+            f"| {shape} | {group} | {b['ms']:.3f} | {f['ms']:.3f} | {o['ms']:.3f} | {s['ms']:.3f} "
+            f"| {b['bf16_fwd_err']:.4f} / {b['fp8_fwd_err']:.4f} / {b['snuggle_fwd_err']:.4f} "
+            f"| {b['bf16_dgrad_err']:.4f} / {b['fp8_dgrad_err']:.4f} / {b['snuggle_dgrad_err']:.4f} |"
         )
+    names = ("bf16", "fp8", "snuggle fp8")
     for shape in a.shapes:
-        per = {v: sum(by[shape, grp, v]["ms"] for grp in shape_groups(shape)[1]) for v in ("bf16", "fp8")}
+        per = {v: sum(by[shape, grp, v]["ms"] for grp in shape_groups(shape)[1]) for v in names}
         blocks = LAYERS[shape]
         print(
-            f"{shape}: one block's frozen GEMMs {per['bf16']:.2f} ms bf16, {per['fp8']:.2f} ms fp8; "
-            f"x{blocks} blocks: {per['bf16'] * blocks:.1f} -> {per['fp8'] * blocks:.1f} ms a step"
+            f"{shape}: one block's frozen GEMMs {per['bf16']:.2f} ms bf16, {per['fp8']:.2f} ms fp8, "
+            f"{per['snuggle fp8']:.2f} ms snuggle fp8; x{blocks} blocks: {per['bf16'] * blocks:.1f} -> "
+            f"{per['fp8'] * blocks:.1f} / {per['snuggle fp8'] * blocks:.1f} ms a step"
         )
     if a.out:
         path = Path(a.out) / f"fp8-gemm-{torch.cuda.get_device_name().replace(' ', '_')}.jsonl"

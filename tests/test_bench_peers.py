@@ -183,6 +183,19 @@ def test_no_lora_bound_trains_one_norm_and_back_propagates_through_every_block()
     assert all("lora_" in n for n, p in lora.named_parameters() if p.requires_grad)
 
 
+def test_fp8_quantize_builds_an_fp8_base_that_trains():
+    """--quantize fp8 (the CPU runs FP8's reference GEMMs): every block projection in FP8, LoRA learns."""
+    from snuggle.quant.fp8 import FP8Weight
+
+    model, step_loss, _ = bench.build_snuggle(snuggle_args(quantize="fp8"), torch.device("cpu"))
+    fp8 = [m for m in model.modules() if isinstance(m, FP8Weight)]
+    assert len(fp8) == 7 * model.args.num_layers
+    step_loss(torch.randint(0, bench.SHAPES["tiny"]["vocab_size"], (2, 16))).backward()
+    assert all(
+        p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n
+    )
+
+
 def ev(key, shapes, ms, device="DeviceType.CPU"):
     return Namespace(key=key, input_shapes=shapes, device_type=device, self_device_time_total=ms * 1e3)
 

@@ -383,12 +383,12 @@ def test_ddp_with_bf16_gradient_reduction_stays_near_the_single_process_curve(se
     assert all(a == pytest.approx(b, rel=1e-3) for a, b in pairs), pairs
 
 
-# Prints each rank's bytes of 4-bit weights as FSDP leaves them, then trains as the CLI would.
-_NF4_BYTES_SCRIPT = """
+# Prints each rank's bytes of quantized weights as FSDP leaves them, then trains as the CLI would.
+_QUANT_BYTES_SCRIPT = """
 import sys
 import snuggle.train.loop as loop
 from snuggle.cli import main
-from snuggle.quant.nf4 import NF4Weight
+from snuggle.quant.base import QuantizedWeight
 
 real = loop.apply_parallel
 
@@ -396,8 +396,8 @@ def counting(model, strategy, ctx, device, *rest):
     engine = real(model, strategy, ctx, device, *rest)
     local = lambda t: t.to_local() if hasattr(t, "to_local") else t
     mine = sum(local(p).numel() * local(p).element_size()
-               for m in model.modules() if isinstance(m, NF4Weight) for p in m.parameters())
-    print(f"NF4_BYTES rank={ctx.rank} bytes={mine}", file=sys.stderr, flush=True)
+               for m in model.modules() if isinstance(m, QuantizedWeight) for p in m.parameters())
+    print(f"QUANT_BYTES rank={ctx.rank} bytes={mine}", file=sys.stderr, flush=True)
     return engine
 
 loop.apply_parallel = counting
@@ -405,28 +405,46 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_qlora_under_fsdp_shards_the_4bit_weights_and_matches_single_process(setup, tmp_path):
-    """4-bit base weights are sharded like any parameter (each rank holds half) and the curve is the
-    single-process QLoRA curve: FSDP's bf16 cast must not touch the fp32 quantization scales."""
-    ref = setup["root"] / "qlora-ref"
-    run_local(setup["untied"], setup["corpus"], ref, "model.quantize=nf4")
-    out = setup["root"] / "qlora-fsdp"
-    script = tmp_path / "nf4_bytes.py"
-    script.write_text(_NF4_BYTES_SCRIPT)
-    args = overrides(setup["untied"], setup["corpus"], out, "model.quantize=nf4", "train.batch_size=2")
+def test_ddp_with_an_fp8_base_and_trained_embeddings_matches_single_process(setup):
+    """FP8's activations are scaled per token, so a rank's half batch quantizes as it does in one
+    process: the DDP curve is the single-process FP8 curve."""
+    extra = ("model.quantize=fp8", "lora.train_embeddings=true")
+    ref = setup["root"] / "fp8-emb-ref"
+    run_local(setup["untied"], setup["corpus"], ref, *extra)
+    out = setup["root"] / "fp8-emb-ddp"
+    args = overrides(setup["untied"], setup["corpus"], out, *extra, "train.batch_size=2")
+    ok(torchrun(setup["config"], *args, "train.parallel=ddp"))
+    assert_same_curve(out, ref)
+    assert_same_trainables(out, ref)
+
+
+@pytest.mark.parametrize("quantize", ["nf4", "fp8"])
+def test_quantized_base_under_fsdp_is_sharded_and_matches_single_process(setup, tmp_path, quantize):
+    """4-bit (NF4) and 8-bit (FP8) base weights are sharded like any parameter (each rank holds half)
+    and the curve is the single-process curve: FSDP's bf16 cast must not touch the fp32 quantization
+    scales, and FP8's per-token activation scales make a rank's half batch quantize as in one process."""
+    ref = setup["root"] / f"{quantize}-ref"
+    run_local(setup["untied"], setup["corpus"], ref, f"model.quantize={quantize}")
+    out = setup["root"] / f"{quantize}-fsdp"
+    script = tmp_path / "quant_bytes.py"
+    script.write_text(_QUANT_BYTES_SCRIPT)
+    args = overrides(
+        setup["untied"], setup["corpus"], out, f"model.quantize={quantize}", "train.batch_size=2"
+    )
     p = ok(torchrun(setup["config"], *args, "train.parallel=fsdp", script=script))
     assert_same_curve(out, ref)
     assert_same_trainables(out, ref)
     # two ranks write stderr at once: lines may interleave, so match the records, not the lines
-    per_rank = sorted(int(b) for b in re.findall(r"NF4_BYTES rank=\d+ bytes=(\d+)", p.stderr))
+    per_rank = sorted(int(b) for b in re.findall(r"QUANT_BYTES rank=\d+ bytes=(\d+)", p.stderr))
     from snuggle.load import load
+    from snuggle.quant.base import QuantizedWeight
 
+    model = load(setup["untied"], quantize=quantize, device="cpu", with_tokenizer=False)[0]
     whole = sum(
         t.numel() * t.element_size()
-        for name, t in load(setup["untied"], quantize="nf4", device="cpu", with_tokenizer=False)[
-            0
-        ].named_parameters()
-        if name.endswith((".qweight", ".absmax_q"))
+        for m in model.modules()
+        if isinstance(m, QuantizedWeight)
+        for t in m.parameters()
     )
     assert len(per_rank) == 2 and sum(per_rank) == whole
     assert max(per_rank) <= 0.6 * whole  # the saving survives sharding: no rank holds the whole base

@@ -77,7 +77,7 @@ def sharded_copy(src: Path, dst: Path, shard: str, dtype: torch.dtype = torch.fl
 # --- one process: the same model as load / build_model ------------------------------------------
 
 
-@pytest.mark.parametrize("quantize", ["none", "nf4"])
+@pytest.mark.parametrize("quantize", ["none", "nf4", "fp8"])
 @pytest.mark.parametrize("family,tie", [("qwen2", True), ("llama", False)])
 def test_deferred_load_builds_what_load_builds(tmp_path, family, tie, quantize):
     path = tmp_path / "m"
@@ -145,9 +145,10 @@ def _built(cfg, defer: bool) -> torch.nn.Module:
     [
         ("lora.r=4", "lora.train_embeddings=true"),
         ("lora.r=4", "lora.targets=[v_proj,q_proj,down_proj]", "model.quantize=nf4"),
+        ("lora.r=4", "lora.train_embeddings=true", "model.quantize=fp8"),
         ("lora=null",),
     ],
-    ids=["lora-embeddings", "qlora-target-order", "full"],
+    ids=["lora-embeddings", "qlora-target-order", "fp8-embeddings", "full"],
 )
 @pytest.mark.parametrize("family,tie", [("qwen2", True), ("llama", False)])
 def test_build_model_with_deferred_blocks_is_the_single_process_model(tmp_path, family, tie, extra):

@@ -85,7 +85,8 @@ class ModelConfig:
     # start from trained LoRA factors: a snuggle run directory (its latest checkpoint) or a PEFT adapter
     # directory; a new stage, so the optimizer and the step counter start afresh
     adapter: str | None = curve_field(None)
-    # none | nf4: QLoRA's 4-bit frozen base (every block projection; LoRA trains on top in `dtype`)
+    # none | nf4 | fp8: a quantized frozen base (every block projection; LoRA trains on top in `dtype`):
+    # nf4 is QLoRA's 4 bits, fp8 float8 e4m3 with FP8 GEMMs (GPUs of compute capability 8.9+, or the CPU)
     quantize: str = curve_field("none")
 
 
@@ -262,12 +263,13 @@ class RunConfig:
                 "model.adapter needs LoRA (lora.enabled=true); to fully fine-tune a trained model, "
                 "export it with `snuggle export RUN --format hf` and give that as model.path"
             )
-        if self.model.quantize not in ("none", "nf4"):
-            raise SnuggleError(f"model.quantize must be none or nf4, got {self.model.quantize!r}")
+        if self.model.quantize not in ("none", "nf4", "fp8"):
+            raise SnuggleError(f"model.quantize must be none, nf4 or fp8, got {self.model.quantize!r}")
         if self.model.quantize != "none" and not self.use_lora:
+            bits = "4 bits" if self.model.quantize == "nf4" else "8 bits"
             raise SnuggleError(
-                "model.quantize=nf4 freezes the base in 4 bits: it needs LoRA (lora.enabled=true); "
-                "full fine-tuning trains 16-bit weights"
+                f"model.quantize={self.model.quantize} freezes the base in {bits}: it needs LoRA "
+                "(lora.enabled=true); full fine-tuning trains 16-bit weights"
             )
         if self.lora is not None and self.lora.enabled:
             if self.lora.r < 1:

@@ -3,7 +3,7 @@
 The decoder is built on the meta device (no memory), then each checkpoint tensor is converted and
 assigned as it is read, so peak memory stays at about one copy of the weights. With `quantize="nf4"`
 each block projection is quantized as it arrives (on the target device), so host and device hold
-about the 4-bit size plus one 16/32-bit tensor in flight.
+about the 4-bit size plus one 16/32-bit tensor in flight; `quantize="fp8"` likewise, to float8 e4m3.
 
 `load_deferred` is the loader of FSDP's sharded load: it reads only the root (embeddings, final norm,
 lm_head) and leaves the decoder blocks on the meta device; `model.deferred_blocks` then reads one block
@@ -27,7 +27,9 @@ from snuggle.errors import SnuggleError
 from snuggle.io import hf
 from snuggle.model.args import ModelArgs
 from snuggle.model.decoder import Decoder
+from snuggle.quant.base import QuantizedWeight
 from snuggle.quant.bnb import bnb_dense_stream, bnb_index, is_bnb_4bit
+from snuggle.quant.fp8 import FP8Weight, check_fp8_device
 from snuggle.quant.nf4 import QUANTIZABLE, NF4Weight
 
 __all__ = [
@@ -41,7 +43,8 @@ __all__ = [
     "QUANTIZABLE",
 ]
 
-QUANTIZE = ("none", "nf4")
+QUANTIZE = ("none", "nf4", "fp8")
+_QUANTIZED = {"nf4": NF4Weight, "fp8": FP8Weight}  # the frozen weight each format stores
 
 _DTYPES = {
     "float32": torch.float32,
@@ -109,8 +112,8 @@ def load_model_args(path: str | Path) -> ModelArgs:
     return ModelArgs.from_hf(hf.read_hf_config(p))
 
 
-def _assign(model: nn.Module, name: str, tensor: torch.Tensor, nf4: NF4Weight | None = None) -> bool:
-    """Put `tensor` (or its 4-bit form `nf4`) in place of the (meta) parameter `name`.
+def _assign(model: nn.Module, name: str, tensor: torch.Tensor, quant: QuantizedWeight | None = None) -> bool:
+    """Put `tensor` (or its quantized form `quant`) in place of the (meta) parameter `name`.
 
     False if the model has no such parameter.
     """
@@ -126,9 +129,9 @@ def _assign(model: nn.Module, name: str, tensor: torch.Tensor, nf4: NF4Weight | 
         raise SnuggleError(
             f"checkpoint tensor {name} has shape {tuple(tensor.shape)}, the config implies {tuple(old.shape)}"
         )
-    if nf4 is not None:
+    if quant is not None:
         del mod._parameters[leaf]
-        setattr(mod, leaf, nf4)  # a submodule in the Parameter's place, under the same name
+        setattr(mod, leaf, quant)  # a submodule in the Parameter's place, under the same name
     elif old.requires_grad:
         # a trainable copy made while the weight was still on the meta device (full fine-tuning of a
         # deferred block): the checkpoint value in the model dtype, then copied to the trainable's own
@@ -149,7 +152,7 @@ def _quant_device(device: torch.device, quantize: str) -> torch.device:
     # a GPU quantizes each weight on this process's GPU and keeps the codes on the CPU (an 8B model:
     # seconds instead of minutes), as a single-GPU run quantizes on its GPU
     quant_dev = torch.device(device)
-    if quant_dev.type == "cpu" and quantize == "nf4" and torch.cuda.is_available():
+    if quant_dev.type == "cpu" and quantize in _QUANTIZED and torch.cuda.is_available():
         quant_dev = torch.device("cuda", torch.cuda.current_device())
     return quant_dev
 
@@ -163,12 +166,12 @@ def _fill(
     for name, t in tensors:
         if _skipped(name, model.args):
             continue
-        nf4 = None
-        if quantize == "nf4" and QUANTIZABLE.fullmatch(name) and t.ndim == 2:
+        quant = None
+        if quantize in _QUANTIZED and QUANTIZABLE.fullmatch(name) and t.ndim == 2:
             # from the checkpoint's own precision, on the target device (fast on a GPU); the dense
             # tensor is dropped as soon as its codes exist
-            nf4 = NF4Weight.from_dense(t.to(quant_dev), dtype=dtype).to(device)
-        if not _assign(model, name, t if nf4 is not None else t.to(device=device, dtype=dtype), nf4):
+            quant = _QUANTIZED[quantize].from_dense(t.to(quant_dev), dtype=dtype).to(device)
+        if not _assign(model, name, t if quant is not None else t.to(device=device, dtype=dtype), quant):
             unexpected.append(name)
     return unexpected
 
@@ -231,6 +234,8 @@ def _begin(path, dtype, device, with_tokenizer: bool, quantize: str, lazy: bool)
     _check_quantize(quantize)
     p, kind = _source(path)
     dev = resolve_device(device)
+    if quantize == "fp8":
+        check_fp8_device(dev)  # one line here rather than at the first GEMM
     dt = resolve_dtype(dtype, dev)
     args, tensors, tokenizer = _open(p, kind, with_tokenizer, lazy)
     return p, dev, dt, args, tensors, tokenizer
@@ -261,7 +266,9 @@ def load(
 
     `model(input_ids)` returns logits (B, T, V). dtype None picks bf16 on a GPU, fp32 on CPU.
     `quantize="nf4"` stores every block projection in 4 bits (QLoRA's frozen base; `dtype` is then the
-    dtype they compute in). A pre-quantized bitsandbytes 4-bit checkpoint loads either way: kept in
+    dtype they compute in); `quantize="fp8"` stores them in float8 e4m3 with a scale per output channel
+    (`snuggle.quant.fp8`: FP8 GEMMs on GPUs of compute capability 8.9+, an fp32 reference on the CPU).
+    A pre-quantized bitsandbytes 4-bit checkpoint loads either way: kept in
     4 bits with "nf4", else dequantized to `dtype`.
     """
     p, dev, dt, args, tensors, tokenizer = _begin(path, dtype, device, with_tokenizer, quantize, lazy=False)

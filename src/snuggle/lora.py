@@ -19,7 +19,7 @@ from torch import nn
 from snuggle.config import LoraConfig
 from snuggle.errors import SnuggleError
 from snuggle.model.decoder import Decoder, Linear
-from snuggle.quant.nf4 import NF4Weight, as_dense
+from snuggle.quant.base import QuantizedWeight, as_dense, frozen_linear
 
 __all__ = [
     "LoRALinear",
@@ -39,7 +39,8 @@ EMBEDDING_NAMES = ("model.embed_tokens.weight", "lm_head.weight")
 class LoRALinear(nn.Module):
     """y = x W^T + b + scale * dropout(x) A^T B^T, with W frozen and A (r, in), B (out, r) trainable.
 
-    W is the base's weight as it is: a Parameter in the model dtype, or an `NF4Weight` (QLoRA).
+    W is the base's weight as it is: a Parameter in the model dtype, or a `QuantizedWeight` (QLoRA's
+    `NF4Weight`, or an `FP8Weight`).
     """
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False):
@@ -69,7 +70,7 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        y = F.linear(x, as_dense(self.weight, x.dtype), bias)
+        y = frozen_linear(x, self.weight, bias)
         # low-rank order: (x A^T) B^T never forms an out x in matrix
         return (
             y
@@ -82,7 +83,7 @@ class LoRALinear(nn.Module):
 
     def merged(self) -> Linear:
         lin = Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
-        # a 4-bit base merges into its 16-bit dtype: the merged weight is the one training saw, dequantized
+        # a quantized base merges into its 16-bit dtype: the weight training saw, dequantized
         w = as_dense(self.weight, torch.float32)
         lin.weight = nn.Parameter(
             (w + self.delta_weight().to(w.device)).to(self.weight.dtype), requires_grad=False
@@ -136,9 +137,9 @@ def apply_lora(model: Decoder, lc: LoraConfig) -> Decoder:
 
 def enable_full_finetune(model: Decoder) -> Decoder:
     """Every parameter trains, as an fp32 copy (tied embeddings stay tied)."""
-    if any(isinstance(m, NF4Weight) for m in model.modules()):
+    if any(isinstance(m, QuantizedWeight) for m in model.modules()):
         raise SnuggleError(
-            "full fine-tuning cannot train 4-bit weights: set model.quantize=none or enable LoRA"
+            "full fine-tuning cannot train quantized weights: set model.quantize=none or enable LoRA"
         )
     for mod in model.modules():
         for leaf, p in list(mod._parameters.items()):
@@ -164,11 +165,11 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def count_parameters(model: nn.Module) -> int:
-    """Weights of the model as a user counts them: a 4-bit (out, in) weight is out x in, not its bytes.
+    """Weights of the model as a user counts them: a quantized (out, in) weight is out x in, not its bytes.
 
     Under FSDP a DTensor's numel is the global one, so every rank counts the whole model.
     """
-    nf4 = [m for m in model.modules() if isinstance(m, NF4Weight)]
-    parts = {id(p) for m in nf4 for p in m.parameters()}
+    quant = [m for m in model.modules() if isinstance(m, QuantizedWeight)]
+    parts = {id(p) for m in quant for p in m.parameters()}
     dense = sum(p.numel() for p in model.parameters() if id(p) not in parts)
-    return dense + sum(m.shape.numel() for m in nf4)
+    return dense + sum(m.shape.numel() for m in quant)

@@ -24,7 +24,7 @@ from snuggle.errors import SnuggleError
 from snuggle.io.hf import save_safetensors, write_json_atomic
 from snuggle.lora import ALL_LINEAR, LoRALinear, apply_lora
 from snuggle.model.decoder import Decoder
-from snuggle.quant.nf4 import NF4Weight
+from snuggle.quant.base import QuantizedWeight
 
 __all__ = [
     "save_peft_adapter",
@@ -417,10 +417,10 @@ def load_peft_adapter(model: Decoder, adapter_dir: Path) -> Decoder:
 
 
 def _storage_dtype(model: Decoder) -> torch.dtype:
-    # frozen weights keep the checkpoint's dtype; trained copies are fp32 whatever the base was; a 4-bit
-    # base exports in the 16-bit dtype it was quantized from
+    # frozen weights keep the checkpoint's dtype; trained copies are fp32 whatever the base was; a
+    # quantized base exports in the 16-bit dtype it was quantized from
     for m in model.modules():
-        if isinstance(m, NF4Weight):
+        if isinstance(m, QuantizedWeight):
             return m.dtype
     for p in model.parameters():
         if not p.requires_grad and p.is_floating_point():
@@ -437,18 +437,18 @@ def merged_state_dict(model: Decoder) -> dict[str, torch.Tensor]:
     """
     dtype = _storage_dtype(model)
     loras = _lora_modules(model)
-    nf4 = {name: m for name, m in model.named_modules() if isinstance(m, NF4Weight)}
+    quant = {name: m for name, m in model.named_modules() if isinstance(m, QuantizedWeight)}
     out: dict[str, torch.Tensor] = {}
     for name, t in model.state_dict(keep_vars=True).items():
         if name == "lm_head.weight" and model.args.tie_word_embeddings:
             continue
         module, _, leaf = name.rpartition(".")
-        if module in nf4:
-            # a 4-bit weight's parts (qweight, absmax_q, ...): written once, dequantized, under its own name
+        if module in quant:
+            # a quantized weight's parts (qweight, its scales): written once, dequantized, under its own name
             if leaf == "qweight":
                 parent = module.rpartition(".")[0]
                 with torch.no_grad():
-                    w = nf4[module].dequantize(torch.float32)
+                    w = quant[module].dequantize(torch.float32)
                     if parent in loras:
                         w += loras[parent].delta_weight().to(w.device)
                 out[module] = w.to(dtype)

@@ -30,7 +30,7 @@ from torch import nn
 from snuggle.kernels._utils import rebind, use_triton
 from snuggle.kernels.reference import LoRALinear
 from snuggle.kernels.rmsnorm import FastRMSNorm, _rows, rmsnorm_backward, rmsnorm_forward
-from snuggle.quant.nf4 import NF4Weight, as_dense
+from snuggle.quant.base import QuantizedWeight, accumulates, frozen_mm, frozen_mm_t
 
 __all__ = [
     "LoRALinearFunction",
@@ -66,20 +66,25 @@ def low_rank(u: torch.Tensor, factor: torch.Tensor, scale: float, bias=None) -> 
 def lora_output(x2, weight, bias, xa, lora_B, scale: float) -> torch.Tensor:
     """x2 W^T + b + scale xa B^T, (n, out), in x2's dtype: the low-rank update (and bias) written first,
     then the base GEMM accumulated onto it in place (beta = 1, no (n, out) temporary). `xa` = x2 A^T is
-    the caller's, so a group of projections can share one product for it."""
+    the caller's, so a group of projections can share one product for it. A base whose GEMM cannot
+    accumulate (FP8) writes first and the low-rank update is added onto its output instead."""
     dt = x2.dtype
+    if not accumulates(weight):
+        y = frozen_mm(x2, weight)  # (n, out)
+        y.addmm_(xa, lora_B.to(dt).t(), alpha=scale)
+        return y if bias is None else y.add_(bias.to(dt))
     y = low_rank(xa, lora_B.to(dt).t(), scale, None if bias is None else bias.to(dt))  # (n, out)
-    w = as_dense(weight, dt)  # (out, in); a no-op cast when stored in the activation dtype
-    y.addmm_(x2, w.t())
-    del w  # a dequantized 4-bit weight: freed now, made again in backward
-    return y
+    # a dequantized 4-bit weight lives only inside this call: made again in backward
+    return frozen_mm(x2, weight, acc=y)
 
 
 def lora_input_grad(g2, weight, gB, lora_A, scale: float) -> torch.Tensor:
-    """dx = scale gB A + g W, (n, in); the dgrad accumulated onto the LoRA term by the same addmm."""
+    """dx = scale gB A + g W, (n, in); the dgrad accumulated onto the LoRA term by the same addmm (an FP8
+    base's dgrad first, the LoRA term then added onto it)."""
     dt = g2.dtype
-    dx = low_rank(gB, lora_A.to(dt), scale)
-    return dx.addmm_(g2, as_dense(weight, dt))
+    if not accumulates(weight):
+        return frozen_mm_t(g2, weight).addmm_(gB, lora_A.to(dt), alpha=scale)
+    return frozen_mm_t(g2, weight, acc=low_rank(gB, lora_A.to(dt), scale))
 
 
 def factor_grad(a: torch.Tensor, b: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
@@ -112,8 +117,8 @@ class LoRALinearFunction(torch.autograd.Function):
         xa = x2 @ lora_A.to(x.dtype).t()  # (n, r)
         y = lora_output(x2, weight, bias, xa, lora_B, scale)
         ctx.scale = scale
-        # an NF4Weight is a module, not a tensor: kept on ctx (its tensors live in the model anyway)
-        ctx.nf4 = weight if isinstance(weight, NF4Weight) else None
+        # a quantized weight is a module, not a tensor: kept on ctx (its tensors live in the model anyway)
+        ctx.nf4 = weight if isinstance(weight, QuantizedWeight) else None
         ctx.save_for_backward(x2, xa, None if ctx.nf4 is not None else weight, lora_A, lora_B, bias)
         return y.view(*x.shape[:-1], y.shape[-1])
 
@@ -170,7 +175,7 @@ class LoRAGroupFunction(torch.autograd.Function):
     dx buffer by the GEMMs themselves (beta = 1). On an H200 the forward + backward GEMM sequence of
     a 1B model's q/k/v runs 1.28x faster this way, gate/up 1.08x (benchmarks/lora_gemm.py).
 
-    `flat` holds (W, b, A, B) per projection (b may be None, W an `NF4Weight`); gradients as
+    `flat` holds (W, b, A, B) per projection (b may be None, W a `QuantizedWeight`); gradients as
     `LoRALinearFunction`.
 
     With `norm_weight` the group projects RMSNorm(x) (the Triton kernel, `eps`) and keeps x and the
@@ -205,9 +210,9 @@ class LoRAGroupFunction(torch.autograd.Function):
 
 def save_projections(ctx, Ws, bs, As, Bs) -> list:
     """What a Function of several LoRA projections saves for backward: the dense base weights (an
-    `NF4Weight` is a module, not a tensor: it is kept on ctx, its tensors live in the model anyway), the
+    `QuantizedWeight` is a module, not a tensor: it is kept on ctx, its tensors live in the model anyway), the
     factors, then the biases there are. `saved_projections` takes them apart again."""
-    ctx.nf4 = [W if isinstance(W, NF4Weight) else None for W in Ws]
+    ctx.nf4 = [W if isinstance(W, QuantizedWeight) else None for W in Ws]
     ctx.n_bias = [b is not None for b in bs]
     dense = [None if q is not None else W for W, q in zip(Ws, ctx.nf4, strict=True)]
     return [*dense, *As, *Bs, *(b for b in bs if b is not None)]
@@ -267,16 +272,20 @@ def group_grads(g2, x_in, x2, rstd, norm_weight, eps, xa, Ws, bs, As, Bs, scales
     dx = dnorm = None
     if need_x or need_norm:  # d(the projected input), then through the norm when there is one
         A_cat = cat_factors(As, dt)  # (sum r, in)
-        if len(set(scales)) == 1:  # the low-rank term first, every dgrad then summed onto it
-            dx = low_rank(gB, A_cat, scales[0])
-        else:  # per-projection scales: on the rank columns of gB (n x sum r, tiny)
+        gBs, s = gB, scales[0]
+        if len(set(scales)) != 1:  # per-projection scales: on the rank columns of gB (n x sum r, tiny)
             ranks = [A.shape[0] for A in As]
             col = torch.repeat_interleave(torch.tensor(scales, dtype=dt), torch.tensor(ranks))
-            dx = low_rank(gB * col.to(gB.device), A_cat, 1.0)
-        for g, W in zip(g2, Ws, strict=True):  # by the GEMMs themselves (beta = 1)
-            w = as_dense(W, dt)
-            dx.addmm_(g, w)
-            del w
+            gBs, s = gB * col.to(gB.device), 1.0
+        if all(accumulates(W) for W in Ws):  # the low-rank term first, every dgrad then summed onto it
+            dx = low_rank(gBs, A_cat, s)
+            for g, W in zip(g2, Ws, strict=True):  # by the GEMMs themselves (beta = 1)
+                dx = frozen_mm_t(g, W, acc=dx)
+        else:  # FP8: the first dgrad writes dx, the others and the low-rank term are added onto it
+            dx = frozen_mm_t(g2[0], Ws[0])
+            for g, W in zip(g2[1:], Ws[1:], strict=True):
+                dx = frozen_mm_t(g, W, acc=dx)
+            dx.addmm_(gBs, A_cat, alpha=s)
         if norm_weight is not None:
             dx, dnorm = rmsnorm_backward(dx, x_in, norm_weight, rstd, need_x, need_norm)
     grads: list[torch.Tensor | None] = []

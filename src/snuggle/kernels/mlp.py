@@ -40,7 +40,7 @@ __all__ = ["LoRAMLPFunction", "fast_gate_up_down"]
 
 class LoRAMLPFunction(torch.autograd.Function):
     """y = down(silu(gate(x')) * up(x')), x' = RMSNorm(x) with `norm_weight` (else x); `flat` holds
-    (W, b, A, B) for gate, up and down, in that order (b may be None, W an `NF4Weight`)."""
+    (W, b, A, B) for gate, up and down, in that order (b may be None, W a `QuantizedWeight`)."""
 
     @staticmethod
     def forward(ctx, x, scales: tuple[float, float, float], norm_weight, eps: float, *flat):

@@ -16,7 +16,7 @@ import triton.language as tl
 from snuggle.kernels._utils import patch_interpreter, use_triton
 from snuggle.kernels.lora import fusable, lora_input_grad, lora_output, lora_param_grads
 from snuggle.kernels.reference import swiglu
-from snuggle.quant.nf4 import NF4Weight
+from snuggle.quant.base import QuantizedWeight
 
 __all__ = [
     "SwiGLUFunction",
@@ -126,7 +126,7 @@ class SwiGLUDownFunction(torch.autograd.Function):
         g, u = g.contiguous(), u.contiguous()
         y, xa = swiglu_down_forward(g, u, weight, bias, lora_A, lora_B, scale)
         ctx.scale, ctx.reuse = scale, not (g.is_leaf or u.is_leaf)
-        ctx.nf4 = weight if isinstance(weight, NF4Weight) else None
+        ctx.nf4 = weight if isinstance(weight, QuantizedWeight) else None
         ctx.save_for_backward(g, u, xa, None if ctx.nf4 is not None else weight, lora_A, lora_B, bias)
         return y.view(*g.shape[:-1], y.shape[-1])
 

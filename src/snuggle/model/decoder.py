@@ -23,7 +23,7 @@ from snuggle.model.checkpointing import run_block
 from snuggle.model.flex import document_block_mask, flex_attention
 from snuggle.model.loss import cross_entropy_sum
 from snuggle.model.tiling import tiled_mlp
-from snuggle.quant.nf4 import as_dense
+from snuggle.quant.base import frozen_linear
 
 __all__ = [
     "Decoder",
@@ -42,12 +42,13 @@ __all__ = [
 class Linear(nn.Linear):
     """nn.Linear that casts its weight to the input's dtype (no-op when they already agree).
 
-    The weight may also be an `NF4Weight` (QLoRA's 4-bit frozen base), dequantized per call.
+    The weight may also be a frozen quantized weight (`NF4Weight`, QLoRA's 4-bit base, dequantized per
+    call; `FP8Weight`, multiplied in FP8).
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, as_dense(self.weight, x.dtype), bias)
+        return frozen_linear(x, self.weight, bias)
 
 
 class RMSNorm(nn.Module):

@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from snuggle.quant.base import QuantizedWeight, as_dense
+
 __all__ = [
     "NF4_CODE",
     "BLOCK",
@@ -145,13 +147,13 @@ def _frozen(t: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(t, requires_grad=False)
 
 
-class NF4Weight(nn.Module):
+class NF4Weight(QuantizedWeight):
     """A frozen (out, in) linear weight held in NF4; takes the place of the `weight` Parameter.
 
     Set as `linear.weight`, it keeps the checkpoint name as a prefix (`q_proj.weight.qweight`, ...).
-    Modules read it through `as_dense(weight, dtype)`, which dequantizes into a temporary of the
-    activation dtype (a Triton kernel on CUDA), used for one matmul and freed: the dense weight never
-    persists, in forward or backward.
+    Modules multiply by it through `snuggle.quant.base` (`frozen_linear`, `frozen_mm`, ...), which
+    dequantize it into a temporary of the activation dtype (a Triton kernel on CUDA), used for one
+    matmul and freed: the dense weight never persists, in forward or backward.
     """
 
     # the swap point of CUDA weights' dequantization (same signature as the reference), set by the fast
@@ -192,13 +194,6 @@ class NF4Weight(nn.Module):
     def shape(self) -> torch.Size:
         return torch.Size((self.qweight.shape[0], self.in_features))
 
-    @property
-    def device(self) -> torch.device:
-        return self.qweight.device
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.parameters(), *self.buffers()))
-
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dense (out, in) weight in `dtype` (default: the dtype it was quantized from)."""
         dtype = dtype or self.dtype
@@ -210,16 +205,10 @@ class NF4Weight(nn.Module):
         return f"shape={tuple(self.shape)}, block={self.block}, group={self.group}, dtype={self.dtype}"
 
 
-def as_dense(weight: torch.Tensor | NF4Weight, dtype: torch.dtype) -> torch.Tensor:
-    """A plain or NF4 weight as a dense tensor of `dtype` (a no-op cast when a plain one already is)."""
-    if isinstance(weight, NF4Weight):
-        return weight.dequantize(dtype)
-    return weight.to(dtype)
-
-
 @torch.no_grad()
-def quantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> int:
-    """Swap every dense block projection weight of a built model for its NF4 form, one at a time.
+def quantize_model(model: nn.Module, dtype: torch.dtype | None = None, cls=NF4Weight) -> int:
+    """Swap every dense block projection weight of a built model for its quantized form (`cls`: NF4Weight,
+    or `snuggle.quant.fp8.FP8Weight`), one at a time.
 
     For models made in memory (benchmarks, tests); loading from a checkpoint quantizes as it reads
     (`snuggle.load(..., quantize="nf4")`). Returns how many weights were quantized.
@@ -229,8 +218,8 @@ def quantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> int:
         w = mod._parameters.get("weight")
         if w is None or not QUANTIZABLE.fullmatch(f"{name}.weight"):
             continue
-        nf4 = NF4Weight.from_dense(w.detach(), dtype=dtype or w.dtype)
+        q = cls.from_dense(w.detach(), dtype=dtype or w.dtype)
         del mod._parameters["weight"]
-        mod.weight = nf4  # the dense tensor is freed here unless someone else holds it
+        mod.weight = q  # the dense tensor is freed here unless someone else holds it
         n += 1
     return n

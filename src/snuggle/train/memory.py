@@ -180,10 +180,12 @@ def predict_bytes(
     fused_mlp: bool = False,
     fused_norm: bool = False,
     offload_blocks: int = 0,
+    transient_per_token: int = 0,
 ) -> int:
     """Predicted peak bytes of one training step with `tokens` tokens per micro-batch.
 
-    `transient`: bytes of short-lived buffers beside the activations (a dequantized 4-bit weight).
+    `transient`: bytes of short-lived buffers beside the activations (a dequantized 4-bit weight);
+    `transient_per_token`: those that grow with the tokens (FP8's quantized copy of a GEMM's input).
     `fused_mlp`: the MLP keeps gate and up but not their product (see `_block_bytes`); a plan's
     `recompute_product`. `fused_norm`: the norms' outputs are not kept; a plan's `recompute_norm`.
     `offload_blocks`: blocks whose saved activations wait in CPU memory (see checkpointing).
@@ -208,6 +210,7 @@ def predict_bytes(
         loss += 4 * args.vocab_size * args.hidden_size
     # the embedding output and the residual stream entering the first block
     acts += 2 * act_bytes * args.hidden_size * tokens
+    transient += transient_per_token * tokens
     return int((static + acts + work + loss + transient) * _FRAGMENTATION + _FIXED_SLACK)
 
 
@@ -258,6 +261,7 @@ def plan_memory(
     can_recompute_product: bool = False,
     can_recompute_norm: bool = False,
     offload_blocks_max: int = 0,
+    transient_per_token: int = 0,
 ) -> MemoryPlan:
     """The fastest plan whose predicted peak fits the budget, or a SnuggleError saying what would fit.
 
@@ -272,8 +276,9 @@ def plan_memory(
         tokens: int, k: int, offload: bool, tile: int, rp=can_recompute_product, rn=can_recompute_norm, m=0
     ) -> int:
         return predict_bytes(
-            args, tokens, static, act_bytes, k, offload, tile, trainable_head, transient, rp, rn, m
-        )
+            args, tokens, static, act_bytes, k, offload, tile, trainable_head, transient, rp, rn, m,
+            transient_per_token,
+        )  # fmt: skip
 
     tokens = batch_size * seq_len
     candidates = _candidates(
@@ -288,7 +293,7 @@ def plan_memory(
         raise SnuggleError(
             f"the model alone needs {(static * _FRAGMENTATION + _FIXED_SLACK) / GIB:.2f} GiB (weights, "
             f"gradients, optimizer state, allocator reserve), above train.memory_budget_gib={budget_gib:g}: "
-            "use model.quantize=nf4, "
+            "use model.quantize=nf4 (or fp8), "
             "train.optimizer=adamw8bit, fewer trainable parameters, or a larger budget"
         )
 
@@ -351,17 +356,24 @@ def apply_memory_plan(model: nn.Module, plan: MemoryPlan) -> None:
 
 
 def _model_terms(model: nn.Module, optimizer: str = "adamw", host_embeddings: bool = False) -> dict:
-    """predict_bytes' arguments that a built `Decoder` fixes: its real bytes, activation dtype, head
-    and 4-bit weights; `host_embeddings`: the trained embeddings' optimizer state is in CPU memory."""
+    """predict_bytes' arguments that a built `Decoder` fixes: its real bytes (an FP8 or NF4 weight
+    counts its own: 1 byte a weight plus 4 a row, ~4.13 bits a weight), activation dtype, head and the
+    transient copies its quantized weights make; `host_embeddings`: the trained embeddings' optimizer
+    state is in CPU memory."""
+    from snuggle.quant.fp8 import FP8Weight
     from snuggle.quant.nf4 import NF4Weight
 
-    dense = [m.shape.numel() for m in model.modules() if isinstance(m, NF4Weight)]
     act_bytes = torch.empty((), dtype=model.compute_dtype).element_size()
+    # NF4: one dequantized weight in forward, one in backward; FP8: backward's transposed 1-byte copy,
+    # and per token the quantized copy of the widest GEMM input (its scaled rows, then e4m3 bytes)
+    nf4 = [2 * act_bytes * m.shape.numel() for m in model.modules() if isinstance(m, NF4Weight)]
+    fp8 = [m for m in model.modules() if isinstance(m, FP8Weight)]
     return dict(
         static=static_bytes(model, optimizer, _embedding_ids(model) if host_embeddings else frozenset()),
         act_bytes=act_bytes,
         trainable_head=bool(model.lm_head.weight.requires_grad),
-        transient=2 * act_bytes * max(dense, default=0),  # one dequantized weight in forward, one in backward
+        transient=max(nf4 + [m.shape.numel() for m in fp8], default=0),
+        transient_per_token=max((act_bytes + 1) * max(m.shape) for m in fp8) if fp8 else 0,
     )
 
 
@@ -472,6 +484,7 @@ def _plan_for_model(
         trainable_head=terms["trainable_head"],
         can_offload=can_offload,
         transient=terms["transient"],
+        transient_per_token=terms["transient_per_token"],
         can_recompute_product=rp,
         can_recompute_norm=rn,
         offload_blocks_max=offload_blocks_max,
@@ -589,9 +602,12 @@ def estimate_weight_bytes(args: ModelArgs, dtype_bytes: int, quantize: str = "no
     h, f, L = args.hidden_size, args.intermediate_size, args.num_layers
     q, kv = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
     block = h * (q + 2 * kv) + q * h + 3 * h * f
-    per_weight = 4.13 / 8 if quantize == "nf4" else dtype_bytes  # NF4: ~4.13 bits a weight
+    # NF4: ~4.13 bits a weight; FP8: a byte a weight plus an fp32 scale a row (output channel)
+    per_weight = {"nf4": 4.13 / 8, "fp8": 1}.get(quantize, dtype_bytes)
+    rows = (q + 2 * kv) + h + 2 * f + h  # output channels of q/k/v, o, gate/up, down
+    scales = 4 * L * rows if quantize == "fp8" else 0
     embeddings = args.vocab_size * h * (1 if args.tie_word_embeddings else 2)
-    return int(L * block * per_weight + (embeddings + (2 * L + 1) * h) * dtype_bytes)
+    return int(L * block * per_weight + scales + (embeddings + (2 * L + 1) * h) * dtype_bytes)
 
 
 def auto_strategy_fits(
