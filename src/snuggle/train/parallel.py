@@ -45,7 +45,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, NoReturn
@@ -168,6 +168,20 @@ class DistContext:
             raise error
         where = "" if first == 0 else f"rank {first}: "
         raise RankError(f"{where}{first_msg}", silent=not self.is_main)
+
+    @contextlib.contextmanager
+    def agreed(self, convert: Callable[[Exception], BaseException] | None = None) -> Iterator[None]:
+        """Run the block, then `agree` on its error (or None): every rank raises if any rank's block failed.
+
+        The block's exception is caught, so this rank still reaches the collective that the others are
+        in; `convert` turns it into the error to report (an out-of-memory one into its one line).
+        """
+        error: BaseException | None = None
+        try:
+            yield
+        except Exception as e:
+            error = convert(e) if convert is not None else e
+        self.agree(error)
 
     # -- progress and failure diagnosis -----------------------------------------------------------
 
