@@ -55,6 +55,7 @@ from snuggle.train.checkpoint import (
     run_room,
     save_checkpoint,
 )
+from snuggle.train.data_parallel import apply_parallel, resolve_strategy, unwrap
 from snuggle.train.evaluate import evaluate
 from snuggle.train.memory import (
     apply_memory_plan,
@@ -73,15 +74,7 @@ from snuggle.train.metrics import (
     plot_title,
 )
 from snuggle.train.optim import build_optimizer, build_scheduler
-from snuggle.train.parallel import (
-    DistContext,
-    RankError,
-    apply_parallel,
-    init_distributed,
-    rank_device,
-    resolve_strategy,
-    unwrap,
-)
+from snuggle.train.parallel import DistContext, RankError, init_distributed, rank_device
 from snuggle.train.reporters import Reporter, check_reporters, open_reporters
 from snuggle.train.setup import Data, build_data, build_model, check_before_model, check_output_dir
 from snuggle.train.step import StepResult, train_step

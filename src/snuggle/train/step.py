@@ -14,8 +14,9 @@ from typing import Protocol
 import torch
 
 from snuggle.model.loss import IGNORE_INDEX
+from snuggle.train.data_parallel import grad_sync
 from snuggle.train.evaluate import to_device
-from snuggle.train.parallel import DistContext, grad_sync
+from snuggle.train.parallel import DistContext
 
 
 class StopSignal(Protocol):
