@@ -790,7 +790,7 @@ def test_weight_estimate_from_shapes_matches_the_built_model(tiny_hf_model, tmp_
 
 
 def test_auto_parallel_shards_a_model_too_large_for_one_card():
-    from snuggle.train.parallel import resolve_strategy
+    from snuggle.train.data_parallel import resolve_strategy
 
     assert resolve_strategy("auto", 2, use_lora=True) == "ddp"
     assert resolve_strategy("auto", 2, use_lora=True, fits_one_card=False) == "fsdp"

@@ -63,7 +63,8 @@ from snuggle.lora import apply_lora
 from snuggle.model.args import ModelArgs
 from snuggle.model.decoder import Decoder
 from snuggle.quant.nf4 import quantize_model
-from snuggle.train.parallel import DistContext, apply_parallel, grad_sync
+from snuggle.train.data_parallel import apply_parallel, grad_sync
+from snuggle.train.parallel import DistContext
 
 torch.set_num_threads(1)
 dist.init_process_group("gloo")

@@ -20,7 +20,8 @@ from conftest import build_tiny_hf_model
 from snuggle.config import load_config
 from snuggle.errors import SnuggleError
 from snuggle.load import load, load_deferred
-from snuggle.train.parallel import DistContext, apply_parallel
+from snuggle.train.data_parallel import apply_parallel
+from snuggle.train.parallel import DistContext
 from snuggle.train.setup import build_model
 from test_distributed import (
     assert_same_curve,

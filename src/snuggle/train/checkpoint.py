@@ -57,8 +57,9 @@ from snuggle.config import RunConfig, curve_keys
 from snuggle.errors import SnuggleError
 from snuggle.lora import resolve_targets
 from snuggle.run_dir import CHECKPOINT_PREFIX, TRAINABLE_FILE, latest_checkpoint
+from snuggle.train.data_parallel import unwrap
 from snuggle.train.dcp_safe import SafeLoadPlanner, SafeReader
-from snuggle.train.parallel import DistContext, RankError, unwrap
+from snuggle.train.parallel import DistContext, RankError
 
 __all__ = [
     "save_checkpoint",

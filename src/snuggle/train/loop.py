@@ -44,6 +44,7 @@ from snuggle.errors import SnuggleError
 from snuggle.load import resolve_dtype
 from snuggle.lora import count_parameters, trainable_state
 from snuggle.model.checkpointing import configure_checkpointing
+from snuggle.model.decoder import Decoder
 from snuggle.model.loss import IGNORE_INDEX
 from snuggle.train.checkpoint import (
     curve_fingerprint,
@@ -54,7 +55,8 @@ from snuggle.train.checkpoint import (
     run_room,
     save_checkpoint,
 )
-from snuggle.train.evaluate import evaluate, to_device
+from snuggle.train.data_parallel import apply_parallel, resolve_strategy, unwrap
+from snuggle.train.evaluate import evaluate
 from snuggle.train.memory import (
     apply_memory_plan,
     auto_strategy_fits,
@@ -72,18 +74,10 @@ from snuggle.train.metrics import (
     plot_title,
 )
 from snuggle.train.optim import build_optimizer, build_scheduler
-from snuggle.train.parallel import (
-    DistContext,
-    RankError,
-    apply_parallel,
-    grad_sync,
-    init_distributed,
-    rank_device,
-    resolve_strategy,
-    unwrap,
-)
+from snuggle.train.parallel import DistContext, RankError, init_distributed, rank_device
 from snuggle.train.reporters import Reporter, check_reporters, open_reporters
-from snuggle.train.setup import build_data, build_model, check_before_model, check_output_dir
+from snuggle.train.setup import Data, build_data, build_model, check_before_model, check_output_dir
+from snuggle.train.step import StepResult, train_step
 
 __all__ = ["grad_accum_for_config", "oom_message", "restart_count", "train"]
 
@@ -138,57 +132,8 @@ def _rank_seed(seed: int, rank: int) -> int:
 
 def _train(cfg: RunConfig, ctx: DistContext, device: torch.device) -> dict:
     t = cfg.train
-    out = Path(t.output_dir)
     say = print_on_main(ctx)
-    note = phase_notes(t.progress and ctx.is_main)
-
-    # Setup, validated on every rank before any collective can block: a rank failing alone (bad
-    # path, unreadable data) makes every rank stop with its message instead of waiting for it.
-    # Rank 0 alone judges the shared output directory and tokenizes first; the others then find the
-    # token cache complete instead of all building it at once.
-    error: BaseException | None = None
-    model = tokenizer = data = None
-    strategy = "none"
-    grad_accum = t.grad_accum
-
-    def rank_data(model, tokenizer):
-        args = model.args
-        return build_data(
-            cfg.data, tokenizer, t.seed, args.max_position_embeddings, vocab_size=args.vocab_size
-        )
-
-    try:
-        fits, sizes = (True, "")
-        if ctx.enabled and t.parallel == "auto":
-            m = cfg.model
-            fits, sizes = auto_strategy_fits(m.path, m.dtype, m.quantize, t.memory_budget_gib, device)
-        strategy = resolve_strategy(t.parallel, ctx.world_size, cfg.use_lora, fits)
-        _check_restartable(t)
-        grad_accum = grad_accum_for_config(cfg, ctx.world_size)
-        if ctx.is_main:
-            check_output_dir(out, t.resume)
-            check_reporters(t.report_to)
-            check_before_model(cfg, device)  # data paths and formats: said before the model loads
-        torch.manual_seed(t.seed)  # the same LoRA initialisation on every rank
-        rank_cfg = _rank_config(cfg, ctx, device, strategy)
-        note(f"loading the model {cfg.model.path}")
-        if strategy == "fsdp":
-            # sharded load: only the root is read now; apply_parallel reads each block and shards it
-            model, tokenizer = build_model(rank_cfg, defer_blocks=True)
-        else:
-            model, tokenizer = build_model(rank_cfg)
-        if ctx.is_main:
-            note("reading and tokenizing the corpus (the tokens are cached for later runs)")
-            data = rank_data(model, tokenizer)
-    except Exception as e:
-        error = _oom_to_user_error(e, cfg, device, "building the model")
-    ctx.agree(error)
-    if not ctx.is_main:
-        try:
-            data = rank_data(model, tokenizer)
-        except Exception as e:
-            error = e
-    ctx.agree(error)
+    strategy, sizes, grad_accum, model, data = _setup(cfg, ctx, device)
     plan = BatchPlan(
         data.train_idx,
         batch_size=t.batch_size,
@@ -197,20 +142,8 @@ def _train(cfg: RunConfig, ctx: DistContext, device: torch.device) -> dict:
         rank=ctx.rank,
         seed=t.seed,
     )
-    if not ctx.enabled and t.parallel in ("ddp", "fsdp"):
-        say(_one_process_note(t.parallel))
-    derived = ""
-    if t.global_batch is not None or t.global_batch_tokens is not None:
-        derived = f"; grad_accum {grad_accum} for a global batch of {plan.global_batch} rows"
-        if not ctx.enabled:
-            say(f"snuggle: 1 process{derived}")
+    _say_processes(cfg, ctx, strategy, sizes, grad_accum, plan, say)
     if ctx.enabled:
-        say(
-            f"snuggle: {ctx.world_size} processes, train.parallel={strategy}"
-            + (f" (auto{': ' + sizes if sizes else ''})" if t.parallel == "auto" else "")
-            + (f"; {ctx.link}" if ctx.link else "")
-            + derived
-        )
         # dropout draws its own masks on each rank (the same masks on different rows would be a
         # correlation no single-process run has)
         torch.manual_seed(_rank_seed(t.seed, ctx.rank))
@@ -234,6 +167,75 @@ def _train(cfg: RunConfig, ctx: DistContext, device: torch.device) -> dict:
     finally:
         for r in reporters:
             r.close()
+
+
+def _setup(cfg: RunConfig, ctx: DistContext, device: torch.device) -> tuple[str, str, int, Decoder, Data]:
+    """(strategy, the auto strategy's sizes line, grad_accum, model, data), agreed by every rank.
+
+    Validated on every rank before any collective can block: a rank failing alone (bad path, unreadable
+    data) makes every rank stop with its message instead of waiting for it. Rank 0 alone judges the
+    shared output directory and tokenizes first; the others then find the token cache complete instead
+    of all building it at once.
+    """
+    t = cfg.train
+    note = phase_notes(t.progress and ctx.is_main)
+    model = tokenizer = data = None
+    strategy, sizes, grad_accum = "none", "", t.grad_accum
+    with ctx.agreed(lambda e: _oom_to_user_error(e, cfg, device, "building the model")):
+        fits = True
+        if ctx.enabled and t.parallel == "auto":
+            m = cfg.model
+            fits, sizes = auto_strategy_fits(m.path, m.dtype, m.quantize, t.memory_budget_gib, device)
+        strategy = resolve_strategy(t.parallel, ctx.world_size, cfg.use_lora, fits)
+        _check_restartable(t)
+        grad_accum = grad_accum_for_config(cfg, ctx.world_size)
+        if ctx.is_main:
+            check_output_dir(Path(t.output_dir), t.resume)
+            check_reporters(t.report_to)
+            check_before_model(cfg, device)  # data paths and formats: said before the model loads
+        torch.manual_seed(t.seed)  # the same LoRA initialisation on every rank
+        rank_cfg = _rank_config(cfg, ctx, device, strategy)
+        note(f"loading the model {cfg.model.path}")
+        if strategy == "fsdp":
+            # sharded load: only the root is read now; apply_parallel reads each block and shards it
+            model, tokenizer = build_model(rank_cfg, defer_blocks=True)
+        else:
+            model, tokenizer = build_model(rank_cfg)
+        if ctx.is_main:
+            note("reading and tokenizing the corpus (the tokens are cached for later runs)")
+            data = _rank_data(cfg, model, tokenizer)
+    with ctx.agreed():
+        if not ctx.is_main:
+            data = _rank_data(cfg, model, tokenizer)
+    return strategy, sizes, grad_accum, model, data
+
+
+def _rank_data(cfg: RunConfig, model: Decoder, tokenizer: object) -> Data:
+    args = model.args
+    return build_data(
+        cfg.data, tokenizer, cfg.train.seed, args.max_position_embeddings, vocab_size=args.vocab_size
+    )
+
+
+def _say_processes(
+    cfg: RunConfig, ctx: DistContext, strategy: str, sizes: str, grad_accum: int, plan: BatchPlan, say
+) -> None:
+    """The line on how many processes train and how (rank 0), when there is anything to say."""
+    t = cfg.train
+    if not ctx.enabled and t.parallel in ("ddp", "fsdp"):
+        say(_one_process_note(t.parallel))
+    derived = ""
+    if t.global_batch is not None or t.global_batch_tokens is not None:
+        derived = f"; grad_accum {grad_accum} for a global batch of {plan.global_batch} rows"
+        if not ctx.enabled:
+            say(f"snuggle: 1 process{derived}")
+    if ctx.enabled:
+        say(
+            f"snuggle: {ctx.world_size} processes, train.parallel={strategy}"
+            + (f" (auto{': ' + sizes if sizes else ''})" if t.parallel == "auto" else "")
+            + (f"; {ctx.link}" if ctx.link else "")
+            + derived
+        )
 
 
 def _check_restartable(t: TrainConfig) -> None:
@@ -303,50 +305,142 @@ def _eval_batches(data, t, ctx: DistContext) -> Iterator[dict[str, torch.Tensor]
         yield pad
 
 
-def _run(cfg, ctx: DistContext, device, strategy, model, data, plan, say, reporters: list[Reporter]) -> dict:
+@dataclasses.dataclass
+class _Run:
+    """What the step loop, its evaluations and its checkpoints share; the methods run on every rank."""
+
+    cfg: RunConfig
+    ctx: DistContext
+    device: torch.device
+    strategy: str
+    engine: torch.nn.Module  # what forward is called on: the model, or its DDP / FSDP wrapping
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    plan: BatchPlan
+    data: Data
+    fingerprint: dict  # the settings that change the curve, saved with each checkpoint
+    log: MetricsLog | None  # rank 0's metrics.jsonl
+    reporters: list[Reporter]
+    bar: ProgressBar
+    restart: int  # torchrun's restart number, written in every row of a restarted job
+    saved_at: int | None  # the step of the newest checkpoint on disk
+
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.train.output_dir)
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.plan.global_batch * self.cfg.data.seq_len
+
+    def record(self, row: dict) -> None:
+        # rank 0: metrics.jsonl, then every reporter, the same row; rows of a restarted job say which
+        if self.log is None:
+            return
+        if self.restart:
+            row = {**row, "restart": self.restart}
+        self.log.write(row)
+        for r in self.reporters:
+            r.log(row)
+
+    def close_log(self) -> None:
+        if self.log is not None:
+            self.log.close()
+
+    def evaluate(self, step: int) -> dict | None:
+        """The held-out loss at `step`, over every rank's share; logged and returned (None: no rows)."""
+        ctx, data = self.ctx, self.data
+        if len(data.val_idx) == 0:
+            return None
+        ctx.heartbeat(f"evaluation at step {step}")
+        self.bar.phase(f"eval at step {step}")
+        res = evaluate(self.engine, _eval_batches(data, self.cfg.train, ctx), self.device)
+        self.bar.phase("train")
+        if ctx.enabled:
+            # each rank's mean back to its sum, then the mean over every rank's tokens
+            part = torch.tensor([res["loss"] * res["tokens"], res["tokens"]], dtype=torch.float64)
+            total, tokens = ctx.all_reduce_sum(part).tolist()
+            loss = total / max(tokens, 1.0)
+            res = {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": int(tokens)}
+        self.record(
+            {
+                "step": step,
+                "eval_loss": res["loss"],
+                "eval_ppl": res["perplexity"],
+                "eval_tokens": res["tokens"],
+            }
+        )
+        if ctx.is_main:
+            self.bar.write(f"step {step}: eval loss {res['loss']:.4f}, perplexity {res['perplexity']:.2f}")
+        return res
+
+    def checkpoint(self, step: int) -> None:
+        if self.saved_at == step:
+            return  # a stop right after a scheduled save: that checkpoint is this state
+        self.ctx.heartbeat(f"checkpoint at step {step}")
+        meta = {
+            "tokens_seen": step * self.tokens_per_step,
+            "world_size": self.ctx.world_size,
+            "parallel": self.strategy,
+            "global_batch": self.plan.global_batch,
+            "curve_config": self.fingerprint,
+        }
+        self.bar.phase(f"saving step {step}")
+        t = self.cfg.train
+        save_checkpoint(
+            self.out, step, self.engine, self.opt, self.sched, meta, keep=t.keep_checkpoints, ctx=self.ctx
+        )
+        self.bar.phase("train")
+        self.saved_at = step
+        if self.ctx.is_main:
+            plot_losses(
+                self.out / "metrics.jsonl",
+                self.out / "loss.png",
+                plot_title(self.cfg, self.plan.global_batch),
+            )
+
+    def report_step(self, step: int, res: StepResult, dt: float, bad_steps: list[int]) -> None:
+        """Log the step (every log_every, and each skipped one), warn of a skip, move the bar."""
+        t = self.cfg.train
+        done = step + 1
+        mem = peak_memory_gib(self.device)
+        if self.log is not None and (not res.finite or done % t.log_every == 0 or done == t.steps):
+            row = {
+                "step": done,
+                "loss": res.loss,
+                "lr": res.lr,
+                "tokens_per_s": self.tokens_per_step / dt,
+                "step_time_s": dt,
+                "tokens": res.tokens,
+                "mem_gib": round(mem, 3),
+                "grad_norm": res.grad_norm,
+            }
+            if not res.finite:
+                row["skipped"] = True
+            self.record(row)
+        if not res.finite and self.ctx.is_main:
+            rows = self.plan.global_rows(step * self.plan.global_batch, done * self.plan.global_batch)
+            warnings.warn(
+                _skipped_step_message(done, res.loss, res.grad_norm, rows, len(bad_steps), t.max_bad_steps),
+                stacklevel=1,
+            )
+        self.bar.update(res.loss, res.lr, self.tokens_per_step / dt, mem, step_time_s=dt)
+
+
+def _run(
+    cfg: RunConfig,
+    ctx: DistContext,
+    device: torch.device,
+    strategy: str,
+    model: Decoder,
+    data: Data,
+    plan: BatchPlan,
+    say: Callable[[str], None],
+    reporters: list[Reporter],
+) -> dict:
     """The run proper; `reporters` is filled here (rank 0) and closed by the caller, also on failure."""
     t = cfg.train
-    out = Path(t.output_dir)
-    ctx.heartbeat("wrapping the model")
-    engine = None
-    error: BaseException | None = None
-    try:
-        # what forward is called on; under FSDP this also reads the base, block by block, and a
-        # checkpoint that fails to read on one rank must stop every rank, not leave them waiting
-        engine = apply_parallel(model, strategy, ctx, device, getattr(torch, t.reduce_dtype))
-    except Exception as e:
-        error = _oom_to_user_error(e, cfg, device, "building the model")
-    ctx.agree(error)
-    # after wrapping: the settings are attributes read at forward time, and under FSDP the offload
-    # buffers must be made for the GPU the shards now live on, and the plan must count shards
-    mem_plan = None
-    try:
-        enforce_budget(t.memory_budget_gib, device)
-        mem_plan = memory_plan_for(
-            model,
-            device,
-            batch_size=t.batch_size,
-            seq_len=cfg.data.seq_len,
-            optimizer=t.optimizer,
-            budget_gib=t.memory_budget_gib,
-            gradient_checkpointing=t.gradient_checkpointing,
-            embedding_offload=t.embedding_offload,
-        )
-    except Exception as e:
-        error = e
-    ctx.agree(error)  # a run that cannot fit stops on every rank, before any step
-    # one plan for every rank: its offload depends on each rank's own measurement of its host link
-    mem_plan = ctx.broadcast_object(mem_plan)
-    if mem_plan is not None:
-        say(f"snuggle: {mem_plan.describe()}")
-        apply_memory_plan(model, mem_plan)
-    elif t.gradient_checkpointing:
-        configure_checkpointing(model, t.checkpoint_layers, t.offload_activations)
-    try:
-        check_host_memory(cfg, model, device)  # on the CPU: refused now, not killed (exit 137) mid-step
-    except Exception as e:
-        error = e
-    ctx.agree(error)
+    engine, mem_plan = _wrap(cfg, ctx, device, strategy, model, say)
     trainables = trainable_state(unwrap(engine))
     host_embeddings = _host_embeddings(t.embedding_offload, mem_plan, strategy)
     if host_embeddings and mem_plan is None:
@@ -358,57 +452,9 @@ def _run(cfg, ctx: DistContext, device, strategy, model, data, plan, say, report
     # the corpus behind an unchanged data.train may have changed: other rows re-draw the held-out split
     # (rows evaluated before would be trained on) and every batch from the checkpoint on
     fingerprint["data.rows"] = len(data.rows)
-
-    start = 0
-    ckpt = ctx.broadcast_object(latest_checkpoint(out) if t.resume and ctx.is_main else None)
-    if ckpt is not None:
-        ctx.heartbeat("resume")
-        # before loading: a changed setting is named as such, not as the tensor mismatch it may cause
-        saved = read_meta(ckpt)
-        _check_resume_config(saved, fingerprint, ckpt, t.allow_config_change, ctx, say)
-        # another optimizer's state (adamw <-> adamw8bit) does not load into this one: its moments restart
-        saved_opt = (saved.get("curve_config") or {}).get("train.optimizer", t.optimizer)
-        meta = load_checkpoint(ckpt, engine, opt, sched, ctx, fresh_moments=saved_opt != t.optimizer)
-        if saved_opt != t.optimizer:
-            say(f"snuggle: note: {t.optimizer}'s moments start fresh: {ckpt.name} holds {saved_opt}'s")
-        start = meta["step"]
-    log = None
-    error: BaseException | None = None
-    if ctx.is_main:
-        try:
-            try:
-                out.mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise SnuggleError(f"train.output_dir {out}: cannot create it ({e.strerror or e})") from None
-            # before config.yaml: a tracker that cannot start leaves no run behind
-            reporters.extend(
-                open_reporters(t.report_to, out, t.wandb_project, to_dict(cfg), ckpt is not None)
-            )
-        except Exception as e:
-            error = e
-    ctx.agree(error)
-    if ctx.is_main:
-        if ckpt is None:
-            # a fresh start (also resume=true on a run that died before its first checkpoint) must not
-            # append its curve to the rows of the earlier attempt, which would give every step twice
-            (out / "metrics.jsonl").unlink(missing_ok=True)
-        # paths made absolute: export and generate read this file from any working directory
-        saved = to_dict(with_absolute_paths(cfg))
-        _write_atomic(out / "config.yaml", yaml.safe_dump(saved, sort_keys=False))
-        log = MetricsLog(out / "metrics.jsonl", resume_step=start if ckpt is not None else None)
-
+    start, ckpt = _resume(cfg, ctx, engine, opt, sched, fingerprint, say)
+    log = _open_log(cfg, ctx, reporters, ckpt, start)
     restart = restart_count()
-
-    def record(row: dict) -> None:
-        # rank 0: metrics.jsonl, then every reporter, the same row; rows of a restarted job say which
-        if log is None:
-            return
-        if restart:
-            row = {**row, "restart": restart}
-        log.write(row)
-        for r in reporters:
-            r.log(row)
-
     bar = ProgressBar(t.steps, start, t.progress and ctx.is_main)
     n_train = sum(p.numel() for p in trainables.values())
     n_total = count_parameters(unwrap(engine))
@@ -420,145 +466,80 @@ def _run(cfg, ctx: DistContext, device, strategy, model, data, plan, say, report
             + (f"; resumed from {ckpt.name}" if ckpt is not None else "")
             + (f"; restart {restart} of {os.environ.get('TORCHELASTIC_MAX_RESTARTS')}" if restart else "")
         )
+    run = _Run(
+        cfg=cfg,
+        ctx=ctx,
+        device=device,
+        strategy=strategy,
+        engine=engine,
+        opt=opt,
+        sched=sched,
+        plan=plan,
+        data=data,
+        fingerprint=fingerprint,
+        log=log,
+        reporters=reporters,
+        bar=bar,
+        restart=restart,
+        saved_at=start if ckpt is not None else None,
+    )
+    return _steps(run, list(trainables.values()), start, ckpt, say)
 
-    def run_eval(step: int) -> dict | None:
-        if len(data.val_idx) == 0:
-            return None
-        ctx.heartbeat(f"evaluation at step {step}")
-        bar.phase(f"eval at step {step}")
-        res = evaluate(engine, _eval_batches(data, t, ctx), device)
-        bar.phase("train")
-        if ctx.enabled:
-            # each rank's mean back to its sum, then the mean over every rank's tokens
-            part = torch.tensor([res["loss"] * res["tokens"], res["tokens"]], dtype=torch.float64)
-            total, tokens = ctx.all_reduce_sum(part).tolist()
-            loss = total / max(tokens, 1.0)
-            res = {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": int(tokens)}
-        record(
-            {
-                "step": step,
-                "eval_loss": res["loss"],
-                "eval_ppl": res["perplexity"],
-                "eval_tokens": res["tokens"],
-            }
-        )
-        if ctx.is_main:
-            bar.write(f"step {step}: eval loss {res['loss']:.4f}, perplexity {res['perplexity']:.2f}")
-        return res
 
-    saved_at = start if ckpt is not None else None  # the step of the newest checkpoint on disk
-
-    def checkpoint(step: int) -> None:
-        nonlocal saved_at
-        if saved_at == step:
-            return  # a stop right after a scheduled save: that checkpoint is this state
-        ctx.heartbeat(f"checkpoint at step {step}")
-        meta = {
-            "tokens_seen": step * tokens_per_step,
-            "world_size": ctx.world_size,
-            "parallel": strategy,
-            "global_batch": plan.global_batch,
-            "curve_config": fingerprint,
-        }
-        bar.phase(f"saving step {step}")
-        save_checkpoint(out, step, engine, opt, sched, meta, keep=t.keep_checkpoints, ctx=ctx)
-        bar.phase("train")
-        saved_at = step
-        if ctx.is_main:
-            plot_losses(out / "metrics.jsonl", out / "loss.png", plot_title(cfg, plan.global_batch))
-
-    tokens_per_step = plan.global_batch * cfg.data.seq_len
+def _steps(
+    run: _Run, params: list[torch.Tensor], start: int, ckpt: Path | None, say: Callable[[str], None]
+) -> dict:
+    """The step loop from `start`: train, log, evaluate and checkpoint; stop on a signal or bad steps."""
+    t, ctx, out = run.cfg.train, run.ctx, run.out
     stop = _StopRequest(watchdog=ctx.enabled)
     bad_steps: list[int] = []  # the current streak of skipped steps (1-based numbers)
     loss_val = float("nan")
     with stop:
-        first_eval = run_eval(0) if start == 0 else None
+        first_eval = run.evaluate(0) if start == 0 else None
         last_eval = None
-        engine.train()
+        run.engine.train()
         for step in range(start, t.steps):
             t0 = time.perf_counter()
             done = step + 1
-            batches = [collate([data.rows[int(i)] for i in idx]) for idx in plan.micro_batches(step)]
-            # the mean is over every valid token of the global step (all micro-batches, all ranks),
-            # not a mean of micro-batch or per-rank means
-            ctx.heartbeat(f"step {done}: token count")
-            n_local = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)
-            n_valid = int(ctx.all_reduce_sum(torch.tensor([n_local], dtype=torch.int64)).item())
-            ctx.heartbeat(f"step {done}: forward/backward")
-            loss_sum = torch.zeros((), device=device)
-            for i, b in enumerate(batches):
-                b = to_device(b, device)
-                # DDP all-reduces gradients after the last micro-batch only; see grad_sync
-                with grad_sync(engine, sync=i == len(batches) - 1):
-                    loss = engine(
-                        b["input_ids"],
-                        position_ids=b["position_ids"],
-                        doc_ids=b["doc_ids"],
-                        labels=b["labels"],
-                    ) / max(n_valid, 1)
-                    loss.backward()
-                loss_sum += loss.detach()
-            ctx.heartbeat(f"step {done}: update")
-            grad_norm = _grad_norm(list(trainables.values()), t.max_grad_norm)
-            loss_val, stop_asked = _reduce_step(ctx, loss_sum, stop.signum is not None)
-            stop.boundary(stop_asked)
-            lr = opt.param_groups[0]["lr"]
-            # loss and norm are global (reduced over ranks), so every rank skips the same steps
-            finite = math.isfinite(loss_val) and math.isfinite(grad_norm)
-            if finite:
-                opt.step()
-                sched.step()
+            batches = [collate([run.data.rows[int(i)] for i in idx]) for idx in run.plan.micro_batches(step)]
+            res = train_step(
+                run.engine,
+                batches,
+                params,
+                run.opt,
+                run.sched,
+                ctx=ctx,
+                device=run.device,
+                max_grad_norm=t.max_grad_norm,
+                stop=stop,
+                done=done,
+            )
+            loss_val = res.loss
+            if res.finite:
                 bad_steps.clear()
             else:
-                # no update and no schedule step: the lr schedule counts real updates; the data
-                # position still moves on, since the step number alone fixes the batch
                 bad_steps.append(done)
-            opt.zero_grad(set_to_none=True)
-            dt = time.perf_counter() - t0
-            mem = peak_memory_gib(device)
-            if log is not None and (not finite or done % t.log_every == 0 or done == t.steps):
-                row = {
-                    "step": done,
-                    "loss": loss_val,
-                    "lr": lr,
-                    "tokens_per_s": tokens_per_step / dt,
-                    "step_time_s": dt,
-                    "tokens": n_valid,
-                    "mem_gib": round(mem, 3),
-                    "grad_norm": grad_norm,
-                }
-                if not finite:
-                    row["skipped"] = True
-                record(row)
-            if not finite and ctx.is_main:
-                rows = plan.global_rows(step * plan.global_batch, done * plan.global_batch)
-                warnings.warn(
-                    _skipped_step_message(done, loss_val, grad_norm, rows, len(bad_steps), t.max_bad_steps),
-                    stacklevel=1,
-                )
-            bar.update(loss_val, lr, tokens_per_step / dt, mem, step_time_s=dt)
+            run.report_step(step, res, time.perf_counter() - t0, bad_steps)
             if t.eval_every and done % t.eval_every == 0 and done != t.steps:
-                run_eval(done)
+                run.evaluate(done)
             if t.save_every and done % t.save_every == 0 and done != t.steps:
-                checkpoint(done)
+                run.checkpoint(done)
             if t.max_bad_steps and len(bad_steps) >= t.max_bad_steps:
                 # the parameters are those of the last good update: skipped steps never touched them
-                checkpoint(done)
-                if log is not None:
-                    log.close()
+                run.checkpoint(done)
+                run.close_log()
                 raise RankError(
                     _too_many_bad_steps_message(bad_steps, t.max_bad_steps, out, done),
                     silent=not ctx.is_main,
                 )
-            if stop_asked and done != t.steps:
-                checkpoint(done)
-                if log is not None:
-                    log.close()
-                return _stopped(stop.signum, done, t.steps, out, loss_val, ctx, strategy, say, bar)
-        bar.close()
+            if res.stop_asked and done != t.steps:
+                run.checkpoint(done)
+                run.close_log()
+                return _stopped(stop.signum, done, t.steps, out, loss_val, ctx, run.strategy, say, run.bar)
+        run.bar.close()
         if start < t.steps or ckpt is None:
-            last_eval = run_eval(t.steps)
-            checkpoint(t.steps)
+            last_eval = run.evaluate(t.steps)
+            run.checkpoint(t.steps)
             if t.progress:
                 say(f"snuggle: {run_room(out)}")  # what the run keeps on disk, and how to keep less
         elif ctx.is_main:
@@ -567,13 +548,18 @@ def _run(cfg, ctx: DistContext, device, strategy, model, data, plan, say, report
             logged = [r["loss"] for r in MetricsLog.read(out / "metrics.jsonl") if "loss" in r]
             loss_val = logged[-1] if logged else loss_val
             loss_val = math.nan if loss_val is None else loss_val  # a non-finite loss is logged as null
-    if log is not None:
-        log.close()
+    run.close_log()
+    return _summary(run, loss_val, start, first_eval, last_eval)
+
+
+def _summary(run: _Run, loss_val: float, start: int, first_eval: dict | None, last_eval: dict | None) -> dict:
+    """What train() returns for a run that ran to its last step (or was complete already)."""
+    t, ctx, out = run.cfg.train, run.ctx, run.out
     summary = {"output_dir": str(out), "steps": t.steps, "final_loss": loss_val}
-    if restart:
-        summary["restarts"] = restart
+    if run.restart:
+        summary["restarts"] = run.restart
     if ctx.enabled:
-        summary["world_size"], summary["parallel"] = ctx.world_size, strategy
+        summary["world_size"], summary["parallel"] = ctx.world_size, run.strategy
     if first_eval is not None:
         summary["eval_loss_before"], summary["eval_ppl_before"] = first_eval["loss"], first_eval["perplexity"]
     if last_eval is not None:
@@ -581,6 +567,90 @@ def _run(cfg, ctx: DistContext, device, strategy, model, data, plan, say, report
     if not math.isfinite(loss_val) and start < t.steps:
         summary["warning"] = "final training loss is not finite"
     return summary
+
+
+def _wrap(cfg: RunConfig, ctx: DistContext, device: torch.device, strategy: str, model: Decoder, say):
+    """(the engine forward is called on, the memory plan or None), with the plan applied to the model."""
+    t = cfg.train
+    ctx.heartbeat("wrapping the model")
+    engine = None
+    with ctx.agreed(lambda e: _oom_to_user_error(e, cfg, device, "building the model")):
+        # what forward is called on; under FSDP this also reads the base, block by block, and a
+        # checkpoint that fails to read on one rank must stop every rank, not leave them waiting
+        engine = apply_parallel(model, strategy, ctx, device, getattr(torch, t.reduce_dtype))
+    # after wrapping: the settings are attributes read at forward time, and under FSDP the offload
+    # buffers must be made for the GPU the shards now live on, and the plan must count shards
+    mem_plan = None
+    with ctx.agreed():  # a run that cannot fit stops on every rank, before any step
+        enforce_budget(t.memory_budget_gib, device)
+        mem_plan = memory_plan_for(
+            model,
+            device,
+            batch_size=t.batch_size,
+            seq_len=cfg.data.seq_len,
+            optimizer=t.optimizer,
+            budget_gib=t.memory_budget_gib,
+            gradient_checkpointing=t.gradient_checkpointing,
+            embedding_offload=t.embedding_offload,
+        )
+    # one plan for every rank: its offload depends on each rank's own measurement of its host link
+    mem_plan = ctx.broadcast_object(mem_plan)
+    if mem_plan is not None:
+        say(f"snuggle: {mem_plan.describe()}")
+        apply_memory_plan(model, mem_plan)
+    elif t.gradient_checkpointing:
+        configure_checkpointing(model, t.checkpoint_layers, t.offload_activations)
+    with ctx.agreed():
+        check_host_memory(cfg, model, device)  # on the CPU: refused now, not killed (exit 137) mid-step
+    return engine, mem_plan
+
+
+def _resume(
+    cfg: RunConfig, ctx: DistContext, engine, opt, sched, fingerprint: dict, say
+) -> tuple[int, Path | None]:
+    """(the step to start from, its checkpoint or None) under train.resume; loaded when there is one."""
+    t = cfg.train
+    ckpt = ctx.broadcast_object(latest_checkpoint(Path(t.output_dir)) if t.resume and ctx.is_main else None)
+    if ckpt is None:
+        return 0, None
+    ctx.heartbeat("resume")
+    # before loading: a changed setting is named as such, not as the tensor mismatch it may cause
+    saved = read_meta(ckpt)
+    _check_resume_config(saved, fingerprint, ckpt, t.allow_config_change, ctx, say)
+    # another optimizer's state (adamw <-> adamw8bit) does not load into this one: its moments restart
+    saved_opt = (saved.get("curve_config") or {}).get("train.optimizer", t.optimizer)
+    meta = load_checkpoint(ckpt, engine, opt, sched, ctx, fresh_moments=saved_opt != t.optimizer)
+    if saved_opt != t.optimizer:
+        say(f"snuggle: note: {t.optimizer}'s moments start fresh: {ckpt.name} holds {saved_opt}'s")
+    return meta["step"], ckpt
+
+
+def _open_log(
+    cfg: RunConfig, ctx: DistContext, reporters: list[Reporter], ckpt: Path | None, start: int
+) -> MetricsLog | None:
+    """Rank 0: the output directory, the reporters (into `reporters`), config.yaml and metrics.jsonl."""
+    t = cfg.train
+    out = Path(t.output_dir)
+    with ctx.agreed():
+        if ctx.is_main:
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise SnuggleError(f"train.output_dir {out}: cannot create it ({e.strerror or e})") from None
+            # before config.yaml: a tracker that cannot start leaves no run behind
+            reporters.extend(
+                open_reporters(t.report_to, out, t.wandb_project, to_dict(cfg), ckpt is not None)
+            )
+    if not ctx.is_main:
+        return None
+    if ckpt is None:
+        # a fresh start (also resume=true on a run that died before its first checkpoint) must not
+        # append its curve to the rows of the earlier attempt, which would give every step twice
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+    # paths made absolute: export and generate read this file from any working directory
+    saved = to_dict(with_absolute_paths(cfg))
+    _write_atomic(out / "config.yaml", yaml.safe_dump(saved, sort_keys=False))
+    return MetricsLog(out / "metrics.jsonl", resume_step=start if ckpt is not None else None)
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -715,29 +785,6 @@ def _host_embeddings(setting: str, mem_plan, strategy: str) -> bool:
             "process or under DDP, not under FSDP; set train.memory_budget_gib higher or use more GPUs"
         )
     return host
-
-
-def _grad_norm(params: list[torch.Tensor], max_norm: float | None) -> float:
-    """The global gradient norm, after clipping to `max_norm` when that is set.
-
-    Computed even without clipping: a non-finite gradient can come with a finite loss (an overflow in
-    backward), and the step must be skipped then too. Under FSDP the norm is a DTensor over the
-    shards; `full_tensor` completes it (the all-reduce clip needs anyway).
-    """
-    if max_norm:
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    else:
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-
-
-def _reduce_step(ctx: DistContext, loss_sum: torch.Tensor, stop: bool) -> tuple[float, bool]:
-    """(the global step loss, whether any rank was asked to stop), in the one all-reduce the loss had."""
-    loss = float(loss_sum)
-    if not ctx.enabled:
-        return loss, stop
-    total, votes = ctx.all_reduce_sum(torch.tensor([loss, float(stop)], dtype=torch.float64)).tolist()
-    return total, votes > 0
 
 
 def _rows_text(rows, limit: int = 8) -> str:
