@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-import snuggle.cli as cli_mod
+import snuggle.api as api_mod
 from conftest import build_tiny_hf_model
 from snuggle.cli import main
 from snuggle.config import load_config, to_dict
@@ -114,8 +114,8 @@ def test_instruct_format_builds_packed_examples_and_trains(cpt, tmp_path):
     assert yaml.safe_load((out / "config.yaml").read_text())["data"]["format"] == "instruct"
     # `generate --adapter` on this run chats with the template it trained with (here the fallback,
     # as the tokenizer has none), while the CPT run's adapter leaves prompts raw
-    assert cli_mod._chat_template(tok, str(out), explicit=False) == FALLBACK_TEMPLATE
-    assert cli_mod._chat_template(tok, str(cpt["run"]), explicit=False) is None
+    assert api_mod._chat_template(tok, str(out), explicit=False) == FALLBACK_TEMPLATE
+    assert api_mod._chat_template(tok, str(cpt["run"]), explicit=False) is None
 
 
 def test_instruct_chat_template_override(cpt, tmp_path):
@@ -136,7 +136,7 @@ def test_instruct_chat_template_override(cpt, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg)))
-    assert cli_mod._chat_template(tok, str(run), explicit=False) == CHATML
+    assert api_mod._chat_template(tok, str(run), explicit=False) == CHATML
 
 
 def test_instruct_config_errors(cpt, tmp_path):

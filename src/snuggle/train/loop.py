@@ -889,7 +889,10 @@ def oom_message(
         figures.append(f"peak allocated by this run {_gib(peak_bytes)}")
     t = cfg.train
     if phase.startswith("building") or phase == "setup":
-        fixes = ["model.dtype=bfloat16", "model.quantize=nf4 (LoRA on a 4-bit base)"]
+        fixes = [
+            "model.dtype=bfloat16",
+            "model.quantize=fp8 or nf4 (LoRA on an 8-bit or 4-bit base)",
+        ]
         fixes.append("several GPUs with train.parallel=fsdp")
         advice = "the model does not fit: try " + ", ".join(fixes)
     else:
