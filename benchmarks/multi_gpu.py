@@ -301,13 +301,13 @@ def worker(spec_path: str) -> None:
             sync()
             self.last = time.perf_counter()
 
-        def update(self, loss: float, lr: float, tokens_per_s: float, mem_gib: float) -> None:
+        def update(self, loss: float, lr: float, tokens_per_s: float, mem_gib: float, **timing) -> None:
             sync()
             now = time.perf_counter()
             record["step_s"].append(now - self.last)
             record["losses"].append(loss)
             self.last = now
-            super().update(loss, lr, tokens_per_s, mem_gib)
+            super().update(loss, lr, tokens_per_s, mem_gib, **timing)
 
     _patch(hf, "iter_hf_tensors", _random_tensors)
     _patch(hf, "hf_tensor_index", _random_index)

@@ -367,22 +367,6 @@ def test_ddp_with_offloaded_checkpointing_matches_single_process(setup, lora_ref
     assert_same_trainables(out, lora_ref)
 
 
-def test_ddp_with_bf16_gradient_reduction_stays_near_the_single_process_curve(setup, lora_ref):
-    """train.reduce_dtype=bfloat16 through the CLI: each rank's gradients are rounded to bf16 before the
-    sum (benchmarks/scaling.py's lever for slow links), so the curve is near the fp32 one, within bf16's
-    ~3 significant digits, rather than equal to it."""
-    out = setup["root"] / "ddp-bf16-reduce"
-    args = overrides(
-        setup["tied"], setup["corpus"], out, "train.batch_size=2", "train.parallel=ddp",
-        "train.reduce_dtype=bfloat16",
-    )  # fmt: skip
-    ok(torchrun(setup["config"], *args))
-    rows = zip(metrics(out), metrics(lora_ref), strict=True)
-    pairs = [(r["loss"], w["loss"]) for r, w in rows if "loss" in w]
-    assert len(pairs) == 4
-    assert all(a == pytest.approx(b, rel=1e-3) for a, b in pairs), pairs
-
-
 # Prints each rank's bytes of quantized weights as FSDP leaves them, then trains as the CLI would.
 _QUANT_BYTES_SCRIPT = """
 import sys
@@ -403,19 +387,6 @@ def counting(model, strategy, ctx, device, *rest):
 loop.apply_parallel = counting
 sys.exit(main(sys.argv[1:]))
 """
-
-
-def test_ddp_with_an_fp8_base_and_trained_embeddings_matches_single_process(setup):
-    """FP8's activations are scaled per token, so a rank's half batch quantizes as it does in one
-    process: the DDP curve is the single-process FP8 curve."""
-    extra = ("model.quantize=fp8", "lora.train_embeddings=true")
-    ref = setup["root"] / "fp8-emb-ref"
-    run_local(setup["untied"], setup["corpus"], ref, *extra)
-    out = setup["root"] / "fp8-emb-ddp"
-    args = overrides(setup["untied"], setup["corpus"], out, *extra, "train.batch_size=2")
-    ok(torchrun(setup["config"], *args, "train.parallel=ddp"))
-    assert_same_curve(out, ref)
-    assert_same_trainables(out, ref)
 
 
 @pytest.mark.parametrize("quantize", ["nf4", "fp8"])
@@ -577,7 +548,8 @@ def test_a_signal_to_the_nproc_launcher_checkpoints_and_exits_like_one_process(s
 
 # (launcher, seed, kills): seed 5 kills rank 1 inside step 2; seed 2 kills rank 1 writing its DCP shards
 # of checkpoint 2, then rank 0 with checkpoint 2 written but before `latest` names it
-@pytest.mark.parametrize(("launch", "seed", "kills"), [("torchrun", 5, 1), ("nproc", 2, 2)])
+# the torchrun line with restarts is tried by the lost-node test below (its agent restarts the survivor)
+@pytest.mark.parametrize(("launch", "seed", "kills"), [("nproc", 2, 2)])
 def test_killed_ranks_are_restarted_and_the_job_finishes_the_uninterrupted_curve(
     setup, lora_ref, tmp_path, launch, seed, kills
 ):
